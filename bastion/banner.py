@@ -1,0 +1,115 @@
+"""The session channel: `ssh alice@bastion` gets a short text about her access, then the session ends.
+Commands and subsystems are refused; this host runs nothing for its users."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+if TYPE_CHECKING:
+    from .sshd import GatewayConnection
+
+COMMAND_REFUSED = "bastion: this is a jump host; it runs no commands. Use it with ssh -J or -L/-D.\r\n"
+
+
+class BannerSession(asyncssh.SSHServerSession[str]):
+    """A shell prints the banner and exits 0; an exec prints why it is refused and exits 1."""
+
+    def __init__(self, connection: "GatewayConnection"):
+        self._connection = connection
+        self._chan: asyncssh.SSHServerChannel[str] | None = None
+        self._command: str | None = None
+        self._task: asyncio.Task | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[str]) -> None:
+        self._chan = chan
+
+    def pty_requested(self, term_type: str, term_size: tuple, term_modes: dict) -> bool:
+        """Accept a pty so `ssh alice@bastion` shows no allocation error; nothing runs on it."""
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        """Accepted only to tell the user why it will not run (a bare refusal prints nothing useful)."""
+        self._command = command
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        """Return False: no sftp or other subsystem."""
+        self._connection.log.info("refused subsystem %r", subsystem[:64])
+        return False
+
+    def session_started(self) -> None:
+        assert self._chan is not None
+        if self._command is not None:
+            self._connection.log.info("refused command %r", self._command[:128])
+            self._chan.write_stderr(COMMAND_REFUSED)
+            self._chan.exit(1)
+            return
+        self._task = asyncio.ensure_future(self._greet())
+
+    async def _greet(self) -> None:
+        assert self._chan is not None
+        try:
+            policy = await self._connection.ctx.policy.current()
+            text = banner_text(self._connection, policy)
+        except Exception:  # the banner is a courtesy; a policy read error must not leave the session hanging
+            self._connection.log.exception("cannot build banner")
+            text = f"Hello {self._connection.user}. This bastion forwards connections; it runs no commands.\n"
+        self._chan.write(text.replace("\n", "\r\n"))
+        self._chan.exit(0)
+
+    def eof_received(self) -> bool:
+        """Return True: stdin closing (ssh -n, </dev/null) must not end the session before the text is out."""
+        return True
+
+    def break_received(self, msec: int) -> bool:
+        return False
+
+
+def banner_text(connection: "GatewayConnection", policy) -> str:
+    user = connection.user
+    here = connection.ctx.config.public_name or _local_address(connection)
+    lines = [f"Hello {user}. This is bastion, an SSH jump host: it forwards connections, it runs no commands."]
+    grants = policy.grants_for(user)
+    if grants:
+        lines.append("You may reach:")
+        width = max(len(rule.text) for _, rule in grants)
+        for origin, rule in grants:
+            expiry = f", until {rule.expires:%Y-%m-%d %H:%M}Z" if rule.expires else ""
+            lines.append(f"  {rule.text:<{width}}  ({origin}{expiry})")
+        rule = next((rule for _, rule in grants if 22 in rule.ports), grants[0][1])
+        example_host = _example_host(rule)
+        lines.append("For example:")
+        if 22 in rule.ports:
+            lines.append(f"  ssh -J {user}@{here} root@{example_host}")
+        else:
+            port = rule.ports.ranges[0][0]
+            lines.append(f"  ssh -N -L {port}:{example_host}:{port} {user}@{here}")
+    else:
+        lines.append("You may not reach any target yet; ask your bastion admin for a grant.")
+    user_policy = policy.users.get(user)
+    if user_policy is not None and user_policy.expires is not None:
+        lines.append(f"Your access expires at {user_policy.expires:%Y-%m-%d %H:%M}Z.")
+    return "\n".join(lines) + "\n"
+
+
+def _local_address(connection: "GatewayConnection") -> str:
+    assert connection.conn is not None
+    sockname = connection.conn.get_extra_info("sockname") or ("bastion", 22)
+    host, port = sockname[0], sockname[1]
+    host = f"[{host}]" if ":" in host else host
+    return host if port == 22 else f"{host}:{port}"
+
+
+def _example_host(rule) -> str:
+    if rule.network is not None:
+        address = rule.network.network_address if rule.network.num_addresses == 1 else next(rule.network.hosts())
+        host = str(address)
+    else:
+        host = (rule.name_pattern or "host").replace("*", "host")
+    return host

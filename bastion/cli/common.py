@@ -1,0 +1,54 @@
+"""What every CLI command shares: the home directory from the global --home, and output helpers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..config import Config, load_config
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def home_of(ctx: typer.Context) -> Path | None:
+    root = ctx.find_root()
+    return root.params.get("home") if root.params else None
+
+
+def config_of(ctx: typer.Context, **overrides: Any) -> Config:
+    return load_config(home_of(ctx), overrides=overrides)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def print_table(rows: Iterable[dict], columns: list[str], title: str | None = None, empty: str = "nothing") -> None:
+    rows = list(rows)
+    if not rows:
+        console.print(f"({empty})")
+        return
+    table = Table(title=title, show_lines=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    console.print(table)
+
+
+def human_bytes(count: int | None) -> str:
+    if count is None:
+        return ""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(count)

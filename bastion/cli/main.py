@@ -1,0 +1,87 @@
+"""The `bastion` command: thin adapters over the library; the only place exceptions become exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import BastionError
+from ..service import initialize, serve as serve_gateway
+from . import audit, policy, users
+from .common import config_of, err_console
+
+app = typer.Typer(
+    help="bastion: an SSH jump host. Key-only logins, policy-checked tunnels, SQLite audit.\n\n"
+    "Example: bastion --home ./demo serve --listen 127.0.0.1:2222",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(users.app, name="user")
+app.add_typer(policy.app, name="policy")
+app.add_typer(audit.app, name="audit")
+
+
+@app.callback()
+def root(
+    home: Optional[Path] = typer.Option(
+        None,
+        "--home",
+        envvar="BASTION_HOME",
+        help="State directory (config.toml, host keys, bastion.db). Default: $BASTION_HOME, else /var/lib/bastion.",
+    ),
+) -> None:
+    """bastion: an SSH jump host.
+
+    Example: bastion --home ./demo init --listen 127.0.0.1:2222
+    """
+
+
+@app.command()
+def init(
+    ctx: typer.Context,
+    listen: Optional[str] = typer.Option(None, help="Address to listen on, HOST:PORT (default 0.0.0.0:22)."),
+) -> None:
+    """Create config.toml, host keys (mode 0600) and the database. Never overwrites existing keys.
+
+    Example: bastion --home /var/lib/bastion init --listen 0.0.0.0:22
+    """
+    config = config_of(ctx, listen=listen)
+    created = initialize(config)
+    for path in created:
+        typer.echo(f"created {path}")
+    if not created:
+        typer.echo(f"{config.home} is already initialized; nothing changed")
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    listen: Optional[str] = typer.Option(None, help="Address to listen on, HOST:PORT (overrides config.toml)."),
+) -> None:
+    """Run the gateway in the foreground (creates the home first if it is empty). SIGTERM stops it gracefully,
+    SIGHUP reloads config.toml.
+
+    Example: bastion --home ./demo serve --listen 127.0.0.1:2222
+    """
+    config = config_of(ctx, listen=listen)
+    logging.basicConfig(
+        level=config.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    for path in initialize(config):
+        logging.getLogger("bastion").info("created %s", path)
+    asyncio.run(serve_gateway(config, drain_seconds=config.shutdown_grace_seconds))
+
+
+def main() -> None:
+    try:
+        app()
+    except BastionError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(2)

@@ -1,0 +1,168 @@
+"""One frozen, typed Config, loaded TOML < environment < CLI flag (same names everywhere), validated at load.
+
+The file is `HOME/config.toml`; environment variables are `BASTION_<KEY>` (upper case);
+CLI flags override both. Errors name the file (or variable) and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+from .netguard import DEFAULT_INTERNAL_NETWORKS, IPNetwork, parse_networks
+
+DEFAULT_HOME = Path("/var/lib/bastion")
+CONFIG_FILE = "config.toml"
+DATABASE_FILE = "bastion.db"
+HOST_KEY_FILES = ("ssh_host_ed25519_key", "ssh_host_rsa_key")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    home: Path = DEFAULT_HOME
+    listen: str = "0.0.0.0:22"
+    internal_networks: tuple[IPNetwork, ...] = DEFAULT_INTERNAL_NETWORKS
+    login_grace_seconds: float = 30.0
+    max_auth_tries: int = 6
+    connect_timeout: float = 10.0
+    resolve_timeout: float = 5.0
+    # On SIGTERM, open tunnels get this long to finish before connections are closed.
+    shutdown_grace_seconds: float = 10.0
+    log_level: str = "INFO"
+    # Where users are told to jump through in the session banner; defaults to the listen address.
+    public_name: str = ""
+
+    @property
+    def database(self) -> Path:
+        return self.home / DATABASE_FILE
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / CONFIG_FILE
+
+    @property
+    def host_key_paths(self) -> tuple[Path, ...]:
+        return tuple(self.home / name for name in HOST_KEY_FILES)
+
+    @property
+    def listen_host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+def split_listen(text: str) -> tuple[str, int]:
+    """'HOST:PORT', '[::]:22' or ':2222' -> (host, port); raises ValueError with a readable message."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"listen address {text!r} must be HOST:PORT, e.g. 0.0.0.0:22 or [::]:22")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"listen port {port} is outside 0..65535")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, port
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "home"}
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Turn a TOML/env value into the field's type, or raise ConfigError naming where it came from."""
+    try:
+        if name == "internal_networks":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("must be a list of CIDR strings")
+            return parse_networks(value)
+        if name == "listen":
+            if not isinstance(value, str):
+                raise ValueError("must be a string HOST:PORT")
+            split_listen(value)
+            return value
+        if name in ("login_grace_seconds", "connect_timeout", "resolve_timeout", "shutdown_grace_seconds"):
+            if isinstance(value, bool):
+                raise ValueError("must be a number of seconds")
+            number = float(value)
+            if not number >= 0 or (number == 0 and name != "shutdown_grace_seconds"):
+                raise ValueError("must be a number of seconds greater than 0")
+            return number
+        if name == "max_auth_tries":
+            if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
+                raise ValueError("must be a whole number >= 1")
+            return int(value)
+        if name == "log_level":
+            level = str(value).upper()
+            if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+            return level
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {name} {exc}") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse config.toml into raw values; a missing file is an empty config."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def load_config(
+    home: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the Config: file, then BASTION_* environment, then `overrides` (CLI flags; None values ignored)."""
+    environ = os.environ if environ is None else environ
+    home_path = Path(home or environ.get("BASTION_HOME") or DEFAULT_HOME)
+    values: dict[str, Any] = {}
+    config_path = home_path / CONFIG_FILE
+    for name, value in read_config_file(config_path).items():
+        if name not in _FIELDS:
+            known = ", ".join(sorted(_FIELDS))
+            raise ConfigError(f"{config_path}: unknown key {name!r}; known keys: {known}")
+        values[name] = _coerce(name, value, str(config_path))
+    for name in _FIELDS:
+        env_name = f"BASTION_{name.upper()}"
+        if env_name in environ:
+            values[name] = _coerce(name, environ[env_name], f"environment {env_name}")
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, f"option --{name.replace('_', '-')}")
+    return Config(home=home_path, **values)
+
+
+def render_config(config: Config) -> str:
+    """The config.toml that `init` writes: every key with its value, so operators see what they can change."""
+    networks = ", ".join(f'"{n}"' for n in config.internal_networks)
+    return (
+        "# bastion configuration. Environment BASTION_<KEY> and CLI flags override these.\n"
+        f'listen = "{config.listen}"\n'
+        "# Targets must resolve only to addresses inside these networks. Loopback, link-local,\n"
+        "# multicast and the bastion's own addresses stay refused unless listed explicitly here.\n"
+        f"internal_networks = [{networks}]\n"
+        f"login_grace_seconds = {config.login_grace_seconds:g}\n"
+        f"max_auth_tries = {config.max_auth_tries}\n"
+        f"connect_timeout = {config.connect_timeout:g}\n"
+        f"resolve_timeout = {config.resolve_timeout:g}\n"
+        f"shutdown_grace_seconds = {config.shutdown_grace_seconds:g}\n"
+        f'log_level = "{config.log_level}"\n'
+        f'public_name = "{config.public_name}"\n'
+    )

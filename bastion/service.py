@@ -1,0 +1,192 @@
+"""Lifecycle of the gateway: prepare the home, start listening, stop gracefully on SIGTERM, reload on SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import stat
+from pathlib import Path
+
+import asyncssh
+import psutil
+
+from . import __version__
+from .audit import AuditLog
+from .config import Config, load_config, render_config
+from .errors import BastionError, ConfigError
+from .netguard import IPAddress, NetGuard, canonical_address
+from .sshd import GatewayConnection, PolicyCache, ServerContext
+from .store import Store
+
+log = logging.getLogger("bastion.service")
+
+HOST_KEY_ALGORITHMS = {"ssh_host_ed25519_key": ("ssh-ed25519", {}), "ssh_host_rsa_key": ("ssh-rsa", {"key_size": 3072})}
+
+
+def initialize(config: Config) -> list[str]:
+    """Create what is missing in the home: the directory (0700), config.toml, host keys (0600), the
+    database. Never overwrites an existing key or config. Returns what was created."""
+    created = []
+    home = config.home
+    if not home.exists():
+        home.mkdir(mode=0o700, parents=True)
+        created.append(str(home))
+    if not config.config_file.exists():
+        _write_private(config.config_file, render_config(config).encode())
+        created.append(str(config.config_file))
+    for path in config.host_key_paths:
+        if path.exists():
+            continue
+        algorithm, options = HOST_KEY_ALGORITHMS[path.name]
+        key = asyncssh.generate_private_key(algorithm, comment=f"bastion host key", **options)
+        _write_private(path, key.export_private_key("openssh"))
+        path.with_name(path.name + ".pub").write_bytes(key.export_public_key("openssh"))
+        created.append(str(path))
+    new_database = not config.database.exists()
+    Store(config.database).close()  # creates and migrates
+    if new_database:
+        os.chmod(config.database, 0o600)
+        created.append(str(config.database))
+    return created
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a file readable by its owner only, from the first byte (no chmod race)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def load_host_keys(config: Config) -> list[asyncssh.SSHKey]:
+    """Read the host keys once, as key objects (given as paths, asyncssh would re-read them per login)."""
+    keys = []
+    for path in config.host_key_paths:
+        if not path.exists():
+            continue
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"{path}: host key is readable by others (mode {mode & 0o777:o}); run: chmod 600 {path}")
+        try:
+            keys.append(asyncssh.read_private_key(path))
+        except (OSError, asyncssh.KeyImportError) as exc:
+            raise ConfigError(f"{path}: cannot load host key: {exc}") from None
+    if not keys:
+        raise ConfigError(f"{config.home}: no host key; run `bastion --home {config.home} init`")
+    return keys
+
+
+def own_addresses() -> frozenset[IPAddress]:
+    """Every address on this host's interfaces: targets the bastion never forwards to unless listed."""
+    import ipaddress
+
+    found = set()
+    for addresses in psutil.net_if_addrs().values():
+        for entry in addresses:
+            if entry.family in (2, 10):  # AF_INET, AF_INET6
+                try:
+                    found.add(canonical_address(ipaddress.ip_address(entry.address.split("%", 1)[0])))
+                except ValueError:
+                    continue
+    return frozenset(found)
+
+
+def make_guard(config: Config) -> NetGuard:
+    return NetGuard(internal_networks=config.internal_networks, own_addresses=own_addresses())
+
+
+class Gateway:
+    """A running gateway: the listener, the shared context, and the signals that steer it."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.store = Store(config.database)
+        self.audit = AuditLog(config.database)
+        self.context = ServerContext(
+            config=config, store=self.store, audit=self.audit, policy=PolicyCache(self.store), guard=make_guard(config)
+        )
+        self._server: asyncio.AbstractServer | None = None
+        self._stop = asyncio.Event()
+        self.address: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        host_keys = load_host_keys(self.config)
+        self.audit.start()
+        self._server = await asyncssh.create_server(
+            lambda: GatewayConnection(self.context),
+            self.config.listen_host,
+            self.config.listen_port,
+            server_host_keys=host_keys,
+            server_version=f"bastion_{__version__}",
+            login_timeout=self.config.login_grace_seconds,
+            password_auth=False,
+            kbdint_auth=False,
+            gss_host=None,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_pty=True,
+            line_editor=False,
+            reuse_address=True,
+        )
+        sockname = self._server.sockets[0].getsockname()
+        self.address = (sockname[0], sockname[1])
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; a broken one is refused and the running one stays."""
+        try:
+            config = load_config(self.config.home, overrides={"listen": self.config.listen})
+        except BastionError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return
+        if config.listen != self.config.listen:
+            log.warning("listen address changes need a restart; keeping %s", self.config.listen)
+        self.config = config
+        self.context.config = config
+        self.context.guard = make_guard(config)
+        log.info("configuration reloaded")
+
+    async def run_until_stopped(self, drain_seconds: float = 10.0) -> None:
+        await self._stop.wait()
+        await self.stop(drain_seconds)
+
+    async def stop(self, drain_seconds: float = 10.0) -> None:
+        """Stop accepting, tell connected users, let tunnels finish for up to `drain_seconds`, then close."""
+        assert self._server is not None
+        self._server.close()
+        connections = list(self.context.connections)
+        if connections:
+            log.info("stopping: %d connections open, draining for up to %gs", len(connections), drain_seconds)
+            deadline = asyncio.get_running_loop().time() + drain_seconds
+            while self.context.connections and any(c.tunnels for c in self.context.connections):
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                await asyncio.sleep(min(0.05, remaining))
+            for connection in list(self.context.connections):
+                connection.disconnect("server shutting down")
+            await asyncio.sleep(0)  # let connection_lost callbacks queue their audit rows
+        self.audit.stop()
+        self.store.close()
+        log.info("stopped")
+
+
+async def serve(config: Config, drain_seconds: float = 10.0) -> None:
+    """Run until SIGTERM/SIGINT. Prints one 'listening on' line when ready."""
+    gateway = Gateway(config)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, gateway.request_stop)
+    loop.add_signal_handler(signal.SIGINT, gateway.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload)
+    assert gateway.address is not None
+    host, port = gateway.address
+    log.info("bastion %s listening on %s:%d (home %s)", __version__, host, port, config.home)
+    try:
+        await gateway.run_until_stopped(drain_seconds)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,165 @@
+"""The relay between an SSH channel and a TCP connection to the target.
+
+We own it instead of asyncssh's built-in forwarder so that close semantics are ours:
+- connect to the target before the channel is confirmed (see `connect_target`);
+- backpressure both ways: when one side's write buffer is full, stop reading from the other;
+- half-close: EOF from either side is passed on as EOF, and the tunnel closes once both sides
+  have sent EOF, or as soon as either side goes away for good;
+- byte counters are plain integer additions; no per-chunk logging or I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Callable
+
+import asyncssh
+
+from .netguard import IPAddress
+
+
+class Tunnel(asyncssh.SSHTCPSession[bytes]):
+    """The SSH side of one tunnel; owns the TCP transport to the target once connected.
+
+    `on_close(tunnel)` is called exactly once, when both legs are closed."""
+
+    def __init__(self, on_close: Callable[["Tunnel"], None]):
+        self.channel_id: int | None = None  # the audit row, once committed
+        self.bytes_up = 0  # client -> target
+        self.bytes_down = 0  # target -> client
+        self._on_close = on_close
+        self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self._target: asyncio.Transport | None = None
+        self._client_eof = False
+        self._target_eof = False
+        self._chan_closed = False
+        self._target_closed = False
+        self._finished = False
+
+    # ---- SSH channel side (asyncssh.SSHTCPSession callbacks) ---------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        """The channel is confirmed; data may flow. Reading from the target starts only now."""
+        self._chan = chan
+        assert self._target is not None
+        self._target.resume_reading()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.bytes_up += len(data)
+        assert self._target is not None
+        self._target.write(data)
+
+    def eof_received(self) -> bool:
+        """The client will send no more. Pass EOF on; returning True keeps the channel half-open."""
+        self._client_eof = True
+        assert self._target is not None
+        if self._target_eof:
+            self.close()
+            return False
+        if self._target.can_write_eof():
+            self._target.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        """The channel's send buffer is full: stop reading from the target."""
+        if self._target is not None:
+            self._target.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._target is not None and not self._target.is_closing():
+            self._target.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The channel is closed (client closed, connection lost, or we closed it)."""
+        self._chan = None
+        self._chan_closed = True
+        if self._target is not None and not self._target.is_closing():
+            # Flush what the client sent, then close; abort only if the SSH side broke.
+            if exc is None:
+                self._target.close()
+            else:
+                self._target.abort()
+        self._maybe_finish()
+
+    # ---- target side (called by _TargetProtocol) ---------------------------------------------
+
+    def _target_data(self, data: bytes) -> None:
+        self.bytes_down += len(data)
+        if self._chan is not None:
+            self._chan.write(data)
+
+    def _target_eof_received(self) -> bool:
+        self._target_eof = True
+        if self._chan is not None:
+            self._chan.write_eof()
+        if self._client_eof:
+            self.close()
+            return False
+        return True
+
+    def _target_lost(self, exc: Exception | None) -> None:
+        self._target_closed = True
+        if self._chan is not None:
+            self._chan.close()  # flushes buffered data before the channel close goes out
+        self._maybe_finish()
+
+    # ---- shared -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close both legs gracefully (buffered data is flushed first)."""
+        if self._target is not None and not self._target.is_closing():
+            self._target.close()
+        if self._chan is not None:
+            self._chan.close()
+
+    def abort(self) -> None:
+        """Drop the target leg of a tunnel whose channel never opened (the SSH connection went away)."""
+        self._chan_closed = True
+        if self._target is not None:
+            self._target.abort()
+
+    def _maybe_finish(self) -> None:
+        if not self._finished and self._chan_closed and self._target_closed:
+            self._finished = True
+            self._on_close(self)
+
+
+class _TargetProtocol(asyncio.Protocol):
+    """The TCP side; every event goes to its Tunnel."""
+
+    def __init__(self, tunnel: Tunnel):
+        self._tunnel = tunnel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Hold the target's bytes until the channel is confirmed.
+        transport.pause_reading()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self._tunnel._target_data(data)
+
+    def eof_received(self) -> bool:
+        return self._tunnel._target_eof_received()
+
+    def pause_writing(self) -> None:
+        if self._tunnel._chan is not None:
+            self._tunnel._chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._tunnel._chan is not None:
+            self._tunnel._chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._tunnel._target_lost(exc)
+
+
+async def connect_target(tunnel: Tunnel, address: IPAddress, port: int, timeout: float) -> None:
+    """Open the TCP leg to exactly `address` (the one the policy checked: no second lookup)."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    transport, _ = await asyncio.wait_for(
+        loop.create_connection(lambda: _TargetProtocol(tunnel), host=str(address), port=port, family=family,
+                               flags=socket.AI_NUMERICHOST),
+        timeout,
+    )
+    tunnel._target = transport  # type: ignore[assignment]

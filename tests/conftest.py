@@ -1,0 +1,98 @@
+"""Shared fixtures: the sealed network testbed (session), keys (session), and a fresh bastion per test.
+
+Tests marked `netns` need root (they create network namespaces); without it they are skipped with the
+reason below, and the loopback tests still run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed import DEFAULT_POLICY, SSH, SSHD, Bastion, Key, SshClient, Testbed, generate_key
+
+BASTIONS = pytest.StashKey[list[Bastion]]()
+
+
+def _netns_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root: creates network namespaces with `ip netns` (run the suite as root, as CI does)"
+    missing = [tool for tool in ("ip", SSH, SSHD, "ssh-keygen") if shutil.which(tool) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (iproute2 and openssh-server/client)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _netns_unavailable()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if item.get_closest_marker("netns"):
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """On failure, attach each bastion's serve log to the report (sections are read when the report is built)."""
+    if call.excinfo is not None and call.when in ("setup", "call"):
+        for bastion in item.stash.get(BASTIONS, []):
+            log = bastion.log()
+            item.add_report_section(call.when, f"bastion serve log ({bastion.home})", log[-30000:] or "(empty)")
+    yield
+
+
+@pytest.fixture(scope="session")
+def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
+    """Namespaces bt-gw-XXXX / bt-lan-XXXX with sshd, echo, HTTP and close-first targets running in lan."""
+    reason = _netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with Testbed(tmp_path_factory.mktemp("testbed")).create() as bed:
+        bed.start_targets()
+        yield bed
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Key]:
+    """alice (a registered user's key) and stranger (a key the bastion has never seen)."""
+    directory = tmp_path_factory.mktemp("keys")
+    return {name: generate_key(directory / name, f"{name}@test") for name in ("alice", "stranger")}
+
+
+@pytest.fixture
+def make_bastion(testbed: Testbed, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[type[Bastion]]:
+    """Factory for a bastion home in this test's tmp_path; every server it started is killed at teardown."""
+    made: list[Bastion] = []
+    request.node.stash[BASTIONS] = made
+
+    def factory(name: str = "bastion", **kw: object) -> Bastion:
+        bastion = Bastion(testbed, tmp_path / name, **kw)  # type: ignore[arg-type]
+        made.append(bastion)
+        return bastion
+
+    yield factory  # type: ignore[misc]
+    for bastion in made:
+        bastion.close()
+
+
+@pytest.fixture
+def bastion(make_bastion, keys: dict[str, Key]) -> Bastion:  # type: ignore[no-untyped-def]
+    """A fresh, running bastion on 10.99.0.1:22: user alice (her key), DEFAULT_POLICY, connect_timeout 2."""
+    bastion = make_bastion()
+    bastion.init(connect_timeout=2)
+    bastion.add_user("alice", keys["alice"])
+    bastion.apply_policy(DEFAULT_POLICY)
+    bastion.start()
+    return bastion
+
+
+@pytest.fixture
+def ssh(testbed: Testbed, bastion: Bastion, keys: dict[str, Key], tmp_path: Path) -> SshClient:
+    """The OpenSSH client as alice, in gw, pinned to the bastion's host keys."""
+    return SshClient(testbed, bastion, tmp_path / "client", keys["alice"])
