@@ -4,7 +4,6 @@ the server through a worker thread (see `PolicyCache`)."""
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -15,10 +14,10 @@ import asyncssh
 
 from .db import iso, migrate, open_database, utc_now
 from .errors import StoreError
-from .policy import Policy, UserPolicy
+from .policy import NAME_PATTERN, Policy, UserPolicy
 from .policy_file import policy_from_dict, policy_to_dict
 
-USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+USER_NAME = NAME_PATTERN  # the same rule as policy files
 USER_NAME_HELP = "lowercase letters, digits, '_', '.', '-'; starts with a letter or '_'; at most 32 characters"
 
 
