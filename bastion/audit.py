@@ -92,7 +92,7 @@ class AuditLog:
                 "UPDATE sessions SET ended_at = ?, end_reason = 'crash' WHERE ended_at IS NULL", [now]
             ).rowcount
             channels = conn.execute(
-                "UPDATE channels SET closed_at = ? WHERE closed_at IS NULL AND decision = 'allow'", [now]
+                "UPDATE channels SET closed_at = ? WHERE closed_at IS NULL", [now]
             ).rowcount
         if sessions or channels:
             log.warning("marked %d sessions and %d channels left open by a crash as ended", sessions, channels)
@@ -203,7 +203,8 @@ class AuditLog:
                 record.rule,
                 record.reason,
                 iso(record.opened_at),
-                iso(record.closed_at) if record.closed_at else None,
+                # a refused channel never opens: it is closed the moment it is decided
+                iso(record.closed_at or record.opened_at) if record.closed_at or record.decision == "deny" else None,
             ],
         )
 

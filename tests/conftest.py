@@ -81,13 +81,29 @@ def make_bastion(testbed: Testbed, tmp_path: Path, request: pytest.FixtureReques
         bastion.close()
 
 
+TEST_CONFIG = {"connect_timeout": 2, "shutdown_grace_seconds": 2}
+
+
+@pytest.fixture(scope="session")
+def bastion_home_template(testbed: Testbed, keys: dict[str, Key], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home made once with the real CLI (init, user add alice, policy apply DEFAULT_POLICY).
+
+    Each test's bastion starts on a copy: a fresh server and fresh state, without paying for host key
+    generation and three interpreter starts per test. test_e2e_setup.py walks the same steps from scratch.
+    """
+    template = Bastion(testbed, tmp_path_factory.mktemp("template") / "home")
+    template.init(**TEST_CONFIG)
+    template.add_user("alice", keys["alice"])
+    template.apply_policy(DEFAULT_POLICY)
+    return template.home
+
+
 @pytest.fixture
-def bastion(make_bastion, keys: dict[str, Key]) -> Bastion:  # type: ignore[no-untyped-def]
-    """A fresh, running bastion on 10.99.0.1:22: user alice (her key), DEFAULT_POLICY, connect_timeout 2."""
+def bastion(make_bastion, bastion_home_template: Path) -> Bastion:  # type: ignore[no-untyped-def]
+    """A fresh, running bastion on 10.99.0.1:22: user alice (her key), DEFAULT_POLICY, connect_timeout 2 s,
+    shutdown grace 2 s."""
     bastion = make_bastion()
-    bastion.init(connect_timeout=2)
-    bastion.add_user("alice", keys["alice"])
-    bastion.apply_policy(DEFAULT_POLICY)
+    shutil.copytree(bastion_home_template, bastion.home)  # copy2 keeps the 0600/0700 modes
     bastion.start()
     return bastion
 
