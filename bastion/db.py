@@ -98,6 +98,51 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX channels_session ON channels (session_id);
     CREATE INDEX channels_open ON channels (closed_at) WHERE closed_at IS NULL;
     """,
+    # 2: audit (#3, #4): remote-forward listeners, forwarded-tcpip channel columns, an indexed sortable form
+    # of target_ip for CIDR queries, indexes for the usual filters, and the hash-chained event log
+    # (scheme in audit_chain.py and the README).
+    """
+    CREATE TABLE listeners (
+        id INTEGER PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        user TEXT NOT NULL,
+        listen_host TEXT NOT NULL,
+        listen_port INTEGER NOT NULL,      -- the port bound (the requested one if refused)
+        requested_port INTEGER NOT NULL,   -- 0 asks for any port
+        decision TEXT NOT NULL CHECK (decision IN ('allow', 'deny')),
+        rule TEXT,
+        reason TEXT NOT NULL,
+        opened_at TEXT NOT NULL,
+        closed_at TEXT,
+        close_reason TEXT
+    ) STRICT;
+    CREATE INDEX listeners_opened ON listeners (opened_at);
+    CREATE INDEX listeners_user_opened ON listeners (user, opened_at);
+    CREATE INDEX listeners_session ON listeners (session_id);
+    CREATE INDEX listeners_open ON listeners (closed_at) WHERE closed_at IS NULL;
+
+    ALTER TABLE channels ADD COLUMN listener_id INTEGER;     -- forwarded-tcpip: the listener it came through
+    ALTER TABLE channels ADD COLUMN peer_ip TEXT;            -- forwarded-tcpip: who connected to the listener
+    ALTER TABLE channels ADD COLUMN peer_port INTEGER;
+    ALTER TABLE channels ADD COLUMN target_ip_key TEXT;      -- target_ip as 32 hex digits (IPv4 mapped), sortable
+    CREATE INDEX channels_target_ip ON channels (target_ip_key, opened_at);
+    CREATE INDEX channels_target_host ON channels (target_host COLLATE NOCASE, opened_at);
+    CREATE INDEX channels_denied ON channels (opened_at) WHERE decision = 'deny';
+    CREATE INDEX channels_listener ON channels (listener_id) WHERE listener_id IS NOT NULL;
+    CREATE INDEX auth_failures ON auth (time) WHERE result = 'failure';
+
+    CREATE TABLE audit_events (
+        seq INTEGER PRIMARY KEY,           -- 1, 2, 3, ... without gaps (a prune removes a prefix)
+        time TEXT NOT NULL,                -- when it was written
+        kind TEXT NOT NULL CHECK (kind IN ('insert', 'update', 'adopt', 'restate', 'anchor', 'alarm')),
+        tbl TEXT NOT NULL,                 -- auth | sessions | channels | listeners | audit_events
+        row_id ANY NOT NULL,               -- the row's id (TEXT for sessions, INTEGER otherwise)
+        payload TEXT NOT NULL,             -- canonical JSON: the row's full state after the change
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL                 -- SHA-256, see audit_chain.event_hash
+    ) STRICT;
+    CREATE INDEX audit_events_row ON audit_events (tbl, row_id, seq);
+    """,
 )
 
 

@@ -27,7 +27,9 @@ Pure: no asyncssh, SQLite, clock or logging. Time arrives on the request.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import TYPE_CHECKING
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +47,9 @@ from bastion.netguard import (
     parse_host,
     parse_port,
 )
+
+if TYPE_CHECKING:
+    from bastion.listen_policy import ListenRule
 
 NAME_PATTERN = re.compile(r"[a-z_][a-z0-9_.-]{0,31}", re.ASCII)
 """User and group names: POSIX-user-name-like, so they are safe in logs, paths and shells."""
@@ -274,6 +279,7 @@ class UserPolicy:
     deny: tuple[TargetRule, ...] = ()
     expires: datetime | None = None
     keys: tuple[str, ...] | None = None  # None: the file said nothing, keep the stored keys
+    listen: tuple["ListenRule", ...] = ()  # remote-forward grants, see listen_policy.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +287,7 @@ class GroupPolicy:
     name: str
     allow: tuple[TargetRule, ...] = ()
     deny: tuple[TargetRule, ...] = ()
+    listen: tuple["ListenRule", ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,8 +311,7 @@ class Policy:
         for name, user in other.users.items():
             previous = users.get(name)
             if user.keys is None and previous is not None and previous.keys is not None:
-                user = UserPolicy(user.name, user.groups, user.allow, user.deny,
-                                  user.expires, previous.keys)
+                user = dataclasses.replace(user, keys=previous.keys)
             users[name] = user
         return Policy(users, {**self.groups, **other.groups})
 
@@ -330,6 +336,10 @@ class Policy:
     def denials_for(self, user: str) -> list[tuple[str, TargetRule]]:
         """The deny rules that apply to `user`, with origins such as "users.alice.deny"."""
         return self._rules_for(user, "deny")
+
+    def rules_for(self, user: str, kind: str) -> list:
+        """The user's own rules of `kind` ("allow", "deny", "listen"), then its groups', with origins."""
+        return self._rules_for(user, kind)
 
     def _rules_for(self, user: str, kind: str) -> list[tuple[str, TargetRule]]:
         user_policy = self.users.get(user)
@@ -390,7 +400,7 @@ def evaluate(policy: Policy, guard: NetGuard, request: AccessRequest) -> Decisio
     grants = [(origin, rule) for origin, rule in policy.grants_for(user.name)
               if not rule.expired(now)]
     deciding: str | None = None
-    for address in addresses[:1]:
+    for address in addresses:
         match = next((f"{origin}: {rule.text}" for origin, rule in grants
                       if rule.matches(request.host, address, request.port)), None)
         if match is None:
@@ -406,3 +416,16 @@ def _deny(reason: str, rule: str | None = None) -> Decision:
 def _endpoint(host: IPAddress | str, port: int) -> str:
     return f"[{host}]:{port}" if isinstance(host, IPv6Address) else f"{host}:{port}"
 
+
+
+def next_expiry(policy: Policy, now: datetime) -> datetime | None:
+    """The first moment after `now` at which a user or a grant expires, so live sessions can be
+    re-checked exactly then; None when nothing is due to expire."""
+    moments = []
+    for user in policy.users.values():
+        moments.append(user.expires)
+        moments += [rule.expires for rule in (*user.allow, *user.deny, *user.listen)]
+    for group in policy.groups.values():
+        moments += [rule.expires for rule in (*group.allow, *group.deny, *group.listen)]
+    future = [moment for moment in moments if moment is not None and moment > now]
+    return min(future, default=None)

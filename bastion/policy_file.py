@@ -20,6 +20,7 @@ text for the table, key and value in turn; a good guess is worth more than no li
 from __future__ import annotations
 
 import base64
+import dataclasses
 import binascii
 import os
 import re
@@ -27,6 +28,7 @@ import tomllib
 from datetime import datetime, timezone
 from typing import Any, NoReturn
 
+from bastion.listen_policy import ListenRule, parse_listen_rule
 from bastion.policy import (
     GroupPolicy,
     Policy,
@@ -42,8 +44,8 @@ KEY_TYPES = frozenset({
     "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
     "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
 })
-USER_KEYS = ("keys", "groups", "allow", "deny", "expires")
-GROUP_KEYS = ("allow", "deny")
+USER_KEYS = ("keys", "groups", "allow", "deny", "listen", "expires")
+GROUP_KEYS = ("allow", "deny", "listen")
 RULE_KEYS = ("target", "expires")
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _NAME_HINT = "lowercase letters, digits, '_', '.', '-', starting with a letter or '_', at most 32"
@@ -111,12 +113,14 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
             "groups": list(user.groups),
             "allow": [_rule_to_json(rule) for rule in user.allow],
             "deny": [_rule_to_json(rule) for rule in user.deny],
+            "listen": [_rule_to_json(rule) for rule in user.listen],
             "expires": None if user.expires is None else format_time(user.expires),
             "keys": None if user.keys is None else list(user.keys),
         } for name, user in policy.users.items()},
         "groups": {name: {
             "allow": [_rule_to_json(rule) for rule in group.allow],
             "deny": [_rule_to_json(rule) for rule in group.deny],
+            "listen": [_rule_to_json(rule) for rule in group.listen],
         } for name, group in policy.groups.items()},
     }
 
@@ -151,6 +155,7 @@ def _user_from_json(name: str, data: dict[str, Any]) -> UserPolicy:
         groups=tuple(_check_name("group", g) for g in data.get("groups", ())),
         allow=tuple(_rule_from_json(r, deny=False) for r in data.get("allow", ())),
         deny=tuple(_rule_from_json(r, deny=True) for r in data.get("deny", ())),
+        listen=tuple(_listen_from_json(r) for r in data.get("listen", ())),
         expires=_time_from_json(data.get("expires")),
         keys=None if keys is None else tuple(check_key_line(k) for k in keys),
     )
@@ -163,7 +168,15 @@ def _group_from_json(name: str, data: dict[str, Any]) -> GroupPolicy:
         name=name,
         allow=tuple(_rule_from_json(r, deny=False) for r in data.get("allow", ())),
         deny=tuple(_rule_from_json(r, deny=True) for r in data.get("deny", ())),
+        listen=tuple(_listen_from_json(r) for r in data.get("listen", ())),
     )
+
+
+def _listen_from_json(item: str | dict[str, Any]) -> ListenRule:
+    if isinstance(item, str):
+        return parse_listen_rule(item)
+    item = _mapping(item, "listen rule")
+    return _with_expiry(parse_listen_rule(item["target"]), _time_from_json(item.get("expires")))
 
 
 def _rule_from_json(item: str | dict[str, Any], *, deny: bool) -> TargetRule:
@@ -198,8 +211,8 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
-def _with_expiry(rule: TargetRule, expires: datetime | None) -> TargetRule:
-    return TargetRule(rule.text, rule.network, rule.name_pattern, rule.ports, expires)
+def _with_expiry(rule: TargetRule | ListenRule, expires: datetime | None) -> TargetRule | ListenRule:
+    return dataclasses.replace(rule, expires=expires)
 
 
 def _toml_error(message: str, text: str, source: str) -> str:
@@ -250,6 +263,7 @@ class _FileReader:
             groups=self._groups_list(table.get("groups", []), where),
             allow=self._rules(table.get("allow", []), where, "allow"),
             deny=self._rules(table.get("deny", []), where, "deny"),
+            listen=self._rules(table.get("listen", []), where, "listen"),
             expires=self._time(table["expires"], f"users.{name}.expires", *where, "expires")
             if "expires" in table else None,
             keys=self._keys(table["keys"], where) if "keys" in table else None,
@@ -262,6 +276,7 @@ class _FileReader:
             name=name,
             allow=self._rules(table.get("allow", []), where, "allow"),
             deny=self._rules(table.get("deny", []), where, "deny"),
+            listen=self._rules(table.get("listen", []), where, "listen"),
         )
 
     def _known_keys(self, table: dict[str, Any], allowed: tuple[str, ...],
@@ -314,6 +329,8 @@ class _FileReader:
 
     def _rule(self, text: str, path: str, where: tuple[str, str], kind: str) -> TargetRule:
         try:
+            if kind == "listen":
+                return parse_listen_rule(text)
             return parse_target_rule(text, any_port_when_omitted=(kind == "deny"))
         except PolicyError as err:
             hint = "" if "expected" in str(err) else _RULE_HINT

@@ -17,6 +17,9 @@ from .audit import AuditLog
 from .config import Config, load_config, render_config
 from .errors import BastionError, ConfigError
 from .netguard import IPAddress, NetGuard, canonical_address
+from .control import start_control_server
+from .db import utc_now
+from .policy import Policy, next_expiry
 from .sshd import GatewayConnection, PolicyCache, ServerContext
 from .store import Store
 
@@ -104,9 +107,15 @@ class Gateway:
         self.store = Store(config.database)
         self.audit = AuditLog(config.database)
         self.context = ServerContext(
-            config=config, store=self.store, audit=self.audit, policy=PolicyCache(self.store), guard=make_guard(config)
+            config=config,
+            store=self.store,
+            audit=self.audit,
+            policy=PolicyCache(self.store, on_change=self._policy_changed),
+            guard=make_guard(config),
         )
         self._server: asyncio.AbstractServer | None = None
+        self._control: asyncio.AbstractServer | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
         self.address: tuple[str, int] | None = None
 
@@ -131,6 +140,81 @@ class Gateway:
         )
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
+        self._control = await start_control_server(self.config.home, self.handle_control)
+        await self.context.policy.current()  # loads the policy and schedules the first expiry
+
+    # ---- the control socket -----------------------------------------------------------------
+
+    async def handle_control(self, request: dict) -> dict:
+        """Answer one control-socket request (see control.py)."""
+        op = request.get("op")
+        live = [c for c in self.context.connections if c.session_id is not None]
+        if op == "sessions":
+            return {"ok": True, "sessions": [c.describe() for c in live]}
+        if op == "kill":
+            by = str(request.get("by") or "admin")[:64]
+            if request.get("session"):
+                chosen = [c for c in live if c.session_id == request["session"]]
+                missing = f"no live session {request['session']!r}"
+            elif request.get("user"):
+                chosen = [c for c in live if c.user == request["user"]]
+                missing = f"user {request['user']!r} has no live session"
+            else:
+                return {"ok": False, "error": "kill needs a session id or a user"}
+            if not chosen:
+                return {"ok": False, "error": missing}
+            for connection in chosen:
+                connection.log.info("killed by %s", by)
+                connection.disconnect(f"killed by {by} (bastion sessions kill)")
+            return {"ok": True, "killed": [c.session_id for c in chosen]}
+        if op == "revalidate":
+            ended = await self.revalidate(str(request.get("why") or "requested"))
+            return {"ok": True, "ended": ended}
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+    # ---- revocation -------------------------------------------------------------------------
+
+    async def revalidate(self, why: str) -> list[str]:
+        """Re-check every live session against the policy and keys in force now."""
+        policy = await self.context.policy.current()
+        live = [c for c in self.context.connections if c.session_id is not None]
+        users = {c.user for c in live}
+
+        def load_fingerprints() -> dict[str, frozenset[str]]:
+            return {user: frozenset(k.fingerprint for k in self.store.user_keys(user)) for user in users}
+
+        fingerprints = await asyncio.to_thread(load_fingerprints)
+        now = utc_now()
+        ended: list[str] = []
+        for connection in live:
+            ended += connection.revalidate(policy, fingerprints.get(connection.user, frozenset()), now)
+        if ended:
+            log.info("re-checked live sessions (%s): %s", why, "; ".join(ended))
+        return ended
+
+    def _policy_changed(self, policy: Policy) -> None:
+        """A new policy version was loaded: re-check live sessions, and wake up again at the next expiry."""
+        asyncio.ensure_future(self.revalidate("policy changed"))
+        self._schedule_expiry(policy)
+
+    def _schedule_expiry(self, policy: Policy) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        now = utc_now()
+        moment = next_expiry(policy, now)
+        if moment is None:
+            return
+        delay = max(0.0, (moment - now).total_seconds()) + 0.01
+
+        def expire() -> None:
+            asyncio.ensure_future(self._expire(policy))
+
+        self._expiry_timer = asyncio.get_running_loop().call_later(delay, expire)
+
+    async def _expire(self, policy: Policy) -> None:
+        await self.revalidate("expiry")
+        self._schedule_expiry(await self.context.policy.current())
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -157,6 +241,10 @@ class Gateway:
         """Stop accepting, tell connected users, let tunnels finish for up to `drain_seconds`, then close."""
         assert self._server is not None
         self._server.close()
+        if self._control is not None:
+            self._control.close()
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
         connections = list(self.context.connections)
         if connections:
             log.info("stopping: %d connections open, draining for up to %gs", len(connections), drain_seconds)

@@ -11,7 +11,7 @@ import logging
 import secrets
 import socket
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import asyncssh
 
@@ -22,6 +22,7 @@ from .db import utc_now
 from .netguard import IPAddress, NetGuard, TargetError, canonical_address, parse_host, parse_port
 from .policy import AccessRequest, Decision, Policy, evaluate
 from .store import PublicKey, Store
+from .remote_forward import open_listener
 from .tunnel import Tunnel, connect_target
 
 log = logging.getLogger("bastion.sshd")
@@ -33,19 +34,24 @@ class PolicyCache:
     """The policy in force, reloaded from the store when its version changes (checked on each use, in a
     worker thread, so `policy apply` takes effect at the next channel open without a restart)."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, on_change: Callable[[Policy], None] | None = None):
         self._store = store
         self._version = -1
         self._policy: Policy | None = None
+        self._on_change = on_change
 
-    def _refresh(self) -> Policy:
+    def _refresh(self) -> tuple[bool, Policy]:
         version = self._store.policy_version()
         if version != self._version or self._policy is None:
             self._version, self._policy = self._store.load_policy()
-        return self._policy
+            return True, self._policy
+        return False, self._policy
 
     async def current(self) -> Policy:
-        return await asyncio.to_thread(self._refresh)
+        changed, policy = await asyncio.to_thread(self._refresh)
+        if changed and self._on_change is not None:
+            self._on_change(policy)
+        return policy
 
 
 @dataclass(slots=True)
@@ -79,9 +85,11 @@ class GatewayConnection(asyncssh.SSHServer):
         self.key_fingerprint: str | None = None
         self.failed_auths = 0
         self.tunnels: set[Tunnel] = set()
+        self.listeners: set = set()
         self.bytes_up = 0
         self.bytes_down = 0
         self.end_reason: str | None = None
+        self.started_at = None
         self._keys: dict[str, PublicKey] = {}
         self.log = ConnectionLog(log, {"context": f"conn=c{self.number}"})
 
@@ -115,6 +123,47 @@ class GatewayConnection(asyncssh.SSHServer):
         self.end_reason = reason
         if self.conn is not None:
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
+
+    def describe(self) -> dict[str, Any]:
+        """A live view for `bastion sessions list`."""
+        return {
+            "id": self.session_id,
+            "user": self.user,
+            "client_ip": self.client_ip,
+            "client_port": self.client_port,
+            "started_at": self.started_at,
+            "channels": len(self.tunnels),
+            "listeners": len(self.listeners),
+            "bytes_up": self.bytes_up + sum(t.bytes_up for t in self.tunnels),
+            "bytes_down": self.bytes_down + sum(t.bytes_down for t in self.tunnels),
+        }
+
+    def revalidate(self, policy: Policy, fingerprints: frozenset[str], now) -> list[str]:
+        """Re-check a live session against the access now in force (after a policy or user change, or an
+        expiry). Ends the session if its user or key is gone or expired; closes tunnels and listeners that
+        are no longer granted. Returns what was ended, for the operator."""
+        if self.session_id is None:
+            return []
+        reason = session_revocation(policy, self.user, self.key_fingerprint, fingerprints, now)
+        if reason is not None:
+            self.log.info("ending session: %s", reason)
+            self.disconnect(reason)
+            return [f"session {self.session_id} ({self.user}): {reason}"]
+        ended = []
+        for tunnel in list(self.tunnels):
+            request = replace(tunnel.request, now=now)
+            decision = evaluate(policy, self.ctx.guard, request)
+            if not decision.allowed:
+                self.log.info("closing tunnel %s: %s", tunnel.channel_id, decision.reason)
+                tunnel.close_reason = f"revoked: {decision.reason}"
+                tunnel.close()
+                ended.append(f"channel {tunnel.channel_id} ({self.user}): {decision.reason}")
+        for listener in list(self.listeners):
+            decision = listener.recheck(policy, now)
+            if not decision.allowed:
+                listener.close_with(f"revoked: {decision.reason}")
+                ended.append(f"listener {listener.listener_id} ({self.user}): {decision.reason}")
+        return ended
 
     # ---- authentication -----------------------------------------------------------------------
 
@@ -167,6 +216,7 @@ class GatewayConnection(asyncssh.SSHServer):
         """The client proved possession of an accepted key: record the login and open the session row."""
         assert self.conn is not None and self.key_fingerprint is not None
         self.session_id = secrets.token_hex(6)
+        self.started_at = utc_now()
         self.log = ConnectionLog(log, {"context": f"conn=c{self.number} user={self.user} session={self.session_id}"})
         self.ctx.audit.record_auth(
             self.user, self.client_ip, self.client_port, "publickey", self.key_fingerprint, "success", "key accepted"
@@ -179,7 +229,7 @@ class GatewayConnection(asyncssh.SSHServer):
                 client_port=self.client_port,
                 key_fingerprint=self.key_fingerprint,
                 client_version=str(self.conn.get_extra_info("client_version") or ""),
-                started_at=utc_now(),
+                started_at=self.started_at,
             )
         )
         self.log.info("logged in from %s:%d with %s", self.client_ip, self.client_port, self.key_fingerprint)
@@ -197,10 +247,10 @@ class GatewayConnection(asyncssh.SSHServer):
         ChannelOpenError (administratively prohibited for a refusal, connect failed for an unreachable target)."""
         return self._open_tunnel(dest_host, dest_port)
 
-    def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        """Remote forwarding (ssh -R) is not offered: return False, the client is told it failed."""
-        self.log.info("refused remote forward %s:%d", listen_host, listen_port)
-        return False
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        """tcpip-forward (ssh -R): returns a coroutine that asyncssh awaits; it resolves to our own listener
+        (granted and bound) or False (refused; the client reports the forward failed)."""
+        return open_listener(self, listen_host, listen_port)
 
     def unix_connection_requested(self, dest_path: str) -> bool:
         """Forwarding to UNIX sockets on the bastion is never allowed."""
@@ -211,8 +261,10 @@ class GatewayConnection(asyncssh.SSHServer):
 
     async def _open_tunnel(self, dest_host: str, dest_port: int) -> Tunnel:
         opened_at = utc_now()
+        request = None
         try:
-            decision, target_ip = await self._decide(dest_host, dest_port, opened_at)
+            decision, request = await self._decide(dest_host, dest_port, opened_at)
+            target_ip = str(decision.address if decision.address is not None else request.addresses[0])
         except TargetError as exc:
             decision, target_ip = Decision(False, str(exc), None, None), None
         except asyncio.CancelledError:
@@ -240,6 +292,7 @@ class GatewayConnection(asyncssh.SSHServer):
 
         assert decision.address is not None
         tunnel = Tunnel(on_close=self._tunnel_closed)
+        tunnel.request = request
         try:
             await connect_target(tunnel, decision.address, dest_port, self.ctx.config.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
@@ -260,21 +313,19 @@ class GatewayConnection(asyncssh.SSHServer):
         self.log.info("tunnel %d to %s:%d (%s)", tunnel.channel_id, dest_host[:256], dest_port, decision.rule)
         return tunnel
 
-    async def _decide(self, dest_host: str, dest_port: int, now) -> tuple[Decision, str | None]:
+    async def _decide(self, dest_host: str, dest_port: int, now) -> tuple[Decision, AccessRequest]:
         """Canonicalize and resolve the target once, then ask the pure policy engine."""
         host = parse_host(dest_host)
         port = parse_port(dest_port)
         if isinstance(host, str):
             addresses = await self._resolve(host, port)
             if not addresses:
-                return Decision(False, f"cannot resolve {host}", None, None), None
+                raise TargetError(f"cannot resolve {host}")
         else:
             addresses = (host,)
         policy = await self.ctx.policy.current()
         request = AccessRequest(user=self.user, host=host, addresses=addresses, port=port, now=now)
-        decision = evaluate(policy, self.ctx.guard, request)
-        shown = decision.address if decision.address is not None else addresses[0]
-        return decision, str(shown)
+        return evaluate(policy, self.ctx.guard, request), request
 
     async def _resolve(self, host: str, port: int) -> tuple[IPAddress, ...]:
         loop = asyncio.get_running_loop()
@@ -313,6 +364,21 @@ class GatewayConnection(asyncssh.SSHServer):
 def canonical_address_text(text: str) -> IPAddress:
     """A socket address string (maybe with a %zone) as a canonical address object."""
     return canonical_address(ipaddress.ip_address(text.split("%", 1)[0]))
+
+
+def session_revocation(
+    policy: Policy, user: str, fingerprint: str | None, fingerprints: frozenset[str], now
+) -> str | None:
+    """Why a logged-in session may no longer continue, or None. The key and user checks are about identity,
+    not grants, so they live here; grants are re-checked with evaluate()."""
+    user_policy = policy.users.get(user)
+    if user_policy is None:
+        return "user removed"
+    if fingerprint not in fingerprints:
+        return "key removed"
+    if user_policy.expires is not None and now >= user_policy.expires:
+        return f"access expired at {user_policy.expires:%Y-%m-%dT%H:%M:%SZ}"
+    return None
 
 
 def describe_disconnect(exc: Exception | None, had_tunnels: bool) -> str:

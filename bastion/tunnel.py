@@ -26,6 +26,8 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
 
     def __init__(self, on_close: Callable[["Tunnel"], None]):
         self.channel_id: int | None = None  # the audit row, once committed
+        self.request = None  # the AccessRequest it was granted for (re-checked on revocation)
+        self.close_reason: str | None = None
         self.bytes_up = 0  # client -> target
         self.bytes_down = 0  # target -> client
         self._on_close = on_close
@@ -106,6 +108,10 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
 
     # ---- shared -----------------------------------------------------------------------------
 
+    @property
+    def is_open(self) -> bool:
+        return self._chan is not None
+
     def close(self) -> None:
         """Close both legs gracefully (buffered data is flushed first)."""
         if self._target is not None and not self._target.is_closing():
@@ -134,6 +140,7 @@ class _TargetProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Hold the target's bytes until the channel is confirmed.
         transport.pause_reading()  # type: ignore[attr-defined]
+        self._tunnel._target = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self._tunnel._target_data(data)
@@ -157,9 +164,13 @@ async def connect_target(tunnel: Tunnel, address: IPAddress, port: int, timeout:
     """Open the TCP leg to exactly `address` (the one the policy checked: no second lookup)."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    transport, _ = await asyncio.wait_for(
+    await asyncio.wait_for(
         loop.create_connection(lambda: _TargetProtocol(tunnel), host=str(address), port=port, family=family,
                                flags=socket.AI_NUMERICHOST),
         timeout,
     )
-    tunnel._target = transport  # type: ignore[assignment]
+
+
+def inbound_protocol(tunnel: Tunnel) -> asyncio.Protocol:
+    """The TCP side for a connection that arrived on a remote-forward listener (ssh -R)."""
+    return _TargetProtocol(tunnel)

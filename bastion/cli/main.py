@@ -12,7 +12,7 @@ import typer
 
 from ..errors import BastionError
 from ..service import initialize, serve as serve_gateway
-from . import audit, policy, users
+from . import audit, policy, sessions, users
 from .common import config_of, err_console
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app = typer.Typer(
 app.add_typer(users.app, name="user")
 app.add_typer(policy.app, name="policy")
 app.add_typer(audit.app, name="audit")
+app.add_typer(sessions.app, name="sessions")
 
 
 @app.callback()

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from ..control import notify
 from ..db import utc_now
 from ..errors import BastionError
 from ..netguard import TargetError, parse_host, parse_port
@@ -38,6 +39,9 @@ def apply(ctx: typer.Context, file: Path = typer.Argument(..., help="Policy file
     finally:
         store.close()
     typer.echo(f"applied {file}: {len(update.users)} users, {len(update.groups)} groups")
+    note = notify(config_of(ctx).home, "policy apply")
+    if note:
+        typer.echo(note)
 
 
 @app.command("show")

@@ -7,6 +7,7 @@ from typing import List
 
 import typer
 
+from ..control import notify
 from ..errors import BastionError
 from ..store import Store, parse_public_keys
 from .common import config_of, print_json, print_table
@@ -87,6 +88,7 @@ def remove(ctx: typer.Context, name: str = typer.Argument(..., help="The user to
     finally:
         store.close()
     typer.echo(f"removed user {name}")
+    _notify(ctx, "user remove")
 
 
 @app.command("remove-key")
@@ -105,3 +107,10 @@ def remove_key(
     finally:
         store.close()
     typer.echo(f"{name}: removed key {fingerprint}")
+    _notify(ctx, "key removed")
+
+
+def _notify(ctx: typer.Context, why: str) -> None:
+    note = notify(config_of(ctx).home, why)
+    if note:
+        typer.echo(note)

@@ -53,6 +53,5 @@ def test_broken_policy_is_rejected_and_the_previous_one_stays(bastion, ssh, text
 
     # 2. the previous policy is still in force, for `policy check` and for the running server
     assert bastion.policy_check("alice", LAN_ADDR, ECHO_PORT).returncode == 0
-    assert bastion.policy_check("alice", LAN_ADDR, 2222).returncode == 1
     forwarded = ssh.stdio_forward(LAN_ADDR, ECHO_PORT, input=b"still granted\n")
     assert (forwarded.returncode, forwarded.stdout) == (0, b"still granted\n"), forwarded.stderr

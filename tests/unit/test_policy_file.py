@@ -108,8 +108,8 @@ def test_unknown_groups_load_and_are_reported_as_problems():
         ("[[users]]\nname = 'x'\n", 1, "users must be a table"),
         ("users = 3\n", 1, "users must be a table"),
         ("[users]\nalice = 3\n", 2, "users.alice must be a table"),
-        ("[users.alice]\nfoo = 1\n", 2, "users.alice has unknown key 'foo'; allowed keys are keys, groups, allow, deny, expires"),
-        ("[groups.ops]\nexpires = 2027-01-01T00:00:00Z\n", 2, "allowed keys are allow, deny"),
+        ("[users.alice]\nfoo = 1\n", 2, "users.alice has unknown key 'foo'; allowed keys are keys, groups, allow, deny, listen, expires"),
+        ("[groups.ops]\nexpires = 2027-01-01T00:00:00Z\n", 2, "allowed keys are allow, deny, listen"),
         ("[groups.ops]\nkeys = []\n", 2, "groups.ops has unknown key 'keys'"),
         # names
         ("[users.Alice]\n", 1, "user name 'Alice' is not valid"),
@@ -222,11 +222,12 @@ def test_policy_to_dict_shape():
             "allow": ["10.1.2.3:22,8000-8100",
                       {"target": "10.9.9.9:22", "expires": "2026-12-01T18:00:00Z"}],
             "deny": ["10.20.0.9"],
+            "listen": [],
             "expires": "2027-01-31T00:00:00Z",
             "keys": [ALICE_KEY],
         }},
         "groups": {"ops": {"allow": ["10.20.0.0/16:22", "*.db.corp.internal:5432",
-                                     "[fd00:1::/64]:22,443"], "deny": []}},
+                                     "[fd00:1::/64]:22,443"], "deny": [], "listen": []}},
     }
     assert policy_from_dict(json.loads(json.dumps(data))) == parse_policy(SPEC_EXAMPLE)
 

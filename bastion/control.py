@@ -1,0 +1,111 @@
+"""The local control socket: how the CLI reaches a running server (list and kill sessions, re-check
+access after a policy or user change). A UNIX socket in the home directory, mode 0600: no network port.
+
+Protocol: one JSON object per line each way. Requests: {"op": "sessions"}, {"op": "kill", "session": ID}
+or {"op": "kill", "user": NAME}, {"op": "revalidate", "why": TEXT}. Replies: {"ok": true, ...} or
+{"ok": false, "error": TEXT}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from .errors import BastionError
+
+log = logging.getLogger("bastion.control")
+
+SOCKET_NAME = "control.sock"
+_MAX_REQUEST = 64 * 1024
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class NotRunning(BastionError):
+    """No server answers on the control socket."""
+
+
+def socket_path(home: Path) -> Path:
+    return home / SOCKET_NAME
+
+
+async def start_control_server(home: Path, handle: Handler) -> asyncio.AbstractServer:
+    """Listen on HOME/control.sock (replacing a stale socket left by a crash), readable by the owner only."""
+    path = socket_path(home)
+    if path.is_socket():
+        path.unlink()
+
+    async def serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            if not line.endswith(b"\n") or len(line) > _MAX_REQUEST:
+                reply: dict[str, Any] = {"ok": False, "error": "request must be one JSON line"}
+            else:
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict):
+                        raise ValueError("not an object")
+                except ValueError:
+                    reply = {"ok": False, "error": "request is not a JSON object"}
+                else:
+                    reply = await handle(request)
+            writer.write(json.dumps(reply, default=str).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("control request failed")
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(serve_client, path=str(path), limit=_MAX_REQUEST + 1)
+    os.chmod(path, 0o600)
+    return server
+
+
+def request(home: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request to the running server and return its reply; NotRunning if none is listening."""
+    path = socket_path(home)
+    if not path.exists():
+        raise NotRunning(f"bastion is not running (no control socket at {path})")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise NotRunning(f"bastion is not running (nothing listens on {path})") from None
+        except PermissionError:
+            raise BastionError(f"{path}: permission denied; run as the user the server runs as") from None
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise BastionError(f"{path}: the server sent an unreadable reply") from None
+    if not reply.get("ok"):
+        raise BastionError(reply.get("error", "the server refused the request"))
+    return reply
+
+
+def notify(home: Path, why: str) -> str | None:
+    """Ask a running server to re-check live sessions now; returns a note for the user, None if none runs."""
+    try:
+        reply = request(home, {"op": "revalidate", "why": why})
+    except NotRunning:
+        return None
+    except (BastionError, OSError) as exc:
+        return f"warning: could not reach the running server ({exc}); it applies the change at the next channel open"
+    ended = reply.get("ended", [])
+    return f"live sessions re-checked; {len(ended)} ended or narrowed" if ended else "live sessions re-checked"

@@ -1,0 +1,203 @@
+"""Remote forwarding (ssh -R): listeners on the bastion, granted by policy, whose inbound connections are
+relayed back to the client as forwarded-tcpip channels.
+
+Each listener and each inbound connection is audited; a connection's row is committed before any of its
+bytes flow. Listeners close when cancelled, when the session ends, or when a revocation narrows the grant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+from .audit import AuditUnavailable, ChannelRecord, ListenerRecord
+from .db import utc_now
+from .netguard import IPAddress, TargetError
+from .listen_policy import ListenRequest, evaluate_listen, listen_ranges, parse_bind_address
+from .policy import Decision, Policy
+from .tunnel import Tunnel, inbound_protocol
+
+if TYPE_CHECKING:
+    from .sshd import GatewayConnection
+
+_PORT_ATTEMPTS = 64  # for port 0: how many free-port candidates to try within the granted ranges
+
+
+class RemoteListener(asyncssh.SSHListener):
+    """One granted `tcpip-forward`: an asyncio server on the bastion bound to exactly what was granted."""
+
+    def __init__(self, connection: "GatewayConnection", request: ListenRequest, wire_host: str):
+        super().__init__()
+        self.connection = connection
+        self.request = request  # port is the bound port, never 0
+        self.wire_host = wire_host  # the address string the client sent; echoed back on each connection
+        self.listener_id: int | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self._close_reason = "cancelled by client"
+        self._closed = False
+
+    def get_port(self) -> int:
+        return self.request.port
+
+    def recheck(self, policy: Policy, now) -> Decision:
+        return evaluate_listen(policy, self.request.with_time(now))
+
+    def close_with(self, reason: str) -> None:
+        self._close_reason = reason
+        self.close()
+
+    def close(self) -> None:
+        """Stop accepting; connections already relayed stay until they or the session end."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.connection.session_id is None or self.connection.conn is None:
+            self._close_reason = self.connection.end_reason or "session ended"
+        if self.server is not None:
+            self.server.close()
+        self.connection.listeners.discard(self)
+        if self.listener_id is not None:
+            self.connection.ctx.audit.close_listener(self.listener_id, self._close_reason)
+
+    async def wait_closed(self) -> None:
+        if self.server is not None:
+            await self.server.wait_closed()
+
+    # ---- inbound connections ----------------------------------------------------------------
+
+    def _accept(self) -> asyncio.Protocol:
+        tunnel = Tunnel(on_close=self.connection._tunnel_closed)
+        protocol = inbound_protocol(tunnel)
+        asyncio.get_running_loop().call_soon(self._start_forward, tunnel)
+        return protocol
+
+    def _start_forward(self, tunnel: Tunnel) -> None:
+        task = asyncio.ensure_future(self._forward(tunnel))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # errors are handled inside
+
+    async def _forward(self, tunnel: Tunnel) -> None:
+        """Audit the inbound connection, then open a forwarded-tcpip channel back to the client."""
+        transport = tunnel._target
+        if transport is None or transport.is_closing():
+            return
+        peer = transport.get_extra_info("peername") or ("", 0)
+        record = ChannelRecord(
+            session_id=self.connection.session_id or "",
+            user=self.connection.user,
+            kind="forwarded-tcpip",
+            target_host=self.wire_host,
+            target_ip=str(self.request.bind),
+            target_port=self.request.port,
+            decision="allow",
+            rule=None,
+            reason="inbound connection on a granted listener",
+            opened_at=utc_now(),
+            listener_id=self.listener_id,
+            peer_ip=str(peer[0]),
+            peer_port=int(peer[1]),
+        )
+        conn = self.connection.conn
+        try:
+            tunnel.channel_id = await self.connection.ctx.audit.record_channel(record)
+            if conn is None:
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "session ended")
+            self.connection.tunnels.add(tunnel)
+            await conn.create_connection(lambda: tunnel, self.wire_host, self.request.port, str(peer[0]), int(peer[1]))
+        except (asyncssh.ChannelOpenError, AuditUnavailable, OSError) as exc:
+            self.connection.log.info("inbound connection from %s not forwarded: %s", peer[0], exc)
+            tunnel.close_reason = f"not forwarded: {exc}"
+            tunnel.abort()  # its on_close runs once the TCP side is gone
+
+
+async def open_listener(connection: "GatewayConnection", wire_host: str, wire_port: int) -> RemoteListener | bool:
+    """Decide and bind one tcpip-forward request; returns the listener, or False (the client is told it failed)."""
+    now = utc_now()
+    ctx = connection.ctx
+    try:
+        bind = parse_bind_address(wire_host)
+        request = ListenRequest(user=connection.user, bind=bind, port=wire_port, now=now)
+        policy = await ctx.policy.current()
+        decision = evaluate_listen(policy, request)
+    except TargetError as exc:
+        bind, decision = None, Decision(False, str(exc), None, None)
+        request = None
+    listener = None
+    if decision.allowed and request is not None:
+        listener, failure = await _bind(connection, request, wire_host, policy)
+        if listener is None:
+            decision = Decision(False, failure, decision.rule, None)
+    record = ListenerRecord(
+        session_id=connection.session_id or "",
+        user=connection.user,
+        listen_host=str(bind) if bind is not None else wire_host[:256],
+        listen_port=listener.request.port if listener else wire_port,
+        requested_port=wire_port,
+        decision="allow" if decision.allowed else "deny",
+        rule=decision.rule,
+        reason=decision.reason,
+        opened_at=now,
+        closed_at=None if decision.allowed else now,
+    )
+    try:
+        listener_id = await ctx.audit.record_listener(record)
+    except AuditUnavailable as exc:
+        connection.log.error("%s", exc)
+        if listener is not None:
+            listener.server.close()
+        return False
+    if listener is None:
+        connection.log.info("refused remote forward %s:%d: %s", wire_host[:256], wire_port, decision.reason)
+        return False
+    listener.listener_id = listener_id
+    connection.listeners.add(listener)
+    connection.log.info("listening on %s:%d for the client (%s)", listener.request.bind, listener.request.port,
+                        decision.rule)
+    return listener
+
+
+async def _bind(
+    connection: "GatewayConnection", request: ListenRequest, wire_host: str, policy: Policy
+) -> tuple[RemoteListener | None, str]:
+    """Bind the granted address; for port 0 pick a free port inside the granted ranges."""
+    if request.port != 0:
+        candidates = [request.port]
+    else:
+        ranges = listen_ranges(policy, request.user, request.bind, request.now)
+        candidates = _port_candidates(ranges)
+        if not candidates:
+            return None, f"{connection.user} has no port range granted on {request.bind}"
+    loop = asyncio.get_running_loop()
+    last_error = ""
+    for port in candidates:
+        bound = request.with_port(port)
+        listener = RemoteListener(connection, bound, wire_host)
+        try:
+            listener.server = await loop.create_server(listener._accept, str(bound.bind), port, reuse_address=True)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                last_error = f"{_show(bound.bind)}:{port} is already in use"
+                continue
+            return None, f"cannot listen on {_show(bound.bind)}:{port}: {exc.strerror or exc}"
+        return listener, ""
+    return None, last_error
+
+
+def _port_candidates(ranges: list[tuple[int, int]]) -> list[int]:
+    """Up to _PORT_ATTEMPTS ports spread over the granted ranges, in random order (no predictable reuse)."""
+    ports: list[int] = []
+    for low, high in ranges:
+        count = high - low + 1
+        if count <= _PORT_ATTEMPTS:
+            ports.extend(range(low, high + 1))
+        else:
+            ports.extend(random.sample(range(low, high + 1), _PORT_ATTEMPTS))
+    random.shuffle(ports)
+    return ports[:_PORT_ATTEMPTS]
+
+
+def _show(address: IPAddress) -> str:
+    return f"[{address}]" if address.version == 6 else str(address)

@@ -1,0 +1,392 @@
+"""The benchmark bed: the sealed namespaces of tests/testbed.py, the targets, both servers and the client side.
+
+    gw  10.99.0.1   bastion :22 (home on disk), bastion :2223 (home on /dev/shm, audit figure only),
+                    OpenSSH sshd :2222 as a jump host, every client (ssh, the drivers in clients.py)
+    lan 10.99.0.2   bench/targets.py (source, sink, echo, hello) and the testbed's target sshd :22 (for -J)
+
+Both servers are measured as process trees: the bastion is one process; sshd is its listener and every
+child it forked (one privileged monitor plus one unprivileged child per session). CPU is utime+stime of
+every live process plus what the tree's parents already reaped (cutime+cstime); memory is PSS summed,
+so pages shared between sshd's processes are counted once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from testbed import (  # noqa: E402  (the shared testbed of tests/testbed.py: imported, never edited)
+    GW_ADDR,
+    LAN_ADDR,
+    SSH,
+    SSHD,
+    Bastion,
+    Key,
+    Testbed,
+    TestbedError,
+    clean_env,
+    free_port,
+    generate_key,
+    stop_process,
+    wait_listening,
+)
+
+from targets import ECHO_PORT, HELLO_PORT, SINK_PORT, SOURCE_PORT  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+CLIENTS = BENCH / "clients.py"
+TARGETS = BENCH / "targets.py"
+KEX = "curve25519-sha256"  # pinned: OpenSSH 9.2 would pick sntrup761x25519 with sshd, which asyncssh lacks
+DEFAULT_CIPHER = "aes128-gcm@openssh.com"
+OURS_PORT, SSHD_PORT, OURS_TMPFS_PORT = 22, 2222, 2223
+
+BENCH_POLICY = f"""\
+[users.alice]
+allow = ["{LAN_ADDR}:22,{SOURCE_PORT}-{HELLO_PORT}"]
+"""
+
+SSHD_CONFIG = """\
+Port {port}
+ListenAddress {addr}
+HostKey {host_key}
+PidFile {pid_file}
+AuthorizedKeysFile {authorized_keys}
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+# A jump host: direct-tcpip anywhere (the bastion checks policy; sshd has none to check), nothing else.
+# "local" allows exactly what "yes" allows for -J/-W/-L/-D and refuses -R, as the bastion does.
+AllowTcpForwarding local
+PermitOpen any
+AllowAgentForwarding no
+AllowStreamLocalForwarding no
+X11Forwarding no
+PermitTTY no
+PermitTunnel no
+ForceCommand /bin/false
+# Raised for the load figures: concurrent handshakes and a thousand sessions.
+MaxStartups 10000
+MaxSessions 100
+LoginGraceTime 30
+UseDNS no
+PrintMotd no
+LogLevel INFO
+"""
+
+SSH_CONFIG = """\
+Host ours
+  HostName {gw}
+  Port {ours_port}
+  User alice
+Host ours-tmpfs
+  HostName {gw}
+  Port {ours_tmpfs_port}
+  User alice
+Host sshd
+  HostName {gw}
+  Port {sshd_port}
+  User root
+Host ours ours-tmpfs sshd
+  IdentityFile {identity}
+Host target
+  HostName {lan}
+  User root
+  IdentityFile {target_identity}
+Host *
+  IdentitiesOnly yes
+  BatchMode yes
+  ConnectTimeout 30
+  UserKnownHostsFile {known_hosts}
+  GlobalKnownHostsFile /dev/null
+  StrictHostKeyChecking yes
+  HostKeyAlgorithms ssh-ed25519
+  KexAlgorithms {kex}
+  Ciphers {cipher}
+  Compression no
+  ControlMaster no
+  ControlPath none
+  ForwardAgent no
+  ForwardX11 no
+  LogLevel ERROR
+"""
+
+
+@dataclass
+class Server:
+    """One server under test, as the clients see it (an ssh_config alias) and as the bench measures it."""
+
+    name: str  # ours | sshd | ours-tmpfs
+    alias: str
+    port: int
+    user: str
+    proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
+        return self.proc.pid
+
+    def processes(self) -> list[psutil.Process]:
+        root = psutil.Process(self.pid)
+        return [root, *root.children(recursive=True)]
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        return total
+
+    def pss_kib(self) -> tuple[int, int]:
+        """(PSS summed over the tree in KiB, number of processes)."""
+        total = count = 0
+        for proc in self.processes():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{proc.pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        count += 1
+                        break
+        return total, count
+
+
+class Bench:
+    """Everything one benchmark run needs; a context manager that tears it all down."""
+
+    def __init__(self, bastion_src: Path = ROOT, log=print) -> None:
+        self.log = log
+        self.bastion_src = bastion_src
+        self.bastion_digest = ""
+        self.workdir = Path(tempfile.mkdtemp(prefix="bastion-bench-", dir="/var/tmp"))
+        self.shmdir = Path(tempfile.mkdtemp(prefix="bastion-bench-", dir="/dev/shm"))
+        self.testbed = Testbed(self.workdir / "bed")
+        self.ours = Server("ours", "ours", OURS_PORT, "alice")
+        self.sshd = Server("sshd", "sshd", SSHD_PORT, "root")
+        self.ours_tmpfs = Server("ours-tmpfs", "ours-tmpfs", OURS_TMPFS_PORT, "alice")
+        self._bastions: dict[str, Bastion] = {}
+        self._targets: subprocess.Popen | None = None
+        self.alice: Key | None = None
+        self.ssh_config = self.workdir / "ssh_config"
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Bench":
+        try:
+            self.setup()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def setup(self) -> None:
+        self._freeze_bastion()
+        # Children inherit this: the bastion needs two descriptors per session (client and target).
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        tb = self.testbed.create()
+        for ns in (tb.gw, tb.lan):  # per-namespace settings: the load figures open many short connections
+            tb.run(ns, ["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1",
+                        "net.ipv4.ip_local_port_range=1024 65000"], check=True)
+        tb.start_targets()  # the testbed's target sshd on 10.99.0.2:22 is the end of `ssh -J ... target`
+        self._targets = tb.popen(tb.lan, [sys.executable, TARGETS], stdout=subprocess.DEVNULL,
+                                 stderr=(self.workdir / "targets.log").open("wb"))
+        for port in (SOURCE_PORT, SINK_PORT, ECHO_PORT, HELLO_PORT):
+            wait_listening(self._targets, port, "bench targets")
+
+        keys = self.workdir / "keys"
+        self.alice = generate_key(keys / "alice", "alice")
+        self._sshd_host_key = generate_key(keys / "sshd_host_ed25519_key", "bench-sshd")
+        for server, home in ((self.ours, self.workdir / "home"), (self.ours_tmpfs, self.shmdir / "home")):
+            bastion = Bastion(tb, home, listen=f"{GW_ADDR}:{server.port}")
+            bastion.init(shutdown_grace_seconds=2)
+            bastion.add_user("alice", self.alice)
+            bastion.apply_policy(BENCH_POLICY)
+            self._bastions[server.name] = bastion
+        self._write_ssh_config()
+        self.start(self.ours)
+        self.start(self.sshd)
+
+    def _freeze_bastion(self) -> None:
+        """Run the bastion from a copy of its package taken now: the tree may change under a long run
+        (others edit it), and every figure must measure the same code. The copy is first on PYTHONPATH
+        and the bench works from its own directory, so `python -m bastion` cannot find the repo's."""
+        source = self.bastion_src / "bastion"
+        if not (source / "__main__.py").exists():
+            raise TestbedError(f"{source} is not the bastion package")
+        frozen = self.workdir / "src"
+        shutil.copytree(source, frozen / "bastion", ignore=shutil.ignore_patterns("__pycache__"))
+        digest = hashlib.sha256()
+        for path in sorted((frozen / "bastion").rglob("*.py")):
+            digest.update(path.relative_to(frozen).as_posix().encode() + b"\0" + path.read_bytes())
+        self.bastion_digest = digest.hexdigest()[:12]
+        os.environ["PYTHONPATH"] = str(frozen)
+        os.chdir(self.workdir)
+        check = subprocess.run([sys.executable, "-c", "import bastion.cli.main, bastion; print(bastion.__file__)"],
+                               capture_output=True, text=True, timeout=60)
+        if check.returncode != 0 or not check.stdout.startswith(str(frozen)):
+            raise TestbedError(f"the bastion in {source} does not import (mid-edit?); use --bastion-src DIR:\n"
+                               f"{check.stderr[-1500:]}{check.stdout}")
+
+    def close(self) -> None:
+        os.chdir(ROOT)
+        for name, bastion in self._bastions.items():
+            with contextlib.suppress(Exception):
+                bastion.close()
+        for proc in (self.sshd.proc, self._targets):
+            if proc is not None:
+                with contextlib.suppress(Exception):
+                    stop_process(proc)
+        try:
+            self.testbed.close()  # kills what is left in our namespaces by pid, deletes them
+        finally:
+            shutil.rmtree(self.shmdir, ignore_errors=True)
+            if not os.environ.get("BENCH_KEEP"):
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ---- servers --------------------------------------------------------------------------------
+
+    def start(self, server: Server) -> None:
+        if server.name == "sshd":
+            self._start_sshd()
+        else:
+            bastion = self._bastions[server.name]
+            bastion.start(timeout=30)
+            server.proc = bastion.proc
+
+    def stop(self, server: Server) -> None:
+        if server.proc is None or server.proc.poll() is not None:
+            return
+        if server.name == "sshd":
+            stop_process(server.proc)
+        else:
+            self._bastions[server.name].stop(timeout=60)
+        server.proc = None
+
+    def restart(self, server: Server) -> None:
+        self.stop(server)
+        self.start(server)
+
+    def _start_sshd(self) -> None:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        authorized = self.workdir / "sshd_authorized_keys"
+        assert self.alice is not None
+        authorized.write_text(self.alice.public + "\n")
+        config = self.workdir / "sshd_config"
+        config.write_text(SSHD_CONFIG.format(
+            port=SSHD_PORT, addr=GW_ADDR, host_key=self._sshd_host_key.path,
+            pid_file=self.workdir / "sshd.pid", authorized_keys=authorized))
+        log = (self.workdir / "sshd.log").open("ab")
+        self.sshd.proc = self.testbed.popen(self.testbed.gw, [SSHD, "-D", "-e", "-f", config],
+                                            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_listening(self.sshd.proc, SSHD_PORT, "bench sshd")
+
+    def _write_ssh_config(self) -> None:
+        known = [f"{GW_ADDR} {_key_blob(p)}" for p in self._bastions["ours"].host_public_keys()]
+        known += [f"[{GW_ADDR}]:{OURS_TMPFS_PORT} {_key_blob(p)}"
+                  for p in self._bastions["ours-tmpfs"].host_public_keys()]
+        known.append(f"[{GW_ADDR}]:{SSHD_PORT} {_key_blob(self._sshd_host_key.public)}")
+        assert self.testbed.target_host_key is not None and self.testbed.target_client_key is not None
+        known.append(f"{LAN_ADDR} {_key_blob(self.testbed.target_host_key.public)}")
+        known_hosts = self.workdir / "known_hosts"
+        known_hosts.write_text("\n".join(known) + "\n")
+        assert self.alice is not None
+        self.ssh_config.write_text(SSH_CONFIG.format(
+            gw=GW_ADDR, lan=LAN_ADDR, ours_port=OURS_PORT, ours_tmpfs_port=OURS_TMPFS_PORT, sshd_port=SSHD_PORT,
+            identity=self.alice.path, target_identity=self.testbed.target_client_key.path,
+            known_hosts=known_hosts, kex=KEX, cipher=DEFAULT_CIPHER))
+
+    def server_log(self, server: Server) -> str:
+        if server.name == "sshd":
+            return (self.workdir / "sshd.log").read_text(errors="replace")[-3000:]
+        return self._bastions[server.name].log()[-3000:]
+
+    # ---- clients --------------------------------------------------------------------------------
+
+    def ssh_argv(self, *args: str) -> list[str]:
+        return [SSH, "-F", str(self.ssh_config), *args]
+
+    @contextlib.contextmanager
+    def forwards(self, server: Server, target_ports: list[int], cipher: str = DEFAULT_CIPHER,
+                 one_connection: bool = True) -> Iterator[list[int]]:
+        """`ssh -N -L` to the targets through `server`; yields the local ports. One SSH connection for all
+        of them, or (one_connection=False) one connection per forward."""
+        local_ports: list[int] = []
+        while len(local_ports) < len(target_ports):
+            port = free_port(self.testbed.gw)
+            if port not in local_ports:
+                local_ports.append(port)
+        specs = [["-L", f"127.0.0.1:{lp}:{LAN_ADDR}:{tp}"] for lp, tp in zip(local_ports, target_ports)]
+        groups = [sum(specs, [])] if one_connection else specs
+        procs: list[tuple[subprocess.Popen, list[int]]] = []
+        log = (self.workdir / "ssh-client.log").open("ab")
+        try:
+            for i, group in enumerate(groups):
+                argv = self.ssh_argv("-N", "-o", "ExitOnForwardFailure=yes", "-c", cipher, *group, server.alias)
+                proc = self.testbed.popen(self.testbed.gw, argv, stdout=subprocess.DEVNULL, stderr=log)
+                procs.append((proc, local_ports if one_connection else [local_ports[i]]))
+            for proc, ports in procs:
+                for port in ports:
+                    wait_listening(proc, port, f"ssh -L through {server.name}", timeout=60)
+            yield local_ports
+        finally:
+            log.close()
+            for proc, _ in procs:
+                stop_process(proc)
+
+    def client(self, *args: str | int, timeout: float = 600) -> dict:
+        """Run one driver from clients.py in gw and return its JSON."""
+        argv = [sys.executable, str(CLIENTS), *map(str, args)]
+        result = self.testbed.run(self.testbed.gw, argv, timeout=timeout)
+        if result.returncode != 0:
+            raise TestbedError(f"clients.py {' '.join(map(str, args[:3]))} exited {result.returncode}: "
+                               f"{result.stderr.decode(errors='replace')[-1500:]}")
+        return json.loads(result.stdout.decode().strip().splitlines()[-1])
+
+    def client_popen(self, *args: str | int) -> subprocess.Popen:
+        argv = [sys.executable, str(CLIENTS), *map(str, args)]
+        return self.testbed.popen(self.testbed.gw, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=(self.workdir / "clients.log").open("ab"), env=clean_env())
+
+    def asyncssh_args(self, server: Server) -> list[str]:
+        assert self.alice is not None
+        return ["--host", GW_ADDR, "--port", str(server.port), "--user", server.user, "--key", str(self.alice.path),
+                "--kex", KEX, "--cipher", DEFAULT_CIPHER]
+
+
+def _key_blob(public_line: str) -> str:
+    return " ".join(public_line.split()[:2])
+
+
+def wait_quiet(server: Server, seconds: float = 0.5, timeout: float = 30.0) -> None:
+    """Wait until the server's CPU use settles (sessions torn down, audit written) before the next figure."""
+    deadline = time.monotonic() + timeout
+    last = server.cpu_seconds()
+    while time.monotonic() < deadline:
+        time.sleep(seconds)
+        now = server.cpu_seconds()
+        if now - last < 0.02 * seconds:
+            return
+        last = now
