@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .limits import StartupLimit
 from .netguard import DEFAULT_INTERNAL_NETWORKS, IPNetwork, parse_networks
 
 DEFAULT_HOME = Path("/var/lib/bastion")
@@ -33,6 +34,18 @@ class Config:
     resolve_timeout: float = 5.0
     # On SIGTERM, open tunnels get this long to finish before connections are closed.
     shutdown_grace_seconds: float = 10.0
+    # Before authentication (like sshd's MaxStartups and PerSourcePenalties).
+    max_startups: str = "10:30:100"
+    penalty_threshold: int = 5
+    penalty_seconds: float = 30.0
+    penalty_max_seconds: float = 3600.0
+    # After authentication; 0 turns a timeout off.
+    unused_timeout_seconds: float = 600.0
+    max_session_seconds: float = 43200.0
+    keepalive_interval: float = 15.0
+    keepalive_count_max: int = 4
+    max_sessions_per_user: int = 20
+    max_channels_per_user: int = 200
     log_level: str = "INFO"
     # Where users are told to jump through in the session banner; defaults to the listen address.
     public_name: str = ""
@@ -71,6 +84,9 @@ def split_listen(text: str) -> tuple[str, int]:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "home"}
+_SECONDS = {name for name, f in _FIELDS.items() if f.type == "float"}
+_COUNTS = {name for name, f in _FIELDS.items() if f.type == "int"}
+_ZERO_MEANS_OFF = {"shutdown_grace_seconds", "unused_timeout_seconds", "max_session_seconds", "keepalive_interval"}
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -87,17 +103,20 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 raise ValueError("must be a string HOST:PORT")
             split_listen(value)
             return value
-        if name in ("login_grace_seconds", "connect_timeout", "resolve_timeout", "shutdown_grace_seconds"):
+        if name in _SECONDS:
             if isinstance(value, bool):
                 raise ValueError("must be a number of seconds")
             number = float(value)
-            if not number >= 0 or (number == 0 and name != "shutdown_grace_seconds"):
+            if not number >= 0 or (number == 0 and name not in _ZERO_MEANS_OFF):
                 raise ValueError("must be a number of seconds greater than 0")
             return number
-        if name == "max_auth_tries":
+        if name in _COUNTS:
             if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
                 raise ValueError("must be a whole number >= 1")
             return int(value)
+        if name == "max_startups":
+            StartupLimit.parse(str(value))
+            return str(value)
         if name == "log_level":
             level = str(value).upper()
             if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -165,4 +184,19 @@ def render_config(config: Config) -> str:
         f"shutdown_grace_seconds = {config.shutdown_grace_seconds:g}\n"
         f'log_level = "{config.log_level}"\n'
         f'public_name = "{config.public_name}"\n'
+        "# Before authentication: drop unauthenticated connections past START:RATE:FULL (like sshd's\n"
+        "# MaxStartups); refuse a source (IPv4 address or IPv6 /64) for a growing time after\n"
+        "# penalty_threshold connections in a row that never authenticated.\n"
+        f'max_startups = "{config.max_startups}"\n'
+        f"penalty_threshold = {config.penalty_threshold}\n"
+        f"penalty_seconds = {config.penalty_seconds:g}\n"
+        f"penalty_max_seconds = {config.penalty_max_seconds:g}\n"
+        "# After authentication (0 turns a timeout off): close sessions with no open channel for this\n"
+        "# long, and any session after max_session_seconds; keepalives drop dead clients.\n"
+        f"unused_timeout_seconds = {config.unused_timeout_seconds:g}\n"
+        f"max_session_seconds = {config.max_session_seconds:g}\n"
+        f"keepalive_interval = {config.keepalive_interval:g}\n"
+        f"keepalive_count_max = {config.keepalive_count_max}\n"
+        f"max_sessions_per_user = {config.max_sessions_per_user}\n"
+        f"max_channels_per_user = {config.max_channels_per_user}\n"
     )

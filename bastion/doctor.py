@@ -25,7 +25,7 @@ from typing import Mapping
 import asyncssh
 import psutil
 
-from .config import Config, load_config, split_listen
+from .config import DEFAULT_HOME, Config, load_config, split_listen
 from .db import MIGRATIONS, utc_now
 from .errors import BastionError
 from .netguard import IPNetwork, NetGuard
@@ -60,16 +60,25 @@ def home_findings(home: Path, mode: int | None) -> list[Finding]:
     return [Finding("home", OK, f"{home} is private")]
 
 
-def port_finding(host: str, port: int, error: OSError | None, holder: str | None) -> Finding:
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """The process that listens on the port now, as far as the OS tells us."""
+
+    pid: int
+    description: str  # "NAME (pid N): COMMAND"
+    bastion_home: Path | None  # its --home or BASTION_HOME, when it is a bastion and we may read that
+
+
+def port_finding(host: str, port: int, error: OSError | None, holder: Listener | None, home: Path) -> Finding:
     """Whether `serve` could listen: `error` is what binding the address raised, `holder` who listens now."""
     where = f"{host}:{port}"
     if error is None:
         return Finding("port", OK, f"{where} can be bound")
     if error.errno == errno.EADDRINUSE:
-        if holder is not None and "bastion" in holder:
-            return Finding("port", OK, f"{where} is held by a running bastion ({holder})")
-        held = f" by {holder}" if holder else ""
-        fix = "stop whatever listens there, or set another listen address"
+        if holder is not None and holder.bastion_home is not None and holder.bastion_home == home:
+            return Finding("port", OK, f"{where} is held by this bastion, already running (pid {holder.pid})")
+        held = f" by {holder.description}" if holder else ""
+        fix = "stop whatever listens there, or set another listen address in config.toml"
         if port == 22:
             fix = ("move the host's own sshd off port 22 (`Port 2022` in /etc/ssh/sshd_config, then restart "
                    "ssh), or give the bastion an address of its own (listen = \"ADDRESS:22\")")
@@ -270,7 +279,9 @@ def run_checks(home: Path | None, environ: Mapping[str, str] | None = None) -> l
     if home_stat is None:
         return findings
     host, port = split_listen(config.listen)
-    findings.append(port_finding(host, port, try_bind(host, port), listener_of(port)))
+    error = try_bind(host, port)
+    holder = listener_of(port) if error is not None else None
+    findings.append(port_finding(host, port, error, holder, config.home.resolve()))
     findings += host_key_findings([host_key_facts(p) for p in config.host_key_paths], home_stat.st_uid)
     database = database_facts(config.database)
     findings += database_findings(database)
@@ -320,23 +331,40 @@ def try_bind(host: str, port: int) -> OSError | None:
     return None
 
 
-def listener_of(port: int) -> str | None:
-    """'NAME (pid N): COMMAND' of the process listening on TCP `port` here, when the OS tells us."""
+def listener_of(port: int) -> Listener | None:
+    """The process listening on TCP `port` in this network namespace, if the OS lets us see it."""
     try:
         connections = psutil.net_connections(kind="tcp")
     except (psutil.Error, OSError):
         return None
-    for connection in connections:
-        if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port:
-            if connection.pid is None:
-                return None
-            try:
-                process = psutil.Process(connection.pid)
-                command = " ".join(process.cmdline())[:120]
-                return f"{process.name()} (pid {connection.pid}): {command}"
-            except psutil.Error:
-                return f"pid {connection.pid}"
-    return None
+    pid = next((c.pid for c in connections
+                if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid), None)
+    if pid is None:
+        return None
+    try:
+        process = psutil.Process(pid)
+        command = process.cmdline()
+        description = f"{process.name()} (pid {pid}): {' '.join(command)[:120]}"
+    except psutil.Error:
+        return Listener(pid, f"pid {pid}", None)
+    home = None
+    if any("bastion" in part for part in command):
+        home = _bastion_home_of(process, command)
+    return Listener(pid, description, home)
+
+
+def _bastion_home_of(process: psutil.Process, command: list[str]) -> Path | None:
+    """A running bastion's home: its --home flag, else its BASTION_HOME, else the default."""
+    try:
+        cwd = Path(process.cwd())
+        if "--home" in command[:-1]:
+            return (cwd / command[command.index("--home") + 1]).resolve()
+        flag = next((part for part in command if part.startswith("--home=")), None)
+        if flag is not None:
+            return (cwd / flag.split("=", 1)[1]).resolve()
+        return (cwd / process.environ().get("BASTION_HOME", str(DEFAULT_HOME))).resolve()
+    except (psutil.Error, OSError):
+        return None
 
 
 def host_key_facts(path: Path) -> HostKeyFacts:
@@ -353,7 +381,7 @@ def host_key_facts(path: Path) -> HostKeyFacts:
 
 
 def database_facts(path: Path) -> DatabaseFacts:
-    """Open without creating; quick_check; schema version; BEGIN IMMEDIATE + ROLLBACK; newest audit time."""
+    """Open without creating; quick_check; schema version; a write rolled back; the newest audit time."""
     info = _stat(path)
     if info is None:
         return DatabaseFacts(path, None)
@@ -365,16 +393,22 @@ def database_facts(path: Path) -> DatabaseFacts:
         try:
             integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.Error as exc:
+        except sqlite3.OperationalError as exc:  # cannot open, read-only, locked: access, not damage
+            return DatabaseFacts(path, info.st_mode, open_error=str(exc))
+        except sqlite3.DatabaseError as exc:  # not a database, malformed
             return DatabaseFacts(path, info.st_mode, integrity=str(exc))
         if integrity != "ok":
             return DatabaseFacts(path, info.st_mode, integrity=integrity)
         write_error = None
         try:
+            # BEGIN IMMEDIATE alone succeeds on a read-only file in WAL mode; a real (rolled back) write does not.
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
+            conn.execute(f"PRAGMA user_version = {int(version)}")
         except sqlite3.Error as exc:
             write_error = str(exc)
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
         return DatabaseFacts(path, info.st_mode, schema_version=version, write_error=write_error,
                              newest_audit=_newest_audit(conn) if version else None)
     finally:

@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import os
 import re
+import shlex
 import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -100,11 +101,11 @@ def demo_policy(user: str, echo_port: int) -> Policy:
     return Policy(users={user: UserPolicy(name=user, allow=(rule,))})
 
 
-def next_steps(demo: Demo, bastion_command: str = "bastion") -> str:
-    home, cfg, user = demo.home, demo.ssh_config, demo.user
+def next_steps(demo: Demo, login: str, bastion_command: str = "bastion") -> str:
+    """What to try next, with this demo's paths and ports; `login` is the local account for ProxyJump."""
+    home, cfg, user = demo.home, shlex.quote(str(demo.ssh_config)), demo.user
     host, port = demo.config.listen_host, demo.config.listen_port
-    admin = f"{bastion_command} --home {home}"
-    login = getpass.getuser()
+    admin = f"{bastion_command} --home {shlex.quote(str(home))}"
     return f"""\
 bastion quickstart: a demo bastion in {home}
   user    {user}, key {demo.key.fingerprint} ({demo.key_file})
@@ -113,12 +114,17 @@ bastion quickstart: a demo bastion in {home}
   serving {host}:{port}, loopback only, until Ctrl-C; {cfg} is a ready ssh config
 
 Try, in another terminal, once it says "listening on":
-  ssh -F {cfg} bastion                                      # what you may reach
-  echo hello | ssh -F {cfg} -W 127.0.0.1:{demo.echo_port} bastion   # a tunnel to the echo service
-  ssh -F {cfg} -J bastion {login}@127.0.0.1                   # ProxyJump to this machine's sshd, if one runs
-  ssh -F {cfg} -W 169.254.169.254:80 bastion                # refused: link-local, whatever the policy says
-  {admin} audit channels                                     # every tunnel, allowed or refused
-  {admin} ssh-config {user} --host {host} --port {port}      # the config users get
+  # what you may reach
+  ssh -F {cfg} bastion
+  # a tunnel to the demo echo service (what ProxyJump does)
+  echo hello | ssh -F {cfg} -W 127.0.0.1:{demo.echo_port} bastion
+  # ProxyJump to this machine's own sshd, if one runs
+  ssh -F {cfg} -J bastion {login}@127.0.0.1
+  # refused: outside the demo's only internal network, whatever the policy says
+  ssh -F {cfg} -W 169.254.169.254:80 bastion
+  # every login and tunnel, allowed or refused; and the config you would hand a user
+  {admin} audit channels
+  {admin} ssh-config {user} --host {host} --port {port}
 """
 
 
@@ -246,5 +252,5 @@ async def run_demo(config: Config, echo_socket: socket.socket) -> None:
         await serve(config, drain_seconds=config.shutdown_grace_seconds)
     finally:
         echo.close()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(asyncio.TimeoutError):  # open echo connections need not finish
             await asyncio.wait_for(echo.wait_closed(), 1)

@@ -59,7 +59,7 @@ class RemoteListener(asyncssh.SSHListener):
             self._close_reason = self.connection.end_reason or "session ended"
         if self.server is not None:
             self.server.close()
-        self.connection.listeners.discard(self)
+        self.connection.remove_listener(self)
         if self.listener_id is not None:
             self.connection.ctx.audit.close_listener(self.listener_id, self._close_reason)
 
@@ -70,7 +70,7 @@ class RemoteListener(asyncssh.SSHListener):
     # ---- inbound connections ----------------------------------------------------------------
 
     def _accept(self) -> asyncio.Protocol:
-        tunnel = Tunnel(on_close=self.connection._tunnel_closed)
+        tunnel = Tunnel(on_close=self.connection.tunnel_closed)
         protocol = inbound_protocol(tunnel)
         asyncio.get_running_loop().call_soon(self._start_forward, tunnel)
         return protocol
@@ -105,7 +105,7 @@ class RemoteListener(asyncssh.SSHListener):
             tunnel.channel_id = await self.connection.ctx.audit.record_channel(record)
             if conn is None:
                 raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "session ended")
-            self.connection.tunnels.add(tunnel)
+            self.connection.add_tunnel(tunnel)
             await conn.create_connection(lambda: tunnel, self.wire_host, self.request.port, str(peer[0]), int(peer[1]))
         except (asyncssh.ChannelOpenError, AuditUnavailable, OSError) as exc:
             self.connection.log.info("inbound connection from %s not forwarded: %s", peer[0], exc)
@@ -153,7 +153,7 @@ async def open_listener(connection: "GatewayConnection", wire_host: str, wire_po
         connection.log.info("refused remote forward %s:%d: %s", wire_host[:256], wire_port, decision.reason)
         return False
     listener.listener_id = listener_id
-    connection.listeners.add(listener)
+    connection.add_listener(listener)
     connection.log.info("listening on %s:%d for the client (%s)", listener.request.bind, listener.request.port,
                         decision.rule)
     return listener

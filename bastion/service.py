@@ -16,6 +16,7 @@ from . import __version__
 from .audit import AuditLog
 from .config import Config, load_config, render_config
 from .errors import BastionError, ConfigError
+from .limits import SourcePenalties, StartupLimit
 from .netguard import IPAddress, NetGuard, canonical_address
 from .control import start_control_server
 from .db import utc_now
@@ -112,6 +113,8 @@ class Gateway:
             audit=self.audit,
             policy=PolicyCache(self.store, on_change=self._policy_changed),
             guard=make_guard(config),
+            startup_limit=StartupLimit.parse(config.max_startups),
+            penalties=SourcePenalties(config.penalty_threshold, config.penalty_seconds, config.penalty_max_seconds),
         )
         self._server: asyncio.AbstractServer | None = None
         self._control: asyncio.AbstractServer | None = None
@@ -137,6 +140,8 @@ class Gateway:
             allow_pty=True,
             line_editor=False,
             reuse_address=True,
+            keepalive_interval=self.config.keepalive_interval,
+            keepalive_count_max=self.config.keepalive_count_max,
         )
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
@@ -231,6 +236,7 @@ class Gateway:
         self.config = config
         self.context.config = config
         self.context.guard = make_guard(config)
+        self.context.startup_limit = StartupLimit.parse(config.max_startups)
         log.info("configuration reloaded")
 
     async def run_until_stopped(self, drain_seconds: float = 10.0) -> None:
@@ -245,21 +251,30 @@ class Gateway:
             self._control.close()
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
-        connections = list(self.context.connections)
-        if connections:
-            log.info("stopping: %d connections open, draining for up to %gs", len(connections), drain_seconds)
-            deadline = asyncio.get_running_loop().time() + drain_seconds
-            while self.context.connections and any(c.tunnels for c in self.context.connections):
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    break
-                await asyncio.sleep(min(0.05, remaining))
-            for connection in list(self.context.connections):
+        ctx = self.context
+        if ctx.connections:
+            log.info("stopping: %d connections, %d tunnels open; draining for up to %gs",
+                     len(ctx.connections), len(ctx.tunnels), drain_seconds)
+            if ctx.tunnels:
+                await _wait(ctx.no_tunnels, drain_seconds)
+            for connection in list(ctx.connections):
                 connection.disconnect("server shutting down")
-            await asyncio.sleep(0)  # let connection_lost callbacks queue their audit rows
+            # Closing a connection aborts its tunnels; their audit rows are queued as they finish.
+            await _wait(ctx.no_connections, 5.0)
+            if ctx.tunnels:
+                await _wait(ctx.no_tunnels, 5.0)
+            if ctx.connections or ctx.tunnels:
+                log.warning("%d connections, %d tunnels did not close in time", len(ctx.connections), len(ctx.tunnels))
         self.audit.stop()
         self.store.close()
         log.info("stopped")
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
 
 
 async def serve(config: Config, drain_seconds: float = 10.0) -> None:

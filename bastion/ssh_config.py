@@ -161,7 +161,7 @@ def render_ssh_config(
     where = setup.known_hosts_file or "~/.ssh/known_hosts"
     lines = [
         f"# OpenSSH client configuration for {setup.user} through the bastion {setup.host}:{setup.port},",
-        f"# made by {generated_by or '`bastion ssh-config`'} at {format_time(now)}.",
+        f"# made by {generated_by or '`bastion ssh-config`'} at {format_time(now.replace(microsecond=0))}.",
         f"# 1. Add the bastion's host keys to {where}; then the first connection needs no trust-on-first-use:",
         *(f"#      {line}" for line in known),
         "#    (`bastion ssh-config ... --known-hosts` prints them alone.)",
@@ -215,6 +215,9 @@ def render_ssh_config(
             f"    ProxyJump {alias}",
             "",
         ]
+    elif jump:
+        lines.append(f"# On port 22 at the bastion's own address (no pattern can route it); use: ssh -J {alias} HOST")
+        lines += [f"#   {rule.text}  {origin}{_until(rule)}" for origin, rule, _ in jump]
     elif not grants:
         lines.append(f"# {setup.user} may not reach any target yet: ask your bastion admin for a grant.")
     denials = [(origin, rule) for origin, rule in policy.denials_for(setup.user) if not rule.expired(now)]

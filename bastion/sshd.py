@@ -1,29 +1,31 @@
-"""asyncssh glue: one `GatewayConnection` per SSH connection, translating callbacks into
-policy questions, audit rows and tunnels. Who may do what is decided in `policy.py`, not here."""
+"""asyncssh glue: one `GatewayConnection` per SSH connection, translating callbacks into policy
+questions, audit rows and tunnels. Who may reach what is decided in policy.py; channel work is in
+local_forward.py (ssh -J/-L/-D) and remote_forward.py (ssh -R)."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import itertools
-import os
 import logging
+import random
 import secrets
-import socket
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import asyncssh
 
-from .audit import AuditLog, AuditUnavailable, ChannelRecord, SessionRecord
+from .audit import AuditLog, SessionRecord
 from .banner import BannerSession
 from .config import Config
 from .db import utc_now
-from .netguard import IPAddress, NetGuard, TargetError, canonical_address, parse_host, parse_port
-from .policy import AccessRequest, Decision, Policy, evaluate
-from .store import PublicKey, Store
+from .limits import SourcePenalties, StartupLimit
+from .local_forward import open_tunnel
+from .netguard import NetGuard, canonical_address
+from .policy import Policy, evaluate
 from .remote_forward import open_listener
-from .tunnel import Tunnel, connect_target
+from .store import PublicKey, Store
+from .tunnel import Tunnel
 
 log = logging.getLogger("bastion.sshd")
 
@@ -63,7 +65,17 @@ class ServerContext:
     audit: AuditLog
     policy: PolicyCache
     guard: NetGuard
+    startup_limit: StartupLimit = field(default_factory=StartupLimit)
+    penalties: SourcePenalties = field(default_factory=SourcePenalties)
     connections: set["GatewayConnection"] = field(default_factory=set)
+    tunnels: set[Tunnel] = field(default_factory=set)  # every open tunnel, for a graceful stop
+    no_tunnels: asyncio.Event = field(default_factory=asyncio.Event)
+    no_connections: asyncio.Event = field(default_factory=asyncio.Event)
+    unauthenticated: int = 0
+    dropping: bool = False  # inside a burst of startup-limit drops (audited once per burst)
+
+    def sessions_of(self, user: str) -> list["GatewayConnection"]:
+        return [c for c in self.connections if c.session_id is not None and c.user == user]
 
 
 class ConnectionLog(logging.LoggerAdapter):
@@ -72,7 +84,7 @@ class ConnectionLog(logging.LoggerAdapter):
 
 
 class GatewayConnection(asyncssh.SSHServer):
-    """One SSH connection: authentication, the session channel, and direct-tcpip tunnels."""
+    """One SSH connection: limits, authentication, the session channel, tunnels and listeners."""
 
     def __init__(self, context: ServerContext):
         self.ctx = context
@@ -82,45 +94,88 @@ class GatewayConnection(asyncssh.SSHServer):
         self.client_port = 0
         self.user = ""
         self.session_id: str | None = None
+        self.started_at = None
         self.key_fingerprint: str | None = None
         self.failed_auths = 0
         self.tunnels: set[Tunnel] = set()
         self.listeners: set = set()
-        self.bytes_up = 0
+        self.bytes_up = 0  # of closed tunnels; open ones count their own
         self.bytes_down = 0
         self.end_reason: str | None = None
-        self.started_at = None
         self._keys: dict[str, PublicKey] = {}
+        self._counted_unauthenticated = False
+        self._unused_timer: asyncio.TimerHandle | None = None
+        self._session_timer: asyncio.TimerHandle | None = None
         self.log = ConnectionLog(log, {"context": f"conn=c{self.number}"})
 
     # ---- connection ---------------------------------------------------------------------------
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        """Apply the pre-authentication limits: penalized sources and the startup limit are dropped."""
         self.conn = conn
-        peer = conn.get_extra_info("peername") or ("", 0)
-        self.client_ip = str(canonical_address_text(peer[0]))
+        peer = conn.get_extra_info("peername") or ("0.0.0.0", 0)
+        self.client_ip = str(canonical_address(ipaddress.ip_address(peer[0].split("%", 1)[0])))
         self.client_port = int(peer[1])
-        self.ctx.connections.add(self)
-        self.log.debug("connection from %s:%d", self.client_ip, self.client_port)
+        now = asyncio.get_running_loop().time()
+        ctx = self.ctx
+        if ctx.penalties.refused_until(self.client_ip, now) is not None:
+            self.log.debug("dropped: source %s is penalized", self.client_ip)
+            conn.abort()
+            return
+        if ctx.startup_limit.should_drop(ctx.unauthenticated, random.random()):
+            if not ctx.dropping:
+                ctx.dropping = True
+                log.warning("startup limit %s reached: dropping new unauthenticated connections",
+                            ctx.startup_limit)
+                ctx.audit.record_auth("", self.client_ip, self.client_port, "none", None, "failure",
+                                      f"startup limit {ctx.startup_limit} reached; dropping connections")
+            conn.abort()
+            return
+        if ctx.unauthenticated < ctx.startup_limit.start:
+            ctx.dropping = False
+        ctx.unauthenticated += 1
+        self._counted_unauthenticated = True
+        ctx.connections.add(self)
+        ctx.no_connections.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """The connection is gone: close its tunnels and end its session row."""
+        """The connection is gone: close its tunnels, end its session row, count a failed source."""
         self.ctx.connections.discard(self)
+        if not self.ctx.connections:
+            self.ctx.no_connections.set()
+        for timer in (self._unused_timer, self._session_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._counted_unauthenticated:
+            self._counted_unauthenticated = False
+            self.ctx.unauthenticated -= 1
+            self._penalize(exc)
         had_tunnels = bool(self.tunnels)
+        # Count the open tunnels' bytes now: their own close callbacks come later than this row.
+        bytes_up = self.bytes_up + sum(t.bytes_up for t in self.tunnels)
+        bytes_down = self.bytes_down + sum(t.bytes_down for t in self.tunnels)
         for tunnel in list(self.tunnels):
             tunnel.abort()
         if self.session_id is not None:
             reason = self.end_reason or describe_disconnect(exc, had_tunnels)
-            self.ctx.audit.end_session(self.session_id, reason, self.bytes_up, self.bytes_down)
+            self.ctx.audit.end_session(self.session_id, reason, bytes_up, bytes_down)
             self.log.info("session %s ended: %s", self.session_id, reason)
-        elif isinstance(exc, asyncssh.ConnectionLost) and "Login timeout" in str(exc):
-            self.ctx.audit.record_auth(
-                self.user, self.client_ip, self.client_port, "none", None, "failure", "login grace time exceeded"
-            )
+        self.conn = None
+
+    def _penalize(self, exc: Exception | None) -> None:
+        """A connection that never authenticated counts against its source (audited once per penalty)."""
+        if isinstance(exc, asyncssh.ConnectionLost) and "Login timeout" in str(exc):
+            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "none", None, "failure",
+                                       "login grace time exceeded")
+        length = self.ctx.penalties.failed(self.client_ip, asyncio.get_running_loop().time())
+        if length is not None:
+            reason = f"source refused for {length:g}s after repeated failed connections"
+            self.log.warning("%s: %s", self.client_ip, reason)
+            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "none", None, "failure", reason)
 
     def disconnect(self, reason: str) -> None:
         """Close the connection from our side, telling the client why."""
-        self.end_reason = reason
+        self.end_reason = self.end_reason or reason
         if self.conn is not None:
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
 
@@ -151,8 +206,9 @@ class GatewayConnection(asyncssh.SSHServer):
             return [f"session {self.session_id} ({self.user}): {reason}"]
         ended = []
         for tunnel in list(self.tunnels):
-            request = replace(tunnel.request, now=now)
-            decision = evaluate(policy, self.ctx.guard, request)
+            if tunnel.request is None:  # an inbound -R connection: it lives with its listener's session
+                continue
+            decision = evaluate(policy, self.ctx.guard, replace(tunnel.request, now=now))
             if not decision.allowed:
                 self.log.info("closing tunnel %s: %s", tunnel.channel_id, decision.reason)
                 tunnel.close_reason = f"revoked: {decision.reason}"
@@ -172,8 +228,8 @@ class GatewayConnection(asyncssh.SSHServer):
 
         The user's keys are loaded here; an unknown user simply has none, so it fails exactly like a
         known user with an unknown key."""
-        self.user = username
-        self.log = ConnectionLog(log, {"context": f"conn=c{self.number} user={username}"})
+        self.user = username[:256]
+        self.log = ConnectionLog(log, {"context": f"conn=c{self.number} user={self.user}"})
         keys = await asyncio.to_thread(self.ctx.store.user_keys, username)
         self._keys = {key.fingerprint: key for key in keys}
         return True
@@ -200,39 +256,51 @@ class GatewayConnection(asyncssh.SSHServer):
             return True
         self.failed_auths += 1
         self.ctx.audit.record_auth(
-            username, self.client_ip, self.client_port, "publickey", fingerprint, "failure", "key not accepted"
+            self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure", "key not accepted"
         )
-        if self.failed_auths >= self.ctx.config.max_auth_tries:
+        if self.failed_auths >= self.ctx.config.max_auth_tries and self.conn is not None:
             self.log.info("too many authentication failures (%d)", self.failed_auths)
-            self.ctx.audit.record_auth(
-                username, self.client_ip, self.client_port, "publickey", None, "failure",
-                "too many authentication failures",
-            )
-            assert self.conn is not None
+            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", None, "failure",
+                                       "too many authentication failures")
             self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures")
         return False
 
     def auth_completed(self) -> None:
-        """The client proved possession of an accepted key: record the login and open the session row."""
+        """The client proved possession of an accepted key: record the login and open the session row,
+        then apply the per-user session cap and the session timers."""
         assert self.conn is not None and self.key_fingerprint is not None
+        ctx = self.ctx
+        self._counted_unauthenticated = False
+        ctx.unauthenticated -= 1
+        ctx.penalties.succeeded(self.client_ip)
         self.session_id = secrets.token_hex(6)
         self.started_at = utc_now()
         self.log = ConnectionLog(log, {"context": f"conn=c{self.number} user={self.user} session={self.session_id}"})
-        self.ctx.audit.record_auth(
+        ctx.audit.record_auth(
             self.user, self.client_ip, self.client_port, "publickey", self.key_fingerprint, "success", "key accepted"
         )
-        self.ctx.audit.open_session(
+        ctx.audit.open_session(
             SessionRecord(
                 id=self.session_id,
                 user=self.user,
                 client_ip=self.client_ip,
                 client_port=self.client_port,
                 key_fingerprint=self.key_fingerprint,
-                client_version=str(self.conn.get_extra_info("client_version") or ""),
+                client_version=str(self.conn.get_extra_info("client_version") or "")[:256],
                 started_at=self.started_at,
             )
         )
         self.log.info("logged in from %s:%d with %s", self.client_ip, self.client_port, self.key_fingerprint)
+        limit = ctx.config.max_sessions_per_user
+        if len(ctx.sessions_of(self.user)) > limit:
+            self.disconnect(f"too many concurrent sessions for {self.user} (limit {limit})")
+            return
+        loop = asyncio.get_running_loop()
+        if ctx.config.max_session_seconds:
+            self._session_timer = loop.call_later(
+                ctx.config.max_session_seconds, self.disconnect, "maximum session length reached"
+            )
+        self._channels_changed()
 
     # ---- channels -----------------------------------------------------------------------------
 
@@ -241,11 +309,10 @@ class GatewayConnection(asyncssh.SSHServer):
         return BannerSession(self)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
-        """direct-tcpip (ssh -J / -W / -L / -D): decide, connect, then confirm the channel.
-
-        Returns a coroutine; asyncssh awaits it before confirming. It resolves to the Tunnel, or raises
-        ChannelOpenError (administratively prohibited for a refusal, connect failed for an unreachable target)."""
-        return self._open_tunnel(dest_host, dest_port)
+        """direct-tcpip (ssh -J / -W / -L / -D): returns a coroutine that asyncssh awaits before confirming
+        the channel. It resolves to the Tunnel, or raises ChannelOpenError (administratively prohibited for
+        a refusal, connect failed for an unreachable target)."""
+        return open_tunnel(self, dest_host, dest_port)
 
     def server_requested(self, listen_host: str, listen_port: int) -> Any:
         """tcpip-forward (ssh -R): returns a coroutine that asyncssh awaits; it resolves to our own listener
@@ -259,111 +326,48 @@ class GatewayConnection(asyncssh.SSHServer):
     def unix_server_requested(self, listen_path: str) -> bool:
         return False
 
-    async def _open_tunnel(self, dest_host: str, dest_port: int) -> Tunnel:
-        opened_at = utc_now()
-        request = None
-        try:
-            decision, request = await self._decide(dest_host, dest_port, opened_at)
-            target_ip = str(decision.address if decision.address is not None else request.addresses[0])
-        except TargetError as exc:
-            decision, target_ip = Decision(False, str(exc), None, None), None
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            self.log.exception("error deciding %r:%r", dest_host, dest_port)
-            decision, target_ip = Decision(False, "internal error while checking policy", None, None), None
-        record = ChannelRecord(
-            session_id=self.session_id or "",
-            user=self.user,
-            kind="direct-tcpip",
-            target_host=dest_host[:1024],
-            target_ip=target_ip,
-            target_port=dest_port,
-            decision="allow" if decision.allowed else "deny",
-            rule=decision.rule,
-            reason=decision.reason,
-            opened_at=opened_at,
-            closed_at=None if decision.allowed else opened_at,  # a refused channel never opens
-        )
-        if not decision.allowed:
-            self.log.info("refused %s:%d: %s", dest_host[:256], dest_port, decision.reason)
-            await self._record_or_refuse(record)
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, decision.reason)
+    def open_channels_of_user(self) -> int:
+        return sum(len(c.tunnels) for c in self.ctx.sessions_of(self.user))
 
-        assert decision.address is not None
-        tunnel = Tunnel(on_close=self._tunnel_closed)
-        tunnel.request = request
-        try:
-            await connect_target(tunnel, decision.address, dest_port, self.ctx.config.connect_timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            reason = f"cannot connect to {format_target(decision.address, dest_port)}: {describe_os_error(exc)}"
-            self.log.info("%s", reason)
-            record = replace(record, reason=reason, closed_at=utc_now())
-            await self._record_or_refuse(record)
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, reason) from None
-        try:
-            tunnel.channel_id = await self.ctx.audit.record_channel(record)
-        except BaseException:
-            tunnel.abort()
-            raise
-        if self.conn is None or self.session_id is None:
-            tunnel.abort()
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "SSH connection closed")
+    def add_tunnel(self, tunnel: Tunnel) -> None:
         self.tunnels.add(tunnel)
-        self.log.info("tunnel %d to %s:%d (%s)", tunnel.channel_id, dest_host[:256], dest_port, decision.rule)
-        return tunnel
+        self.ctx.tunnels.add(tunnel)
+        self.ctx.no_tunnels.clear()
+        self._channels_changed()
 
-    async def _decide(self, dest_host: str, dest_port: int, now) -> tuple[Decision, AccessRequest]:
-        """Canonicalize and resolve the target once, then ask the pure policy engine."""
-        host = parse_host(dest_host)
-        port = parse_port(dest_port)
-        if isinstance(host, str):
-            addresses = await self._resolve(host, port)
-            if not addresses:
-                raise TargetError(f"cannot resolve {host}")
-        else:
-            addresses = (host,)
-        policy = await self.ctx.policy.current()
-        request = AccessRequest(user=self.user, host=host, addresses=addresses, port=port, now=now)
-        return evaluate(policy, self.ctx.guard, request), request
+    def add_listener(self, listener: Any) -> None:
+        self.listeners.add(listener)
+        self._channels_changed()
 
-    async def _resolve(self, host: str, port: int) -> tuple[IPAddress, ...]:
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), self.ctx.config.resolve_timeout
-            )
-        except (OSError, asyncio.TimeoutError):
-            return ()
-        addresses: list[IPAddress] = []
-        for family, _, _, _, sockaddr in infos:
-            if family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            address = canonical_address_text(sockaddr[0])
-            if address not in addresses:
-                addresses.append(address)
-        return tuple(addresses)
+    def remove_listener(self, listener: Any) -> None:
+        self.listeners.discard(listener)
+        self._channels_changed()
 
-    async def _record_or_refuse(self, record: ChannelRecord) -> int:
-        try:
-            return await self.ctx.audit.record_channel(record)
-        except AuditUnavailable as exc:
-            self.log.error("%s", exc)
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "audit log unavailable; try again later"
-            ) from None
-
-    def _tunnel_closed(self, tunnel: Tunnel) -> None:
+    def tunnel_closed(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
+        self.ctx.tunnels.discard(tunnel)
+        if not self.ctx.tunnels:
+            self.ctx.no_tunnels.set()
         self.bytes_up += tunnel.bytes_up
         self.bytes_down += tunnel.bytes_down
         if tunnel.channel_id is not None:
-            self.ctx.audit.close_channel(tunnel.channel_id, tunnel.bytes_up, tunnel.bytes_down)
+            extra = {"reason": tunnel.close_reason} if tunnel.close_reason else {}  # TODO(#3): always pass
+            self.ctx.audit.close_channel(tunnel.channel_id, tunnel.bytes_up, tunnel.bytes_down, **extra)
+        self._channels_changed()
 
-
-def canonical_address_text(text: str) -> IPAddress:
-    """A socket address string (maybe with a %zone) as a canonical address object."""
-    return canonical_address(ipaddress.ip_address(text.split("%", 1)[0]))
+    def _channels_changed(self) -> None:
+        """Arm the unused-session timer while nothing is open; disarm it while something is."""
+        timeout = self.ctx.config.unused_timeout_seconds
+        if not timeout or self.session_id is None or self.conn is None:
+            return
+        busy = bool(self.tunnels or self.listeners)
+        if busy and self._unused_timer is not None:
+            self._unused_timer.cancel()
+            self._unused_timer = None
+        elif not busy and self._unused_timer is None:
+            self._unused_timer = asyncio.get_running_loop().call_later(
+                timeout, self.disconnect, f"no open channel for {timeout:g}s"
+            )
 
 
 def session_revocation(
@@ -388,15 +392,3 @@ def describe_disconnect(exc: Exception | None, had_tunnels: bool) -> str:
     if isinstance(exc, asyncssh.ConnectionLost):
         return "connection lost with tunnels open" if had_tunnels else "client disconnected"
     return f"connection lost: {exc}"
-
-
-def format_target(address: IPAddress, port: int) -> str:
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
-
-
-def describe_os_error(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno).lower()
-    return str(exc) or type(exc).__name__

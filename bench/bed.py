@@ -54,6 +54,7 @@ TARGETS = BENCH / "targets.py"
 KEX = "curve25519-sha256"  # pinned: OpenSSH 9.2 would pick sntrup761x25519 with sshd, which asyncssh lacks
 DEFAULT_CIPHER = "aes128-gcm@openssh.com"
 OURS_PORT, SSHD_PORT, OURS_TMPFS_PORT = 22, 2222, 2223
+JUMP_USER, JUMP_UID = "benchjump", 64999  # sshd's user, in sshd's private copy of /etc/passwd
 
 BENCH_POLICY = f"""\
 [users.alice]
@@ -68,7 +69,7 @@ PidFile {pid_file}
 AuthorizedKeysFile {authorized_keys}
 UsePAM no
 StrictModes no
-PermitRootLogin prohibit-password
+PermitRootLogin no
 PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -103,7 +104,7 @@ Host ours-tmpfs
 Host sshd
   HostName {gw}
   Port {sshd_port}
-  User root
+  User {jump_user}
 Host ours ours-tmpfs sshd
   IdentityFile {identity}
 Host target
@@ -180,7 +181,7 @@ class Bench:
         self.shmdir = Path(tempfile.mkdtemp(prefix="bastion-bench-", dir="/dev/shm"))
         self.testbed = Testbed(self.workdir / "bed")
         self.ours = Server("ours", "ours", OURS_PORT, "alice")
-        self.sshd = Server("sshd", "sshd", SSHD_PORT, "root")
+        self.sshd = Server("sshd", "sshd", SSHD_PORT, JUMP_USER)
         self.ours_tmpfs = Server("ours-tmpfs", "ours-tmpfs", OURS_TMPFS_PORT, "alice")
         self._bastions: dict[str, Bastion] = {}
         self._targets: subprocess.Popen | None = None
@@ -260,6 +261,9 @@ class Bench:
                     stop_process(proc)
         try:
             self.testbed.close()  # kills what is left in our namespaces by pid, deletes them
+            names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+            left = [ns for ns in (self.testbed.gw, self.testbed.lan) if ns in names]
+            self.log(f"namespaces {self.testbed.gw}, {self.testbed.lan}: " + (f"LEFT BEHIND: {left}" if left else "removed"))
         finally:
             shutil.rmtree(self.shmdir, ignore_errors=True)
             if not os.environ.get("BENCH_KEEP"):
@@ -289,16 +293,35 @@ class Bench:
         self.start(server)
 
     def _start_sshd(self) -> None:
+        """sshd in its own mount namespace, where /etc/passwd and /etc/shadow are copies with one more user,
+        JUMP_USER: a jump host's users are not root, and for root sshd skips the unprivileged child it forks
+        for every other user, which would understate its memory and CPU per session. The host's files are
+        not touched (unshare -m makes the bind mounts private to sshd and its children)."""
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.workdir.chmod(0o755)  # the unprivileged child reads the authorized keys as JUMP_USER
+        etc = self.workdir / "etc"
+        etc.mkdir(exist_ok=True)
+        (etc / "passwd").write_text(Path("/etc/passwd").read_text().rstrip("\n")
+                                    + f"\n{JUMP_USER}:x:{JUMP_UID}:65534:bastion bench:{self.workdir}:/bin/sh\n")
+        # sshd looks up only the logging-in user in shadow: one line, no copy of the host's entries
+        shadow = f"{JUMP_USER}:*:19000:0:99999:7:::\n"
+        fd = os.open(etc / "shadow", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(shadow)
         authorized = self.workdir / "sshd_authorized_keys"
         assert self.alice is not None
         authorized.write_text(self.alice.public + "\n")
+        authorized.chmod(0o644)
         config = self.workdir / "sshd_config"
         config.write_text(SSHD_CONFIG.format(
             port=SSHD_PORT, addr=GW_ADDR, host_key=self._sshd_host_key.path,
             pid_file=self.workdir / "sshd.pid", authorized_keys=authorized))
         log = (self.workdir / "sshd.log").open("ab")
-        self.sshd.proc = self.testbed.popen(self.testbed.gw, [SSHD, "-D", "-e", "-f", config],
+        script = (f'mount --bind {etc}/passwd /etc/passwd && mount --bind {etc}/shadow /etc/shadow && '
+                  f'exec {SSHD} -D -e -f {config}')
+        # unshare and sh exec in turn, so the pid we hold is sshd's own (the listener)
+        self.sshd.proc = self.testbed.popen(self.testbed.gw, ["unshare", "-m", "--propagation", "private",
+                                                              "sh", "-c", script],
                                             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         wait_listening(self.sshd.proc, SSHD_PORT, "bench sshd")
@@ -316,7 +339,7 @@ class Bench:
         self.ssh_config.write_text(SSH_CONFIG.format(
             gw=GW_ADDR, lan=LAN_ADDR, ours_port=OURS_PORT, ours_tmpfs_port=OURS_TMPFS_PORT, sshd_port=SSHD_PORT,
             identity=self.alice.path, target_identity=self.testbed.target_client_key.path,
-            known_hosts=known_hosts, kex=KEX, cipher=DEFAULT_CIPHER))
+            known_hosts=known_hosts, kex=KEX, cipher=DEFAULT_CIPHER, jump_user=JUMP_USER))
 
     def server_log(self, server: Server) -> str:
         if server.name == "sshd":

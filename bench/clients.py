@@ -8,7 +8,8 @@ the asyncssh drivers (handshake, hold) connect to the server themselves.
     rtt   --port P --count K --size 64          round trips through an echo forward (microseconds)
     first-byte --port P --count K               connect to the forward, wait for the target's first byte
     hammer --port P --concurrency C --duration S   channel opens per second (connect, first byte, close)
-    jump  --count K -- ARGV...                  wall time of a command (ssh -J ... true), must exit 0
+    jump  --count K [--first-byte] -- ARGV...  wall time of a command (ssh -J ... true), or time to its first
+                                                byte on stdout (ssh -W host:hello); must exit 0
     handshake --server ... --concurrency C --duration S   asyncssh connect + auth + close, per second
     hold  --server ... --sessions N             N sessions each with one open direct-tcpip channel; prints
                                                 {"ready": ...} and holds them until stdin closes
@@ -151,14 +152,25 @@ async def _hammer(port: int, concurrency: int, duration: float) -> dict:
     return {"opens": done, "failed": failed, "seconds": time.perf_counter() - start}
 
 
-def jump(argv: list[str], count: int) -> dict:
+def jump(argv: list[str], count: int, first_byte: bool) -> dict:
+    """Wall time of `argv` until it exits 0, or (first_byte) until its first byte on stdout arrives."""
     samples = []
     for _ in range(count):
         start = time.perf_counter()
-        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
-        if result.returncode != 0:
-            raise SystemExit(f"{' '.join(argv)} exited {result.returncode}: {result.stderr.decode()[-500:]}")
-        samples.append((time.perf_counter() - start) * 1e6)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            if first_byte:
+                got = proc.stdout.read(1)  # type: ignore[union-attr]
+                samples.append((time.perf_counter() - start) * 1e6)
+            _, err = proc.communicate(timeout=60)  # closes stdin: ssh -W sends EOF, the target closes
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0 or (first_byte and got != b"H"):
+            raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {err.decode()[-500:]}")
+        if not first_byte:
+            samples.append((time.perf_counter() - start) * 1e6)
     return {"us": samples}
 
 
@@ -259,6 +271,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=3.0)
     p = sub.add_parser("jump")
     p.add_argument("--count", type=int, default=10)
+    p.add_argument("--first-byte", action="store_true")
     p.add_argument("argv", nargs=argparse.REMAINDER)
     for name in ("handshake", "hold"):
         p = sub.add_parser(name)
@@ -285,7 +298,7 @@ def main() -> None:
         emit(asyncio.run(_hammer(args.port, args.concurrency, args.duration)))
     elif args.command == "jump":
         argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-        emit(jump(argv, args.count))
+        emit(jump(argv, args.count, args.first_byte))
     elif args.command == "handshake":
         emit(asyncio.run(_handshake(args)))
     elif args.command == "hold":

@@ -372,7 +372,6 @@ class Testbed:
         self.target_host_key: Key | None = None
         self.target_client_key: Key | None = None
         self.http_root = workdir / "http"
-        self._created_privsep: Path | None = None
 
     # lifecycle
 
@@ -424,10 +423,8 @@ class Testbed:
         self._namespaces.clear()
         for path in self._etc_dirs:
             shutil.rmtree(path, ignore_errors=True)
-        for shared in (Path("/etc/netns"), self._created_privsep):
-            if shared is not None:
-                with contextlib.suppress(OSError):
-                    shared.rmdir()  # only if empty, i.e. nobody else uses it
+        with contextlib.suppress(OSError):
+            Path("/etc/netns").rmdir()  # only if empty, i.e. no other testbed uses it
         self._etc_dirs.clear()
         if errors:
             raise TestbedError("teardown incomplete: " + "; ".join(errors))
@@ -492,10 +489,9 @@ class Testbed:
                 authorized_keys=authorized_keys,
             )
         )
-        privsep = Path("/run/sshd")  # sshd's privilege-separation directory
-        if not privsep.exists():
-            privsep.mkdir(mode=0o755)
-            self._created_privsep = privsep
+        # sshd's privilege-separation directory; left in place on teardown, as other sshds (another
+        # testbed in a parallel run, the benchmark) may need it while we tear down
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self._start("target-sshd", self.lan, [SSHD, "-D", "-e", "-f", sshd_config], SSH_PORT)
 
         script = self.workdir / "tcp_targets.py"

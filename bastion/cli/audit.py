@@ -1,62 +1,297 @@
-"""`bastion audit …`: read the audit log (logins, sessions, channels) as a table or JSON."""
+"""`bastion audit …`: query the audit log, follow it live, summarize it, verify, prune and export it."""
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import typer
 
-from ..audit_query import TABLES, parse_moment, query
-from .common import config_of, human_bytes, print_json, print_table
+from ..audit_filters import TABLES, FilterError, Filters, parse_age, where_clause
+from ..audit_query import (COLUMNS, follow as follow_events, make_filters, open_reader, select, session_record,
+                           start_seq, stats as audit_stats, timeline)
+from ..audit_retention import export as export_chain, prune as prune_chain, verify as verify_chain, verify_export
+from ..db import utc_now
+from ..errors import BastionError
+from . import audit_output as output
+from .common import config_of, err_console, human_bytes, print_json
 
-app = typer.Typer(help="Query the audit log: auth, sessions, channels.", no_args_is_help=True)
+app = typer.Typer(help="Query the audit log: auth, sessions, channels, listeners; show, follow, stats; verify, "
+                       "prune, export.\n\nExample: bastion audit channels --denied --since 1d",
+                  no_args_is_help=True)
 
-_SHOWN = {
-    "auth": ["time", "user", "client_ip", "method", "key_fingerprint", "result", "reason"],
-    "sessions": ["id", "user", "client_ip", "started_at", "ended_at", "end_reason", "bytes_up", "bytes_down"],
-    "channels": ["id", "session_id", "user", "target_host", "target_ip", "target_port", "decision", "reason",
-                 "opened_at", "closed_at", "bytes_up", "bytes_down"],
-}
-
-
-def _run(ctx: typer.Context, table: str, user, since, until, denied, limit, json) -> None:
-    config = config_of(ctx)
-    rows = query(
-        config.database,
-        table,
-        user=user,
-        since=parse_moment(since) if since else None,
-        until=parse_moment(until) if until else None,
-        denied=denied,
-        limit=limit,
-    )
-    if json:
-        print_json(rows)
-        return
-    for row in rows:
-        for column in ("bytes_up", "bytes_down"):
-            if column in row:
-                row[column] = human_bytes(row[column])
-    print_table(rows, _SHOWN[table], empty=f"no {table} rows match")
+_TABLE_LIMIT = 1000  # on a terminal without --limit: the newest this many, and a note that there are more
 
 
-def _command(table: str, example: str):
+def _reported(command: Callable) -> Callable:
+    """Library errors become a message and exit code 2 here, at the edge, also when typer is invoked directly."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FilterError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        except BastionError as exc:
+            err_console.print(f"error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+
+    return run
+
+
+def _format(json: bool, jsonl: bool, csv: bool) -> str:
+    chosen = [name for name, on in (("json", json), ("jsonl", jsonl), ("csv", csv)) if on]
+    if len(chosen) > 1:
+        raise typer.BadParameter(f"choose one output format, not {' and '.join('--' + c for c in chosen)}")
+    return chosen[0] if chosen else "table"
+
+
+# the filters every query shares, as typer options
+USER = typer.Option(None, "--user", help="Only this user.")
+SINCE = typer.Option(None, "--since", help="From this time: 15m, 2h, 7d or ISO 8601 (UTC unless a zone is given).")
+UNTIL = typer.Option(None, "--until", help="Before this time: 15m, 2h, 7d or ISO 8601.")
+TARGET = typer.Option(None, "--target", help="HOST|CIDR[:PORT]: 10.1.2.3, 10.0.0.0/16:22, db.corp.internal, "
+                                             "*.corp.internal, [fd00::/64]:22. Sessions: those that opened one.")
+DENIED = typer.Option(False, "--denied", help="Only refusals: failed logins, refused channels or listeners, "
+                                              "sessions with a refusal.")
+SESSION = typer.Option(None, "--session", help="Only this session id.")
+CLIENT = typer.Option(None, "--client", help="Only clients from this address or CIDR.")
+JSON = typer.Option(False, "--json", help="Print a JSON array of the stored values.")
+JSONL = typer.Option(False, "--jsonl", help="Print one JSON object per line (for SIEM shippers).")
+CSV = typer.Option(False, "--csv", help="Print CSV with a header line.")
+
+
+def _list_command(table: str, example: str) -> Callable:
     def command(
         ctx: typer.Context,
-        user: Optional[str] = typer.Option(None, "--user", help="Only this user."),
-        since: Optional[str] = typer.Option(None, "--since", help="From this time: 15m, 2h, 7d or ISO 8601."),
-        until: Optional[str] = typer.Option(None, "--until", help="Before this time: 15m, 2h, 7d or ISO 8601."),
-        denied: bool = typer.Option(False, "--denied", help="Only refusals (channels) or failures (auth)."),
+        user: Optional[str] = USER,
+        since: Optional[str] = SINCE,
+        until: Optional[str] = UNTIL,
+        target: Optional[str] = TARGET,
+        denied: bool = DENIED,
+        session: Optional[str] = SESSION,
+        client: Optional[str] = CLIENT,
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many (the newest)."),
-        json: bool = typer.Option(False, "--json", help="Print a JSON array."),
+        json: bool = JSON,
+        jsonl: bool = JSONL,
+        csv: bool = CSV,
     ) -> None:
-        _run(ctx, table, user, since, until, denied, limit, json)
+        shape = _format(json, jsonl, csv)
+        shown_limit = limit if limit is not None or shape != "table" else _TABLE_LIMIT + 1
+        filters = make_filters(user=user, since=since, until=until, target=target, denied=denied, session=session,
+                               client=client, limit=shown_limit)
+        conn = open_reader(config_of(ctx).database)
+        try:
+            rows = select(conn, table, filters)
+            if shape == "json":
+                output.write_json(rows)
+            elif shape == "jsonl":
+                output.write_jsonl(rows)
+            elif shape == "csv":
+                output.write_csv(COLUMNS[table], rows)
+            else:
+                listed = list(rows)
+                note = None
+                if limit is None and len(listed) > _TABLE_LIMIT:
+                    listed = listed[1:]
+                    note = f"(the newest {_TABLE_LIMIT}; use --limit N, or --jsonl for all)"
+                output.print_rows(table, listed, empty=f"no {table} match", note=note)
+        finally:
+            conn.close()
 
-    command.__doc__ = f"List {table} rows from the audit log, oldest first.\n\nExample: {example}"
-    return command
+    command.__doc__ = f"List {table} from the audit log, oldest first, filtered.\n\nExample: {example}"
+    return _reported(command)
 
 
-app.command("auth")(_command("auth", "bastion audit auth --since 1h --denied"))
-app.command("sessions")(_command("sessions", "bastion audit sessions --user alice --since 2h"))
-app.command("channels")(_command("channels", "bastion audit channels --since 2h --json"))
-assert set(_SHOWN) == set(TABLES)
+app.command("auth")(_list_command("auth", "bastion audit auth --denied --since 1h --client 203.0.113.0/24"))
+app.command("sessions")(_list_command("sessions", "bastion audit sessions --user alice --since 2h"))
+app.command("channels")(_list_command("channels", "bastion audit channels --target 10.0.0.0/16:22 --since 7d --json"))
+app.command("listeners")(_list_command("listeners", "bastion audit listeners --user alice --since 1d"))
+assert set(output.SHOWN) == set(COLUMNS) == set(TABLES)
+
+
+@app.command()
+@_reported
+def show(
+    ctx: typer.Context,
+    session_id: str = typer.Argument(..., help="The session id, as listed by `bastion audit sessions`."),
+    json: bool = typer.Option(False, "--json", help="Print the session, its logins, channels and listeners as JSON."),
+) -> None:
+    """One session as a timeline: login, each listener and channel with decision, reason, bytes and duration, end.
+
+    Example: bastion audit show 3f2a9c1b7d04
+    """
+    conn = open_reader(config_of(ctx).database)
+    try:
+        record = session_record(conn, session_id)
+    finally:
+        conn.close()
+    entries = timeline(record)
+    if json:
+        print_json({**record, "timeline": entries})
+        return
+    output.show(output.timeline_table(entries))
+
+
+@app.command()
+@_reported
+def follow(
+    ctx: typer.Context,
+    table: Optional[list[str]] = typer.Option(None, "--table", help="auth, sessions, channels or listeners; "
+                                                                    "repeat for several (default: all)."),
+    user: Optional[str] = USER,
+    since: Optional[str] = typer.Option(None, "--since", help="Start with events written since then (15m, 2h, ISO "
+                                                              "8601); default: only new ones."),
+    target: Optional[str] = TARGET,
+    denied: bool = DENIED,
+    session: Optional[str] = SESSION,
+    client: Optional[str] = CLIENT,
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Stop after this many events."),
+    jsonl: bool = JSONL,
+    interval: float = typer.Option(0.5, "--interval", min=0.05, help="Seconds between looks for new events."),
+) -> None:
+    """Print audit events as they are written, like `tail -f`, with the query filters. Ctrl-C stops it.
+
+    Example: bastion audit follow --denied --jsonl
+    """
+    filters = make_filters(user=user, since=since, target=target, denied=denied, session=session, client=client)
+    tables = _follow_tables(table, filters)
+    conn = open_reader(config_of(ctx).database)
+    try:
+        events = follow_events(conn, tables, filters, start_seq(conn, filters.since), interval)
+        for count, event in enumerate(events, start=1):
+            if jsonl:
+                output.write_jsonl([event.as_dict()])
+            else:
+                print(output.follow_line(event.as_dict()), flush=True)
+            if limit is not None and count >= limit:
+                break
+    except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C, or the reader went away: a normal end for a tail
+        pass
+    finally:
+        conn.close()
+
+
+def _follow_tables(asked: Optional[list[str]], filters: Filters) -> list[str]:
+    """The tables to follow: those asked for (each must accept the filters), or every table the filters fit."""
+    for name in asked or []:
+        if name not in TABLES:
+            raise FilterError(f"unknown table {name!r}: one of {', '.join(TABLES)}")
+    tables = []
+    for name in asked or TABLES:
+        try:
+            where_clause(name, filters)
+        except FilterError:
+            if asked:
+                raise
+            continue  # e.g. --target: logins have no target, so follow the other tables
+        tables.append(name)
+    return tables
+
+
+@app.command()
+@_reported
+def stats(
+    ctx: typer.Context,
+    since: str = typer.Option("7d", "--since", help="From this time: 15m, 2h, 7d or ISO 8601."),
+    until: Optional[str] = UNTIL,
+    top: int = typer.Option(10, "--top", min=1, help="How many users, targets and sources to list."),
+    json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Sessions and refusals per day, top users, top targets, top refused targets and sources.
+
+    Example: bastion audit stats --since 30d --top 5
+    """
+    filters = make_filters(since=since, until=until)
+    assert filters.since is not None
+    conn = open_reader(config_of(ctx).database)
+    try:
+        summary = audit_stats(conn, filters.since, filters.until, top)
+    finally:
+        conn.close()
+    if json:
+        print_json(summary)
+        return
+    output.screen().print(f"audit summary from {summary['since']} to {summary['until'] or 'now'}", markup=False)
+    for title, key in (("per day", "per_day"), ("top users", "top_users"), ("top targets", "top_targets"),
+                       ("top refused targets", "top_refused_targets"),
+                       ("top sources of refusals", "top_refused_sources")):
+        _print_section(title, summary[key])
+
+
+def _print_section(title: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        output.screen().print(f"{title}: (none)", markup=False)
+        return
+    rendered = output.new_table(title)
+    for column in rows[0]:
+        rendered.add_column(column, justify="left" if column in ("day", "user", "target", "client_ip") else "right")
+    for row in rows:
+        rendered.add_row(*(human_bytes(v) if k == "bytes" else str(v) for k, v in row.items()))
+    output.show(rendered)
+
+
+@app.command()
+@_reported
+def verify(
+    ctx: typer.Context,
+    head: Optional[str] = typer.Option(None, "--head", help="SEQ:HASH printed by an earlier verify or export and "
+                                                            "kept elsewhere: the chain must still contain it."),
+    file: Optional[Path] = typer.Option(None, "--file", help="Verify an export file instead of the database."),
+    json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Check the hash chain and every audit row against it. Exit 0 when intact, 1 when anything was edited,
+    inserted or deleted (the first break is named first).
+
+    Example: bastion audit verify --head 18234:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+    """
+    report = verify_export(file) if file is not None else verify_chain(config_of(ctx).database, head)
+    if json:
+        print_json(report.as_dict())
+    elif report.intact:
+        span = f"seq {report.first_seq}..{report.head.seq}" if report.events else "no events yet"
+        what = f"{report.events} events ({span})" + ("" if file else f", {report.rows} rows")
+        typer.echo(f"intact: {what}; head {report.head.seq}:{report.head.hash}")
+    else:
+        typer.echo(f"BROKEN: {report.problem_count} problem(s); first: {report.problems[0]}")
+        for problem in report.problems[1:]:
+            typer.echo(f"  {problem}")
+        if report.problem_count > len(report.problems):
+            typer.echo(f"  ... and {report.problem_count - len(report.problems)} more")
+    if not report.intact:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_reported
+def prune(
+    ctx: typer.Context,
+    older_than: str = typer.Option(..., "--older-than", help="Age: 90d, 12w, 36h."),
+) -> None:
+    """Delete finished rows last changed before the given age; an anchor keeps the chain verifiable. Refuses
+    when the log does not verify.
+
+    Example: bastion audit prune --older-than 90d
+    """
+    age = parse_age(older_than)
+    result = prune_chain(config_of(ctx).database, age, utc_now())
+    deleted = ", ".join(f"{count} {table}" for table, count in result.deleted.items())
+    typer.echo(f"pruned before {result.cutoff}: {deleted}; {result.events} events, {result.restated} open rows "
+               "carried over")
+
+
+@app.command()
+@_reported
+def export(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., help="Where to write the export (JSON lines)."),
+) -> None:
+    """Write the whole hash chain (every change, each with its row's full state) to a file that
+    `bastion audit verify --file` checks anywhere, without the database.
+
+    Example: bastion audit export /srv/archive/bastion-audit-2026-11.jsonl
+    """
+    trailer = export_chain(config_of(ctx).database, file, utc_now())
+    typer.echo(f"exported {trailer['events']} events to {file}; head {trailer['head_seq']}:{trailer['head_hash']}")
+

@@ -13,6 +13,7 @@ import typer
 from ..errors import BastionError
 from ..service import initialize, serve as serve_gateway
 from . import audit, policy, sessions, users
+from . import admin
 from .common import config_of, err_console
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app.add_typer(users.app, name="user")
 app.add_typer(policy.app, name="policy")
 app.add_typer(audit.app, name="audit")
 app.add_typer(sessions.app, name="sessions")
+admin.register(app)
 
 
 @app.callback()

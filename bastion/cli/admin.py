@@ -1,0 +1,178 @@
+"""`bastion doctor`, `ssh-config`, `quickstart` and `backup`: installing, checking and handing out a bastion.
+Thin adapters over doctor.py, ssh_config.py, quickstart.py and backup.py; `register(app)` adds them."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import asyncssh
+import typer
+
+from ..backup import backup_database
+from ..config import Config
+from ..db import utc_now
+from ..doctor import PROBLEM, run_checks, summary
+from ..errors import BastionError
+from ..netguard import TargetError, parse_host
+from ..quickstart import DEFAULT_LISTEN, next_steps, open_echo_socket, prepare, run_demo
+from ..ssh_config import ClientSetup, known_hosts_lines, render_ssh_config, split_public_name
+from .common import config_of, home_of, human_bytes, print_json
+from .users import _store
+
+
+def doctor(ctx: typer.Context, json: bool = typer.Option(False, "--json", help="Print a JSON array.")) -> None:
+    """Check the install: print what is wrong and how to fix it.
+
+    Checks config, home and host key permissions, the listen port, database health, the clock, and the
+    policy (empty, users without keys, grants outside internal_networks). Exit 0 when nothing is a
+    problem (warnings allowed), 1 otherwise.
+
+    Example: sudo -u bastion bastion --home /var/lib/bastion doctor
+    """
+    findings = run_checks(home_of(ctx))
+    if json:
+        print_json([finding.as_dict() for finding in findings])
+    else:
+        for finding in findings:
+            typer.echo(f"{finding.level.upper() if finding.level == PROBLEM else finding.level:<8} "
+                       f"{finding.check:<9} {finding.message}")
+            if finding.fix and finding.level != "ok":
+                typer.echo(f"{'':<18} fix: {finding.fix}")
+        typer.echo(summary(findings))
+    if any(finding.level == PROBLEM for finding in findings):
+        raise typer.Exit(1)
+
+
+def ssh_config(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The user the config is for."),
+    host: Optional[str] = typer.Option(None, "--host", help="The bastion's name or address as users reach it "
+                                       "(default: public_name from config.toml)."),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535,
+                                       help="The port users reach it on (default: the listen port)."),
+    identity_file: Optional[str] = typer.Option(None, "--identity-file",
+                                                help="The user's private key, as a path on the user's machine."),
+    known_hosts_file: Optional[str] = typer.Option(None, "--known-hosts-file",
+                                                   help="Pin the bastion's keys in this file instead of "
+                                                   "~/.ssh/known_hosts (a path on the user's machine)."),
+    known_hosts: bool = typer.Option(False, "--known-hosts", help="Print only the known_hosts lines."),
+) -> None:
+    """Print a ready ~/.ssh/config block for user NAME, with the bastion's known_hosts lines.
+
+    `Host bastion`, ProxyJump for every target NAME may reach on port 22, and the bastion's host keys as
+    known_hosts lines, so the first connection needs no trust-on-first-use.
+
+    Example: bastion ssh-config alice --host bastion.example.com --identity-file ~/.ssh/id_ed25519
+    """
+    config = config_of(ctx)
+    host, port = _public_address(config, host, port)
+    host_keys = host_public_keys(config)
+    if known_hosts:
+        typer.echo("\n".join(known_hosts_lines(host, port, host_keys)))
+        return
+    store = _store(ctx)
+    try:
+        _, policy = store.load_policy()
+        users = {user["name"] for user in store.list_users()}
+    finally:
+        store.close()
+    if name not in users and name not in policy.users:
+        raise BastionError(f"no user named {name!r}; add one with `bastion user add {name} --key FILE.pub`")
+    setup = ClientSetup(user=name, host=host, port=port, identity_file=identity_file,
+                        known_hosts_file=known_hosts_file)
+    try:
+        text = render_ssh_config(setup, policy, host_keys, utc_now())
+    except ValueError as exc:
+        raise BastionError(str(exc)) from None
+    typer.echo(text, nl=False)
+
+
+def _public_address(config: Config, host: str | None, port: int | None) -> tuple[str, int]:
+    named_port = None
+    if host is None:
+        if not config.public_name:
+            raise BastionError("give --host NAME (how users reach the bastion), or set public_name in config.toml")
+        host, named_port = split_public_name(config.public_name)
+    try:
+        parsed = parse_host(host)
+    except TargetError as exc:
+        raise BastionError(f"--host {host!r}: {exc.args[0].replace('target host', 'host')}") from None
+    return str(parsed), port or named_port or config.listen_port
+
+
+def host_public_keys(config: Config) -> list[str]:
+    """The bastion's public host keys, "TYPE BASE64", from the .pub files `init` wrote (or the private keys)."""
+    keys = []
+    for path in config.host_key_paths:
+        public = Path(f"{path}.pub")
+        try:
+            if public.exists():
+                keys.append(" ".join(public.read_text().split()[:2]))
+            elif path.exists():
+                keys.append(asyncssh.read_private_key(path).export_public_key("openssh").decode().strip())
+        except (OSError, asyncssh.KeyImportError) as exc:
+            raise BastionError(f"{path}: cannot read the host key: {exc}") from None
+    if not keys:
+        raise BastionError(f"{config.home}: no host key; run `bastion --home {config.home} init`")
+    return keys
+
+
+def quickstart(
+    ctx: typer.Context,
+    key: Optional[Path] = typer.Option(None, "--key", help="Your public key (default: ~/.ssh/id_ed25519.pub, "
+                                       "then id_ecdsa.pub, id_rsa.pub)."),
+    user: Optional[str] = typer.Option(None, "--user", help="The demo user's name (default: your login name)."),
+    listen: Optional[str] = typer.Option(None, "--listen", help=f"Loopback HOST:PORT (default {DEFAULT_LISTEN}; "
+                                         "port 0 picks a free one)."),
+) -> None:
+    """Try bastion on this machine in one step: a loopback-only demo, served in the foreground.
+
+    Makes a demo home (~/.local/state/bastion-quickstart unless --home is given), adds your public key,
+    grants a loopback-only demo policy, prints what to try, and serves on 127.0.0.1:2222 until Ctrl-C.
+
+    Example: bastion quickstart --key ~/.ssh/id_ed25519.pub
+    """
+    echo_socket = open_echo_socket()
+    try:
+        demo = prepare(home_of(ctx), listen, key, user, echo_socket.getsockname()[1])
+    except BaseException:
+        echo_socket.close()
+        raise
+    logging.basicConfig(level=demo.config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    typer.echo(next_steps(demo, getpass.getuser()))
+    try:
+        asyncio.run(run_demo(demo.config, echo_socket))
+    except OSError as exc:
+        raise BastionError(f"cannot serve on {demo.config.listen}: {exc.strerror or exc}") from None
+
+
+def backup(
+    ctx: typer.Context,
+    dest: Path = typer.Argument(..., help="A new file, or a directory to put bastion-YYYYMMDDTHHMMSSZ.db in."),
+) -> None:
+    """Back up the database (users, keys, policy, audit) while the server runs.
+
+    Uses SQLite's online backup; the copy is written 0600, never over an existing file. Host keys are
+    not included; copy them once.
+
+    Example: bastion backup /var/backups/bastion/
+    """
+    config = config_of(ctx)
+    result = backup_database(config.database, dest)
+    typer.echo(f"backed up {config.database} to {result.path} ({human_bytes(result.size)}, "
+               f"{result.users} users, {result.audit_rows} audit rows)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the top-level `bastion` app."""
+    app.command("doctor")(doctor)
+    app.command("ssh-config")(ssh_config)
+    app.command("quickstart")(quickstart)
+    app.command("backup")(backup)

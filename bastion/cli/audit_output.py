@@ -1,0 +1,193 @@
+"""How audit rows are shown: an aligned table in human units on a terminal; JSON, JSON lines or CSV with the
+stored values for programs (streamed, so a million rows never sit in memory)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from datetime import datetime
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+from .common import human_bytes
+
+# what a person wants to see per table; programs get every stored column
+SHOWN = {
+    "auth": ["time", "user", "client", "method", "key_fingerprint", "result", "reason"],
+    "sessions": ["id", "user", "client", "started_at", "duration", "end_reason", "up", "down"],
+    "channels": ["id", "session_id", "user", "kind", "target", "decision", "reason", "opened_at", "duration",
+                 "up", "down"],
+    "listeners": ["id", "session_id", "user", "listen", "decision", "reason", "opened_at", "duration",
+                  "close_reason"],
+}
+_FOLDED = {"reason", "target", "what", "outcome", "listen", "end_reason", "key_fingerprint", "client_version"}
+_END = {"sessions": ("started_at", "ended_at"), "channels": ("opened_at", "closed_at"),
+        "listeners": ("opened_at", "closed_at")}
+
+
+def screen() -> Console:
+    """On a terminal, its width (long text columns fold); elsewhere, a pipe or a file, every table at its natural
+    width, one row per line."""
+    return Console(highlight=False) if sys.stdout.isatty() else Console(width=100_000, highlight=False)
+
+
+def show(renderable: Any) -> None:
+    """Print a table: folded to the terminal when it fits that way, else at natural width (the terminal wraps)."""
+    console = screen()
+    if console.is_terminal and console.measure(renderable, options=console.options.update_width(100_000)).minimum \
+            > console.width:
+        console = Console(width=100_000, highlight=False)
+    console.print(renderable, markup=False)
+
+
+def new_table(title: str | None = None) -> Table:
+    return Table(title=title, title_justify="left", box=None, header_style="bold", pad_edge=False)
+
+
+def add_columns(table: Table, columns: Iterable[str]) -> None:
+    for column in columns:
+        folded = column in _FOLDED
+        table.add_column(column, overflow="fold", no_wrap=not folded, min_width=16 if folded else None)
+
+
+def moment(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def human_duration(start: str | None, end: str | None) -> str:
+    """'0.4s', '12s', '4m 03s', '2h 10m', '3d 4h'; 'open' while there is no end."""
+    if not start:
+        return ""
+    if not end:
+        return "open"
+    seconds = max(0.0, (moment(end) - moment(start)).total_seconds())
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d {whole % 86400 // 3600}h"
+
+
+def _address(host: Any, port: Any) -> str:
+    host = str(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def for_people(table: str, row: dict[str, Any]) -> dict[str, Any]:
+    """The row with the derived columns of SHOWN: client, target, duration, up/down in human units."""
+    shown = dict(row)
+    if "client_ip" in row:
+        shown["client"] = _address(row["client_ip"], row["client_port"])
+    if table == "channels":
+        target = _address(row["target_host"], row["target_port"])
+        if row.get("target_ip") and row["target_ip"] != row["target_host"]:
+            target += f" ({row['target_ip']})"
+        if row.get("peer_ip"):
+            target = f"{_address(row['peer_ip'], row['peer_port'])} -> {target}"
+        shown["target"] = target
+    if table == "listeners":
+        asked = "" if row["requested_port"] == row["listen_port"] else f" (asked {row['requested_port']})"
+        shown["listen"] = _address(row["listen_host"], row["listen_port"]) + asked
+    if table in _END:
+        start, end = _END[table]
+        refused = row.get("decision") == "deny"  # a refusal never opened: no duration
+        shown["duration"] = "" if refused else human_duration(row[start], row[end])
+    if "bytes_up" in row:
+        shown["up"], shown["down"] = human_bytes(row["bytes_up"]), human_bytes(row["bytes_down"])
+    return shown
+
+
+def print_rows(table: str, rows: Iterable[dict[str, Any]], empty: str, note: str | None = None) -> None:
+    rendered = new_table()
+    columns = SHOWN[table]
+    add_columns(rendered, columns)
+    count = 0
+    for row in rows:
+        shown = for_people(table, row)
+        rendered.add_row(*("" if shown.get(c) is None else str(shown.get(c)) for c in columns))
+        count += 1
+    if not count:
+        screen().print(f"({empty})", markup=False)
+        return
+    show(rendered)
+    if note:
+        screen().print(note, markup=False, style="dim")
+
+
+def write_json(rows: Iterable[Any]) -> None:
+    """A JSON array, written as it goes."""
+    out = sys.stdout
+    first = True
+    for row in rows:
+        out.write(("[\n  " if first else ",\n  ") + json.dumps(row, default=str, ensure_ascii=False))
+        first = False
+    out.write("[]\n" if first else "\n]\n")
+
+
+def write_jsonl(rows: Iterable[Any]) -> None:
+    for row in rows:
+        sys.stdout.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+
+def write_csv(columns: list[str], rows: Iterable[dict[str, Any]]) -> None:
+    writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+
+
+def timeline_table(entries: list[dict[str, Any]]) -> Table:
+    rendered = new_table()
+    add_columns(rendered, ("time", "event", "what", "outcome", "duration", "up", "down"))
+    for entry in entries:
+        duration, up, down = "", "", ""
+        outcome = entry.get("reason") or ""
+        if entry["event"].startswith("channel") and not entry["event"].endswith("deny"):
+            duration = human_duration(entry["time"], entry.get("closed_at"))
+            up, down = human_bytes(entry["bytes_up"]), human_bytes(entry["bytes_down"])
+        elif entry["event"].startswith("listener") and entry["event"].endswith("allow"):
+            duration = human_duration(entry["time"], entry.get("closed_at"))
+            if entry.get("close_reason"):
+                outcome += f"; closed: {entry['close_reason']}"
+        elif entry["event"] == "session end":
+            duration = human_duration(entry["started_at"], entry["time"])
+            up, down = human_bytes(entry["bytes_up"]), human_bytes(entry["bytes_down"])
+        rendered.add_row(entry["time"], entry["event"], entry["what"], outcome, duration, up, down)
+    return rendered
+
+
+def follow_line(event: dict[str, Any]) -> str:
+    """One line per event for `audit follow` on a terminal."""
+    row, table, kind = event["row"], event["table"], event["kind"]
+    if kind == "alarm":
+        return f"{event['time']}  ALARM  audit chain cut while running: {json.dumps(row)}"
+    if table == "auth":
+        what = f"login {row['result']:<7}  {row['user']} from {_address(row['client_ip'], row['client_port'])}: " \
+               f"{row['reason']}"
+    elif table == "sessions":
+        what = f"session {'start' if kind == 'insert' else 'end':<5}  {row['id']} {row['user']} from " \
+               f"{_address(row['client_ip'], row['client_port'])}"
+        if kind != "insert":
+            what += f": {row['end_reason']}, {human_duration(row['started_at'], row['ended_at'])}, " \
+                    f"up {human_bytes(row['bytes_up'])}, down {human_bytes(row['bytes_down'])}"
+    else:
+        shown = for_people(table, row)
+        place = shown["target"] if table == "channels" else shown["listen"]
+        action = row["decision"] if kind == "insert" else "close"
+        what = f"{table[:-1]} {action:<5}  {row['id']} {row['user']} {place}: {row['reason']}"
+        if kind != "insert":
+            what = f"{table[:-1]} close  {row['id']} {row['user']} {place}: {shown['duration']}"
+            if table == "channels":
+                what += f", up {shown['up']}, down {shown['down']}"
+            else:
+                what += f", {row['close_reason']}"
+    return f"{event['time']}  {what}"

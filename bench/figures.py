@@ -1,0 +1,409 @@
+"""The eight figures of issue #6. Each function drives both servers with the same clients, interleaved
+(ours, sshd, ours, sshd, ...), and returns `Row`s: ours, the reference (sshd unless said otherwise), ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from bed import DEFAULT_CIPHER, LAN_ADDR, Bench, Server, wait_quiet
+from targets import ECHO_PORT, HELLO_PORT, SINK_PORT, SOURCE_PORT
+
+CIPHERS = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com")
+DIRECTIONS = {"down": "target→client", "up": "client→target"}
+GIB = 1 << 30
+SESSIONS_PER_HOLDER = 2500  # sessions per client process in figure 6
+
+
+@dataclass
+class Params:
+    bulk_bytes: int
+    rounds: int  # A B rounds for throughput, round-trip and open-rate figures
+    parallel_total: int
+    jump_per_round: int
+    open_per_round: int
+    latency_rounds: int
+    rtt_per_round: int
+    handshake_levels: tuple[int, ...]
+    handshake_seconds: float
+    sessions: tuple[int, ...]
+    sshd_session_cap: int
+    opens_seconds: float
+
+
+FULL = Params(bulk_bytes=GIB, rounds=3, parallel_total=GIB, jump_per_round=10, open_per_round=100,
+              latency_rounds=4, rtt_per_round=1000, handshake_levels=(1, 2, 4, 8, 16, 32, 64, 128),
+              handshake_seconds=3.0, sessions=(1000, 10000), sshd_session_cap=1000, opens_seconds=3.0)
+QUICK = Params(bulk_bytes=256 << 20, rounds=1, parallel_total=256 << 20, jump_per_round=5, open_per_round=50,
+               latency_rounds=2, rtt_per_round=300, handshake_levels=(1, 4, 16, 64), handshake_seconds=1.5,
+               sessions=(100, 500), sshd_session_cap=500, opens_seconds=1.5)
+
+
+@dataclass
+class Row:
+    figure: int
+    measure: str
+    unit: str
+    better: str  # higher | lower
+    ours: float | None
+    sshd: float | None
+    direction: str = ""
+    note: str = ""
+    reference: str = "sshd"  # what the second column is, when it is not sshd
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ours is None or not self.sshd:
+            return None
+        return self.ours / self.sshd
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(samples)
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def interleaved(bench: Bench, rounds: int, servers: tuple[Server, ...], measure) -> dict[str, list]:
+    """A B A B ...: `measure(server)` for each server in turn, `rounds` times; samples per server name."""
+    samples: dict[str, list] = {s.name: [] for s in servers}
+    for round_number in range(rounds):
+        for server in servers:
+            samples[server.name].append(measure(server))
+            bench.log(f"    {server.name:10s} round {round_number + 1}: {_short(samples[server.name][-1])}")
+    return samples
+
+
+def _short(sample: Any) -> str:
+    if isinstance(sample, dict):
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sample.items()
+                         if not isinstance(v, (list, dict)))
+    return str(sample)
+
+
+# ---- 1, 2, 3: bulk throughput and CPU -----------------------------------------------------------
+
+
+def _transfer(bench: Bench, server: Server, cipher: str, direction: str, tunnels: int, total: int) -> dict:
+    """`tunnels` forwards (one SSH connection each), each moving total/tunnels bytes at once; exact content check."""
+    target = SOURCE_PORT if direction == "down" else SINK_PORT
+    each = total // tunnels
+    with bench.forwards(server, [target] * tunnels, cipher, one_connection=False) as ports:
+        cpu_before = server.cpu_seconds()
+        result = bench.client("pull" if direction == "down" else "push", "--ports", ",".join(map(str, ports)),
+                              "--bytes", each)
+        cpu_after = server.cpu_seconds()
+    moved = result["bytes"]
+    return {
+        "mb_s": moved / result["seconds"] / 1e6,
+        "cpu_s_per_gib": (cpu_after - cpu_before) / (moved / GIB) if moved else math.nan,
+        "ok": result["ok"],
+        "failed": result["failed"],
+        "failures": result["failures"],
+    }
+
+
+def _bulk_rows(figure_tp: int, samples: dict[str, list], label: str, direction: str, cpu_figure: int | None,
+               transfers: str) -> list[Row]:
+    failed = {name: sum(s["failed"] for s in runs) for name, runs in samples.items()}
+    note = ""
+    if any(failed.values()):
+        note = "CHECK FAILED: " + "; ".join(
+            f"{name}: {n} transfer(s) short or corrupt ({runs[0]['failures'] or [s['failures'] for s in runs]})"
+            for name, n in failed.items() if n for runs in [samples[name]])
+    median = {name: statistics.median(s["mb_s"] for s in runs) for name, runs in samples.items()}
+    detail = {"runs": samples, "transfers": transfers}
+    rows = [Row(figure_tp, f"throughput, {label}", "MB/s", "higher", median["ours"], median["sshd"],
+                DIRECTIONS[direction], note, detail=detail)]
+    if cpu_figure is not None:
+        cpu = {name: statistics.median(s["cpu_s_per_gib"] for s in runs) for name, runs in samples.items()}
+        rows.append(Row(cpu_figure, f"server CPU per GiB, {label}", "s/GiB", "lower", cpu["ours"], cpu["sshd"],
+                        DIRECTIONS[direction], note))
+    return rows
+
+
+def figure_bulk(bench: Bench, p: Params) -> list[Row]:
+    """1 and 2: one -L tunnel, per cipher and direction: MB/s and server CPU seconds per GiB."""
+    rows = []
+    for cipher in CIPHERS:
+        for direction in DIRECTIONS:
+            bench.log(f"  bulk {cipher} {DIRECTIONS[direction]}, {p.bulk_bytes >> 20} MiB x {p.rounds}")
+            samples = interleaved(bench, p.rounds, (bench.ours, bench.sshd),
+                                  lambda s: _transfer(bench, s, cipher, direction, 1, p.bulk_bytes))
+            rows += _bulk_rows(1, samples, f"1 tunnel, {cipher.split('@')[0]}", direction, 2,
+                               f"{p.rounds} x {p.bulk_bytes >> 20} MiB, median")
+    return rows
+
+
+def figure_parallel(bench: Bench, p: Params) -> list[Row]:
+    """3: 8 and 64 tunnels at once, each its own `ssh -N -L` connection, sharing `parallel_total` bytes."""
+    rows = []
+    for tunnels in (8, 64):
+        for direction in DIRECTIONS:
+            bench.log(f"  parallel {tunnels} tunnels {DIRECTIONS[direction]}, {p.parallel_total >> 20} MiB total")
+            samples = interleaved(bench, p.rounds, (bench.ours, bench.sshd),
+                                  lambda s: _transfer(bench, s, DEFAULT_CIPHER, direction, tunnels, p.parallel_total))
+            rows += _bulk_rows(3, samples, f"{tunnels} tunnels, aes128-gcm", direction, None,
+                               f"{p.rounds} x {p.parallel_total >> 20} MiB total, median")
+    return rows
+
+
+# ---- 4, 7: latency --------------------------------------------------------------------------------
+
+
+def _latency_rows(figure: int, label: str, samples: dict[str, list], unit_scale: float, unit: str,
+                  note: str = "") -> list[Row]:
+    pooled = {name: [x for run in runs for x in run["us"]] for name, runs in samples.items()}
+    rows = []
+    for q in (50, 99):
+        value = {name: percentile(xs, q) / unit_scale for name, xs in pooled.items()}
+        rows.append(Row(figure, f"{label} p{q}", unit, "lower", value["ours"], value["sshd"],
+                        note=note or f"n={len(pooled['ours'])} each"))
+    return rows
+
+
+def figure_latency(bench: Bench, p: Params) -> list[Row]:
+    """4: `ssh -J server target true` wall time, and one direct-tcpip open on an open session (OpenSSH -L:
+    connect to the forward until the target's first byte arrives)."""
+    bench.log(f"  ssh -J ... true, {p.jump_per_round} x {p.latency_rounds}")
+    jump = interleaved(bench, p.latency_rounds, (bench.ours, bench.sshd), lambda s: bench.client(
+        "jump", "--count", p.jump_per_round, "--", *bench.ssh_argv("-J", s.alias, "target", "true")))
+    rows = _latency_rows(4, "ssh -J … target true (wall time)", jump, 1000, "ms",
+                         f"n={p.jump_per_round * p.latency_rounds} each; includes the target sshd's login and exec")
+    bench.log(f"  ssh -W hello (the jump alone, to the first byte), {p.jump_per_round} x {p.latency_rounds}")
+    stdio = interleaved(bench, p.latency_rounds, (bench.ours, bench.sshd), lambda s: bench.client(
+        "jump", "--count", p.jump_per_round, "--first-byte", "--",
+        *bench.ssh_argv("-W", f"{LAN_ADDR}:{HELLO_PORT}", s.alias)))
+    rows += _latency_rows(4, "ssh -W target (ProxyJump's leg): connect to first byte", stdio, 1000, "ms")
+
+    def open_latency(server: Server) -> dict:
+        with bench.forwards(server, [HELLO_PORT]) as (port,):
+            bench.client("first-byte", "--port", port, "--count", 3)  # warm up
+            return bench.client("first-byte", "--port", port, "--count", p.open_per_round)
+
+    bench.log(f"  direct-tcpip open to first byte, {p.open_per_round} x {p.latency_rounds}")
+    opens = interleaved(bench, p.latency_rounds, (bench.ours, bench.sshd), open_latency)
+    rows += _latency_rows(4, "direct-tcpip open + first byte on an open session", opens, 1000, "ms")
+    return rows
+
+
+def figure_rtt(bench: Bench, p: Params) -> list[Row]:
+    """7: 64-byte messages echoed through an open -L tunnel, one at a time."""
+
+    def rtt(server: Server) -> dict:
+        with bench.forwards(server, [ECHO_PORT]) as (port,):
+            return bench.client("rtt", "--port", port, "--count", p.rtt_per_round, "--size", 64)
+
+    bench.log(f"  64-byte round trips, {p.rtt_per_round} x {p.latency_rounds}")
+    samples = interleaved(bench, p.latency_rounds, (bench.ours, bench.sshd), rtt)
+    return _latency_rows(7, "round trip, 64 B through -L", samples, 1, "µs")
+
+
+# ---- 5: handshakes --------------------------------------------------------------------------------
+
+
+def _handshakes(bench: Bench, server: Server, concurrency: int, seconds: float) -> dict:
+    """asyncssh clients in two processes (one would be the bottleneck): connect, authenticate, close."""
+    processes = min(2, concurrency)
+    shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
+    wait_quiet(server, 0.3)
+    cpu_before = server.cpu_seconds()
+    with ThreadPoolExecutor(processes) as pool:
+        results = list(pool.map(lambda n: bench.client("handshake", *bench.asyncssh_args(server),
+                                                       "--concurrency", n, "--duration", seconds), shares))
+    wait_quiet(server, 0.3)  # sshd's children finish and are reaped
+    cpu = server.cpu_seconds() - cpu_before
+    done = sum(r["handshakes"] for r in results)
+    return {
+        "rate": sum(r["handshakes"] / r["seconds"] for r in results),
+        "cpu_ms_per_handshake": 1000 * cpu / done if done else math.nan,
+        "failed": sum(r["failed"] for r in results),
+        "errors": sorted({e for r in results for e in r["errors"]})[:3],
+    }
+
+
+def figure_handshakes(bench: Bench, p: Params) -> list[Row]:
+    """5: raise the number of concurrent clients until neither server's rate grows by 5 % twice running."""
+    levels: dict[int, dict[str, dict]] = {}
+    best = {"ours": 0.0, "sshd": 0.0}
+    flat = {"ours": 0, "sshd": 0}
+    for level in p.handshake_levels:
+        bench.log(f"  handshakes, {level} concurrent clients, {p.handshake_seconds:g} s")
+        levels[level] = {name: runs[0] for name, runs in interleaved(
+            bench, 1, (bench.ours, bench.sshd), lambda s: _handshakes(bench, s, level, p.handshake_seconds)).items()}
+        for name, sample in levels[level].items():
+            flat[name] = flat[name] + 1 if sample["rate"] < 1.05 * best[name] else 0
+            best[name] = max(best[name], sample["rate"])
+        if min(flat.values()) >= 2:
+            break
+    peak = {name: max(levels, key=lambda lv: levels[lv][name]["rate"]) for name in best}
+    rate = {name: levels[peak[name]][name]["rate"] for name in best}
+    cpu = {name: levels[peak[name]][name]["cpu_ms_per_handshake"] for name in best}
+    failed = sum(levels[lv][n]["failed"] for lv in levels for n in best)
+    note = f"peak at {peak['ours']} / {peak['sshd']} concurrent clients (asyncssh, 2 processes)"
+    if failed:
+        note += f"; {failed} handshakes failed"
+    detail = {"levels": levels}
+    return [Row(5, "handshakes per second at saturation", "/s", "higher", rate["ours"], rate["sshd"], note=note,
+                detail=detail),
+            Row(5, "server CPU per handshake at that load", "ms", "lower", cpu["ours"], cpu["sshd"])]
+
+
+# ---- 6: memory per session ------------------------------------------------------------------------
+
+
+def _hold_sessions(bench: Bench, server: Server, sessions: int) -> dict:
+    """Fresh server; `sessions` asyncssh sessions each holding one direct-tcpip channel to the echo target;
+    PSS of the server tree before and with them."""
+    bench.restart(server)
+    wait_quiet(server)
+    base_kib, _ = server.pss_kib()
+    holders = math.ceil(sessions / SESSIONS_PER_HOLDER)
+    shares = [sessions // holders + (1 if i < sessions % holders else 0) for i in range(holders)]
+    procs: list[subprocess.Popen] = []
+    start = time.monotonic()
+    try:
+        for share in shares:
+            procs.append(bench.client_popen("hold", *bench.asyncssh_args(server), "--sessions", share,
+                                            "--concurrency", 25, "--target-host", "10.99.0.2",
+                                            "--target-port", ECHO_PORT))
+        ready = [_read_ready(proc, 900) for proc in procs]
+        elapsed = time.monotonic() - start
+        held = sum(r["ready"] for r in ready)
+        wait_quiet(server, 1.0)
+        with_kib, processes = server.pss_kib()
+    finally:
+        for proc in procs:
+            if proc.stdin:
+                proc.stdin.close()
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return {
+        "sessions": held,
+        "failed": sum(r["failed"] for r in ready),
+        "errors": sorted({e for r in ready for e in r["errors"]})[:3],
+        "base_mib": base_kib / 1024,
+        "total_mib": with_kib / 1024,
+        "per_session_kib": (with_kib - base_kib) / held if held else math.nan,
+        "processes": processes,
+        "setup_s": elapsed,
+    }
+
+
+def _read_ready(proc: subprocess.Popen, timeout: float) -> dict:
+    import json
+
+    line: list[bytes] = []
+    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(timeout)
+    if not line or not line[0]:
+        raise RuntimeError(f"hold client did not report within {timeout}s (exit {proc.poll()})")
+    return json.loads(line[0])
+
+
+def session_cap() -> int:
+    """The bastion keeps two descriptors per held session (client, target): its RLIMIT_NOFILE caps the count."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return (hard - 400) // 2 // 100 * 100
+
+
+def figure_memory(bench: Bench, p: Params) -> list[Row]:
+    """6: PSS per held session (session + one open tunnel), at each size; sshd capped and extrapolated."""
+    rows = []
+    cap = session_cap()
+    for wanted in p.sessions:
+        results: dict[str, dict] = {}
+        for server in (bench.ours, bench.sshd):
+            n = min(wanted, cap) if server.name == "ours" else min(wanted, p.sshd_session_cap, cap)
+            bench.log(f"  memory: {server.name} with {n} sessions")
+            results[server.name] = _hold_sessions(bench, server, n)
+            bench.log(f"    {server.name:10s} {_short(results[server.name])}")
+        notes = []
+        for name, r in results.items():
+            if r["sessions"] != wanted:
+                why = ("sshd capped; per-session figure measured at this count, total extrapolated linearly"
+                       if name == "sshd" and r["sessions"] < wanted and wanted > p.sshd_session_cap
+                       else "capped by RLIMIT_NOFILE" if r["sessions"] < wanted and wanted > cap
+                       else "sessions failed")
+                notes.append(f"{name}: {r['sessions']} held ({why})")
+            if r["failed"]:
+                notes.append(f"{name}: {r['failed']} failed {r['errors']}")
+        note = "; ".join(notes) or f"{wanted} held by each"
+        per = {name: r["per_session_kib"] for name, r in results.items()}
+        total = {name: (r["base_mib"] + r["per_session_kib"] * wanted / 1024) for name, r in results.items()}
+        detail = {"runs": results}
+        rows.append(Row(6, f"PSS per session with 1 tunnel, {wanted} sessions", "KiB", "lower", per["ours"],
+                        per["sshd"], note=note, detail=detail))
+        rows.append(Row(6, f"PSS total at {wanted} sessions (server tree)", "MiB", "lower", total["ours"],
+                        total["sshd"], note="base + per session × count (extrapolated where capped)"))
+    return rows
+
+
+# ---- 8: channel opens and the audit path -----------------------------------------------------------
+
+
+def figure_opens(bench: Bench, p: Params) -> list[Row]:
+    """8: channel opens per second on one session, bastion with its audit DB on disk vs on tmpfs (and sshd)."""
+    bench.start(bench.ours_tmpfs)
+    servers = (bench.ours, bench.ours_tmpfs, bench.sshd)
+    rows = []
+    try:
+        for concurrency in (1, 16):
+            def opens(server: Server) -> dict:
+                with bench.forwards(server, [HELLO_PORT]) as (port,):
+                    bench.client("first-byte", "--port", port, "--count", 3)
+                    cpu_before = server.cpu_seconds()
+                    r = bench.client("hammer", "--port", port, "--concurrency", concurrency,
+                                     "--duration", p.opens_seconds)
+                    cpu = server.cpu_seconds() - cpu_before
+                return {"rate": r["opens"] / r["seconds"], "failed": r["failed"],
+                        "cpu_ms_per_open": 1000 * cpu / r["opens"] if r["opens"] else math.nan}
+
+            bench.log(f"  channel opens, {concurrency} at a time, {p.opens_seconds:g} s x {p.rounds}")
+            samples = interleaved(bench, p.rounds, servers, opens)
+            rate = {name: statistics.median(s["rate"] for s in runs) for name, runs in samples.items()}
+            cpu = {name: statistics.median(s["cpu_ms_per_open"] for s in runs) for name, runs in samples.items()}
+            failed = sum(s["failed"] for runs in samples.values() for s in runs)
+            label = f"{concurrency} at a time" if concurrency > 1 else "one at a time"
+            note = f"{failed} opens failed" if failed else ""
+            rows += [
+                Row(8, f"channel opens/s, {label}, audit on disk", "/s", "higher", rate["ours"], rate["sshd"],
+                    note=note, detail={"runs": samples}),
+                Row(8, f"channel opens/s, {label}, audit on tmpfs", "/s", "higher", rate["ours-tmpfs"],
+                    rate["sshd"], note=note),
+                Row(8, f"audit cost: opens/s disk vs tmpfs, {label}", "/s", "higher", rate["ours"],
+                    rate["ours-tmpfs"], reference="ours, audit on tmpfs",
+                    note="second column is ours with the audit on tmpfs"),
+                Row(8, f"server CPU per open, {label}, audit on disk", "ms", "lower", cpu["ours"], cpu["sshd"]),
+            ]
+    finally:
+        bench.stop(bench.ours_tmpfs)
+    return rows
+
+
+FIGURES = {
+    "bulk": figure_bulk,  # 1 and 2
+    "parallel": figure_parallel,  # 3
+    "latency": figure_latency,  # 4
+    "handshakes": figure_handshakes,  # 5
+    "memory": figure_memory,  # 6
+    "rtt": figure_rtt,  # 7
+    "opens": figure_opens,  # 8
+}

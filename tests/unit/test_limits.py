@@ -1,0 +1,70 @@
+"""Pre-authentication limits: random early drop and per-source penalties, with a fake clock."""
+
+import pytest
+from hypothesis import given, strategies as st
+
+from bastion.limits import SourcePenalties, StartupLimit, source_of
+
+
+def test_startup_limit_parse_and_drop_curve():
+    limit = StartupLimit.parse("10:30:100")
+    assert str(limit) == "10:30:100"
+    assert not limit.should_drop(9, 0.0)
+    assert limit.should_drop(10, 0.29) and not limit.should_drop(10, 0.31)
+    assert limit.should_drop(55, 0.64) and not limit.should_drop(55, 0.66)
+    assert limit.should_drop(100, 0.999)
+
+
+@pytest.mark.parametrize("text", ["", "a:b:c", "10:30", "0:30:100", "10:0:100", "10:101:100", "50:30:10"])
+def test_startup_limit_rejects(text):
+    with pytest.raises(ValueError):
+        StartupLimit.parse(text)
+
+
+@given(st.integers(1, 200), st.integers(1, 100), st.integers(0, 300), st.floats(0, 0.999999))
+def test_drop_probability_only_grows(start, rate, waiting, draw):
+    limit = StartupLimit(start, rate, start + 50)
+    if limit.should_drop(waiting, draw):
+        assert limit.should_drop(waiting + 1, draw)
+
+
+@pytest.mark.parametrize(
+    "address, source",
+    [("192.0.2.7", "192.0.2.7"), ("2001:db8::1", "2001:db8::/64"), ("2001:db8::ffff:1", "2001:db8::/64"),
+     ("::ffff:192.0.2.7", "192.0.2.7")],
+)
+def test_source_of(address, source):
+    assert source_of(address) == source
+
+
+def test_penalty_starts_at_threshold_and_doubles():
+    penalties = SourcePenalties(threshold=3, base=10, maximum=25)
+    now = 1000.0
+    assert penalties.failed("192.0.2.7", now) is None
+    assert penalties.failed("192.0.2.7", now) is None
+    assert penalties.failed("192.0.2.7", now) == 10
+    assert penalties.refused_until("192.0.2.7", now + 5) == now + 10
+    assert penalties.refused_until("192.0.2.8", now + 5) is None  # other sources are not affected
+    assert penalties.refused_until("192.0.2.7", now + 10) is None
+    for _ in range(2):
+        assert penalties.failed("192.0.2.7", now + 11) is None
+    assert penalties.failed("192.0.2.7", now + 11) == 20
+    for _ in range(3):
+        length = penalties.failed("192.0.2.7", now + 40)
+    assert length == 25  # capped
+
+
+def test_ipv6_neighbours_share_a_penalty_and_success_resets_failures():
+    penalties = SourcePenalties(threshold=2, base=10)
+    penalties.failed("2001:db8::1", 0)
+    penalties.succeeded("2001:db8::2")
+    assert penalties.failed("2001:db8::3", 0) is None  # the count was reset by the success
+    assert penalties.failed("2001:db8::4", 0) == 10
+    assert penalties.refused_until("2001:db8::99", 1) == 10
+
+
+def test_memory_is_bounded():
+    penalties = SourcePenalties(threshold=100, max_sources=100)
+    for n in range(1000):
+        penalties.failed(f"10.0.{n // 256}.{n % 256}", 0)
+    assert len(penalties._sources) == 100
