@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import getpass
 import ipaddress
-import logging
 import os
 import re
 import shlex
@@ -35,7 +34,6 @@ from .service import initialize, serve
 from .ssh_config import ClientSetup, known_hosts_lines, render_ssh_config
 from .store import PublicKey, Store, parse_public_keys
 
-log = logging.getLogger("bastion.quickstart")
 
 DEFAULT_LISTEN = "127.0.0.1:2222"
 DEMO_INTERNAL_NETWORKS = ("127.0.0.1/32",)
@@ -153,7 +151,7 @@ def prepare(home: Path | None, listen: str | None, key_file: Path | None, user: 
             echo_port: int, environ: Mapping[str, str] | None = None) -> Demo:
     """Make (or reuse) the demo home and write its config, user, policy, ssh_config and known_hosts."""
     environ = os.environ if environ is None else environ
-    home = home or default_home(environ)
+    home = (home or default_home(environ)).absolute()  # the printed commands work from any directory
     _check_demo_home(home)
     if listen is not None:
         check_loopback_listen(listen)
@@ -167,7 +165,8 @@ def prepare(home: Path | None, listen: str | None, key_file: Path | None, user: 
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     config_path = home / CONFIG_FILE
     if not config_path.exists():
-        demo = Config(home=home, listen=listen or DEFAULT_LISTEN,
+        # The file keeps the default; a --listen applies to this run only, like any flag.
+        demo = Config(home=home, listen=DEFAULT_LISTEN,
                       internal_networks=parse_networks(DEMO_INTERNAL_NETWORKS), shutdown_grace_seconds=2)
         fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

@@ -56,6 +56,16 @@ DEFAULT_CIPHER = "aes128-gcm@openssh.com"
 OURS_PORT, SSHD_PORT, OURS_TMPFS_PORT = 22, 2222, 2223
 JUMP_USER, JUMP_UID = "benchjump", 64999  # sshd's user, in sshd's private copy of /etc/passwd
 
+# Raised for the load figures, as MaxStartups is for sshd: every bench client is one user from one address.
+# Set only where `init` wrote the key, so the bench runs against older and newer bastions alike.
+BASTION_LOAD_SETTINGS = {
+    "max_startups": "10000",
+    "max_sessions_per_user": 1_000_000,
+    "max_channels_per_user": 1_000_000,
+    "penalty_threshold": 1_000_000,
+    "shutdown_grace_seconds": 2,
+}
+
 BENCH_POLICY = f"""\
 [users.alice]
 allow = ["{LAN_ADDR}:22,{SOURCE_PORT}-{HELLO_PORT}"]
@@ -177,6 +187,7 @@ class Bench:
         self.log = log
         self.bastion_src = bastion_src
         self.bastion_digest = ""
+        self.bastion_settings: dict = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="bastion-bench-", dir="/var/tmp"))
         self.shmdir = Path(tempfile.mkdtemp(prefix="bastion-bench-", dir="/dev/shm"))
         self.testbed = Testbed(self.workdir / "bed")
@@ -221,7 +232,11 @@ class Bench:
         self._sshd_host_key = generate_key(keys / "sshd_host_ed25519_key", "bench-sshd")
         for server, home in ((self.ours, self.workdir / "home"), (self.ours_tmpfs, self.shmdir / "home")):
             bastion = Bastion(tb, home, listen=f"{GW_ADDR}:{server.port}")
-            bastion.init(shutdown_grace_seconds=2)
+            bastion.init()
+            written = (home / "config.toml").read_text()
+            settings = {k: v for k, v in BASTION_LOAD_SETTINGS.items() if f"\n{k} =" in f"\n{written}"}
+            bastion.set_config(**settings)
+            self.bastion_settings = settings
             bastion.add_user("alice", self.alice)
             bastion.apply_policy(BENCH_POLICY)
             self._bastions[server.name] = bastion

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -57,6 +58,18 @@ def machine() -> dict:
     }
 
 
+def cpu_accounts() -> tuple[float, float, float]:
+    """(busy CPU seconds of the whole machine, of this process and every child it reaped, steal seconds).
+    The first minus the second is what other work on the machine took while the bench ran. irq and softirq
+    are left out of both: loopback and veth packets are processed there and charged to no process."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, steal = fields[0], fields[1], fields[2], fields[7] if len(fields) > 7 else 0
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return (user + nice + system) / tick, own, steal / tick
+
+
 def fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -86,7 +99,8 @@ def markdown(rows: list[Row], meta: dict, mode: str) -> str:
     lines = [
         f"Machine: {meta['nproc']} cores ({meta['cpu']}), {meta['memory_gib']} GiB, Linux {meta['kernel']}; "
         f"{meta['openssh']}; Python {meta['python']}, asyncssh {meta['asyncssh']}. "
-        f"Date: {meta['date']}. Mode: {mode}. Bastion code: {meta.get('bastion_digest', '?')}.",
+        f"Date: {meta['date']}. Mode: {mode}, {meta['seconds']:.0f} s. Bastion code: {meta.get('bastion_digest', '?')}. "
+        f"Other work on the machine during the run: {meta.get('other_work_cpu_share', 0):.0%} of its CPU.",
         "",
         "| # | measure | direction | unit | ours | sshd | ours/sshd | note |",
         "|---|---|---|---|---:|---:|---:|---|",
@@ -125,12 +139,14 @@ def main() -> int:
 
     meta = machine()
     meta["loadavg_at_start"] = os.getloadavg()
+    accounts_before = cpu_accounts()
     rows: list[Row] = []
     timings: dict[str, float] = {}
     errors: dict[str, str] = {}
     started = time.monotonic()
     with Bench(args.bastion_src, log=lambda text: console.print(text, markup=False)) as bench:
         meta["bastion_digest"] = bench.bastion_digest
+        meta["bastion_settings"] = bench.bastion_settings
         console.print(f"bench in {bench.workdir} ({mode}); namespaces {bench.testbed.gw}, {bench.testbed.lan}")
         for name in names:
             console.print(f"[bold]{name}[/]")
@@ -148,6 +164,14 @@ def main() -> int:
             timings[name] = round(time.monotonic() - t0, 1)
     meta["seconds"] = round(time.monotonic() - started, 1)
     meta["loadavg_at_end"] = os.getloadavg()
+    busy, own, steal = (after - before for after, before in zip(cpu_accounts(), accounts_before))
+    capacity = meta["seconds"] * (os.cpu_count() or 1)
+    meta["other_work_cpu_share"] = round(max(0.0, busy - own) / capacity, 3)
+    meta["steal_share"] = round(steal / capacity, 3)
+    if meta["other_work_cpu_share"] > 0.05 or meta["steal_share"] > 0.05:
+        console.print(f"[yellow]warning: other work on this machine used {meta['other_work_cpu_share']:.0%} of its "
+                      f"CPU during the run (steal {meta['steal_share']:.0%}); absolute numbers are noisy, "
+                      f"ratios less so (the runs were interleaved)[/]")
     meta["mode"] = mode
     rows.sort(key=lambda r: r.figure)
     print_table(rows, meta)

@@ -6,6 +6,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends openssh-server \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --shell /bin/bash demo \
+ && usermod --password '*' demo \
  && mkdir -p /run/sshd /etc/ssh/authorized_keys \
  && printf '%s\n' \
       'AuthorizedKeysFile /etc/ssh/authorized_keys/%u' \

@@ -11,7 +11,9 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,9 +90,17 @@ class Quickstart:
 
 
 @pytest.fixture
-def empty_home(tmp_path: Path) -> Path:
-    """A user's home with nothing but an ed25519 key pair."""
-    home = tmp_path / "user"
+def empty_home() -> Iterator[Path]:
+    """A user's home with nothing but an ed25519 key pair. Under a short /tmp path, not tmp_path: the server's
+    control socket lives in the bastion home, and a UNIX socket path may not exceed 107 bytes."""
+    base = Path(tempfile.mkdtemp(prefix="bqs-"))
+    try:
+        yield _make_user_home(base / "user")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _make_user_home(home: Path) -> Path:
     (home / ".ssh").mkdir(parents=True, mode=0o700)
     subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "me@laptop", "-f", home / ".ssh" / "id_ed25519"],
                    check=True, timeout=10)

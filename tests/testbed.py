@@ -157,8 +157,6 @@ def run(
         kill_group(proc)
         out, err = proc.communicate()
         raise subprocess.TimeoutExpired(exc.cmd, timeout, out, err) from None
-    finally:
-        kill_group(proc)  # stray grandchildren in our session, if any
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and result.returncode != 0:
         raise TestbedError(
@@ -169,9 +167,13 @@ def run(
 
 
 def kill_group(proc: subprocess.Popen[Any], sig: int = signal.SIGKILL) -> None:
-    """Signal the process group we created for `proc` (start_new_session=True makes its pgid its pid)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
+    """Signal the process group we created for `proc` (start_new_session=True makes its pgid its pid).
+
+    Only while `proc` is not yet reaped: until then its pid, and so the group id, cannot belong to anyone else.
+    """
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
@@ -797,8 +799,8 @@ class SshClient:
             wait_listening(proc, listen_port, f"ssh {flag} {spec}", timeout)
             yield proc
         finally:
+            kill_group(proc, signal.SIGTERM)
             stop_process(proc)
-            kill_group(proc)
 
 
 def paramiko_connect(testbed: Testbed, bastion: Bastion, user: str, key: Key, timeout: float = 10.0):

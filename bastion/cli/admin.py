@@ -32,7 +32,7 @@ def doctor(ctx: typer.Context, json: bool = typer.Option(False, "--json", help="
     policy (empty, users without keys, grants outside internal_networks). Exit 0 when nothing is a
     problem (warnings allowed), 1 otherwise.
 
-    Example: sudo -u bastion bastion --home /var/lib/bastion doctor
+    Example: bastion --home /var/lib/bastion doctor
     """
     findings = run_checks(home_of(ctx))
     if json:
@@ -149,8 +149,9 @@ def quickstart(
     typer.echo(next_steps(demo, getpass.getuser()))
     try:
         asyncio.run(run_demo(demo.config, echo_socket))
-    except OSError as exc:
-        raise BastionError(f"cannot serve on {demo.config.listen}: {exc.strerror or exc}") from None
+    except OSError as exc:  # the listen address taken, or the home unusable for the control socket
+        raise BastionError(f"cannot start the demo server (listen {demo.config.listen}, home {demo.home}): "
+                           f"{exc.strerror or exc}") from None
 
 
 def backup(

@@ -166,28 +166,27 @@ def timeline_table(entries: list[dict[str, Any]]) -> Table:
 
 
 def follow_line(event: dict[str, Any]) -> str:
-    """One line per event for `audit follow` on a terminal."""
+    """One line per event for `audit follow` on a terminal: time, what happened, to whom and where."""
     row, table, kind = event["row"], event["table"], event["kind"]
     if kind == "alarm":
-        return f"{event['time']}  ALARM  audit chain cut while running: {json.dumps(row)}"
+        return f"{event['time']}  {'ALARM':<15}  the audit chain was cut while the server ran: {json.dumps(row)}"
     if table == "auth":
-        what = f"login {row['result']:<7}  {row['user']} from {_address(row['client_ip'], row['client_port'])}: " \
-               f"{row['reason']}"
+        label = f"login {row['result']}"
+        what = f"{row['user']} from {_address(row['client_ip'], row['client_port'])}: {row['reason']}"
     elif table == "sessions":
-        what = f"session {'start' if kind == 'insert' else 'end':<5}  {row['id']} {row['user']} from " \
-               f"{_address(row['client_ip'], row['client_port'])}"
+        label = "session start" if kind == "insert" else "session end"
+        what = f"{row['id']} {row['user']} from {_address(row['client_ip'], row['client_port'])}"
         if kind != "insert":
             what += f": {row['end_reason']}, {human_duration(row['started_at'], row['ended_at'])}, " \
                     f"up {human_bytes(row['bytes_up'])}, down {human_bytes(row['bytes_down'])}"
     else:
         shown = for_people(table, row)
-        place = shown["target"] if table == "channels" else shown["listen"]
-        action = row["decision"] if kind == "insert" else "close"
-        what = f"{table[:-1]} {action:<5}  {row['id']} {row['user']} {place}: {row['reason']}"
-        if kind != "insert":
-            what = f"{table[:-1]} close  {row['id']} {row['user']} {place}: {shown['duration']}"
-            if table == "channels":
-                what += f", up {shown['up']}, down {shown['down']}"
-            else:
-                what += f", {row['close_reason']}"
-    return f"{event['time']}  {what}"
+        label = f"{table[:-1]} {row['decision'] if kind == 'insert' else 'close'}"
+        what = f"{row['id']} {row['user']} {shown['target'] if table == 'channels' else shown['listen']}: "
+        if kind == "insert":
+            what += row["reason"]
+        elif table == "channels":
+            what += f"{shown['duration']}, up {shown['up']}, down {shown['down']}"
+        else:
+            what += f"{shown['duration']}, {row['close_reason']}"
+    return f"{event['time']}  {label:<15}  {what}"

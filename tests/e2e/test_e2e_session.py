@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import paramiko
 import pytest
 from paramiko.common import cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
 
-from testbed import LAN_ADDR, clean_env, paramiko_connect
+from testbed import GW_ADDR, LAN_ADDR, clean_env, paramiko_connect
 
 pytestmark = pytest.mark.netns
 
@@ -20,6 +22,10 @@ def test_login_prints_user_and_targets_then_exits(bastion, ssh, tty):
     assert "alice" in out, out
     assert LAN_ADDR in out, f"expected alice's targets in the note:\n{out}"
     assert len(out.splitlines()) < 60, "a short note, not a dump"
+    # an example command, if the note gives one, must not point at a target the bastion always refuses
+    for example in re.findall(r"ssh -J \S+ (\S+)", out):
+        target = example.rsplit("@", 1)[-1]
+        assert target not in (GW_ADDR, "127.0.0.1", "localhost"), f"the note suggests {example}, which is refused"
 
 
 def test_remote_command_is_refused(bastion, ssh, tmp_path):

@@ -27,12 +27,10 @@ def test_from_scratch_init_user_policy_serve_and_tunnel(testbed, make_bastion, k
     users = json.loads(bastion.cli("user", "list", "--json").stdout)
     assert [u["name"] if isinstance(u, dict) and "name" in u else u for u in users] == ["alice"], users
 
-    # 3. the policy, applied and checked by name and by address
+    # 3. the policy, applied and checked by name
     bastion.apply_policy(DEFAULT_POLICY)
     assert bastion.policy_check("alice", "db.corp.internal", ECHO_PORT).returncode == 0
     assert bastion.policy_check("alice", "meta.evil.test", 80).returncode == 1  # granted name, metadata address
-    shown = bastion.cli("policy", "show", "alice", "--json")
-    assert LAN_ADDR in shown.stdout.decode(), shown.stdout
 
     # 4. serve, and a tunnel through it
     bastion.start()
@@ -42,5 +40,6 @@ def test_from_scratch_init_user_policy_serve_and_tunnel(testbed, make_bastion, k
 
     # 5. the operator's `audit --json` (a real process) and the in-process reading agree
     bastion.wait_audit("channels", lambda rows: rows and rows[0]["closed_at"], "channel closed")
-    assert bastion.audit("channels", in_process=False) == bastion.audit("channels")
-    assert [r["user"] for r in bastion.audit("sessions", user="alice", since="1h", in_process=False)] == ["alice"]
+    operator_view = bastion.audit("channels", user="alice", since="1h", in_process=False)
+    assert operator_view == bastion.audit("channels", user="alice", since="1h")
+    assert [(r["user"], r["target_port"]) for r in operator_view] == [("alice", ECHO_PORT)]

@@ -123,3 +123,101 @@ def test_parse_moment():
     assert parse_moment("2026-11-20") == datetime(2026, 11, 20, tzinfo=UTC)
     with pytest.raises(BastionError, match="cannot read time"):
         parse_moment("yesterday")
+
+
+# ---- listeners, forwarded channels, batches, readers (#3, #4) ---------------------------------------------
+
+from bastion.audit import ListenerRecord  # noqa: E402
+from bastion.audit_query import open_reader, select  # noqa: E402
+from bastion.audit_filters import Filters  # noqa: E402
+
+
+def listener(decision="allow", port=8080):
+    return ListenerRecord(session_id="s1", user="alice", listen_host="127.0.0.1", listen_port=port,
+                          requested_port=port, decision=decision, rule="users.alice.listen: 127.0.0.1:8080-8090",
+                          reason="granted" if decision == "allow" else "not granted", opened_at=datetime.now(UTC))
+
+
+def test_listener_and_its_forwarded_channel_are_recorded(database):
+    async def scenario():
+        audit = AuditLog(database)
+        audit.start()
+        audit.open_session(session())
+        # 1. the listener row is committed before record_listener returns (before the client hears "bound")
+        listener_id = await audit.record_listener(listener())
+        assert rows(database, f"SELECT decision, closed_at FROM listeners WHERE id = {listener_id}") == [("allow", None)]
+        refused_id = await audit.record_listener(listener("deny", 22))
+        # 2. an inbound connection through it is a forwarded-tcpip channel naming the listener and the peer
+        forwarded = ChannelRecord(
+            session_id="s1", user="alice", kind="forwarded-tcpip", target_host="127.0.0.1", target_ip="127.0.0.1",
+            target_port=8080, decision="allow", rule=None, reason="through listener", opened_at=datetime.now(UTC),
+            listener_id=listener_id, peer_ip="10.0.0.9", peer_port=40000)
+        channel_id = await audit.record_channel(forwarded)
+        audit.close_channel(channel_id, 5, 6)
+        # 3. the client cancels the forward
+        audit.close_listener(listener_id, "cancelled by client")
+        audit.stop()
+        return listener_id, refused_id, channel_id
+
+    listener_id, refused_id, channel_id = asyncio.run(scenario())
+    assert rows(database, f"SELECT close_reason FROM listeners WHERE id = {listener_id}") == [("cancelled by client",)]
+    # a refused listener never opened: closed when decided, for the reason it was refused
+    assert rows(database, f"SELECT closed_at = opened_at, close_reason FROM listeners WHERE id = {refused_id}") == [
+        (1, "not granted")]
+    assert rows(database, f"SELECT kind, listener_id, peer_ip, peer_port FROM channels WHERE id = {channel_id}") == [
+        ("forwarded-tcpip", listener_id, "10.0.0.9", 40000)]
+
+
+def test_crash_recovery_closes_listeners_too(database):
+    async def crashed_run():
+        audit = AuditLog(database)
+        audit.start()
+        audit.open_session(session())
+        await audit.record_listener(listener())
+
+    asyncio.run(crashed_run())
+    audit = AuditLog(database)
+    assert audit.start() == 2  # the session and the listener
+    audit.stop()
+    assert rows(database, "SELECT closed_at IS NOT NULL, close_reason FROM listeners") == [(1, "crash")]
+
+
+def test_one_bad_row_in_a_batch_fails_alone(database):
+    async def scenario():
+        audit = AuditLog(database)
+        audit.start()
+        try:
+            # queued together, so the writer takes them in one batch
+            audit.record_auth("alice", "127.0.0.1", 1, "publickey", None, "success", "first")
+            bad = asyncio.ensure_future(audit.record_channel(channel(decision="maybe")))  # CHECK constraint fails
+            audit.record_auth("alice", "127.0.0.1", 1, "publickey", None, "success", "second")
+            with pytest.raises(AuditUnavailable, match="CHECK constraint"):
+                await bad
+            await audit.flush()
+        finally:
+            audit.stop()
+
+    asyncio.run(scenario())
+    assert rows(database, "SELECT reason FROM auth ORDER BY id") == [("first",), ("second",)]
+
+
+def test_a_reader_in_the_middle_of_a_query_does_not_block_the_writer(database):
+    async def scenario():
+        audit = AuditLog(database)
+        audit.start()
+        try:
+            for number in range(300):
+                audit.record_auth(f"user{number}", "127.0.0.1", 1, "publickey", None, "success", "ok")
+            await audit.flush()
+            reader = open_reader(database)
+            pending = select(reader, "auth", Filters())
+            first = next(pending)  # the read transaction is open now
+            # the writer still commits, promptly
+            channel_id = await asyncio.wait_for(audit.record_channel(channel()), timeout=5)
+            assert sum(1 for _ in pending) == 299 and first["user"] == "user0"
+            reader.close()
+            return channel_id
+        finally:
+            audit.stop()
+
+    assert asyncio.run(scenario()) == 1
