@@ -142,27 +142,28 @@ def timeline(record: dict[str, Any]) -> list[dict[str, Any]]:
         "time": session["started_at"], "event": "session start",
         "what": f"{session['user']} from {session['client_ip']}:{session['client_port']} ({session['client_version']})",
         "reason": ""}))
-    for row in record["listeners"]:
-        requested = "" if row["requested_port"] == row["listen_port"] else f" (asked {row['requested_port']})"
-        entries.append((row["opened_at"], 2, {
-            "time": row["opened_at"], "event": f"listener {row['id']} {row['decision']}",
-            "what": f"{row['listen_host']}:{row['listen_port']}{requested}", "reason": _reason(row),
-            "closed_at": row["closed_at"], "close_reason": row["close_reason"]}))
     for row in record["channels"]:
         where = f"{row['target_host']}:{row['target_port']}"
         if row["target_ip"] and row["target_ip"] != row["target_host"]:
             where += f" ({row['target_ip']})"
         if row["peer_ip"]:
             where = f"{row['peer_ip']}:{row['peer_port']} -> {where}"
-        entries.append((row["opened_at"], 3, {
+        entries.append((row["opened_at"], 2, {
             "time": row["opened_at"], "event": f"channel {row['id']} {row['decision']}",
             "what": f"{row['kind']} {where}", "reason": _reason(row), "closed_at": row["closed_at"],
             "bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"]}))
+    for row in record["listeners"]:
+        requested = "" if row["requested_port"] == row["listen_port"] else f" (asked {row['requested_port']})"
+        entries.append((row["opened_at"], 2, {
+            "time": row["opened_at"], "event": f"listener {row['id']} {row['decision']}",
+            "what": f"{row['listen_host']}:{row['listen_port']}{requested}", "reason": _reason(row),
+            "closed_at": row["closed_at"], "close_reason": row["close_reason"]}))
     if session["ended_at"]:
         entries.append((session["ended_at"], 4, {
             "time": session["ended_at"], "event": "session end", "what": session["end_reason"] or "",
             "reason": "", "started_at": session["started_at"],
             "bytes_up": session["bytes_up"], "bytes_down": session["bytes_down"]}))
+    # a stable sort: at the same millisecond, channels before listeners (as appended)
     return [entry for _, _, entry in sorted(entries, key=lambda e: (e[0], e[1]))]
 
 
@@ -207,7 +208,7 @@ def stats(conn: sqlite3.Connection, since: datetime, until: datetime | None = No
             ") GROUP BY user ORDER BY 2 DESC, 3 DESC, user LIMIT ?5", low, high, top)],
         "top_targets": [{"target": t, "channels": n, "bytes": b} for t, n, b in rows(
             f"SELECT {target} t, count(*), sum(bytes_up + bytes_down) FROM channels WHERE opened_at >= ? "
-            "AND opened_at < ? AND decision = 'allow' GROUP BY t ORDER BY 2 DESC, t LIMIT ?", top)],
+            "AND opened_at < ? AND decision = 'allow' GROUP BY t ORDER BY 2 DESC, 3 DESC, t LIMIT ?", top)],
         "top_refused_targets": [{"target": t, "refusals": n} for t, n in rows(
             f"SELECT {target} t, count(*) FROM channels WHERE decision = 'deny' AND opened_at >= ? "
             "AND opened_at < ? GROUP BY t ORDER BY 2 DESC, t LIMIT ?", top)],

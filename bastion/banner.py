@@ -4,9 +4,13 @@ Commands and subsystems are refused; this host runs nothing for its users."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import TYPE_CHECKING
 
 import asyncssh
+
+from .db import utc_now
+from .policy import AccessRequest, evaluate
 
 if TYPE_CHECKING:
     from .sshd import GatewayConnection
@@ -75,27 +79,42 @@ def banner_text(connection: "GatewayConnection", policy) -> str:
     user = connection.user
     here = connection.ctx.config.public_name or _local_address(connection)
     lines = [f"Hello {user}. This is bastion, an SSH jump host: it forwards connections, it runs no commands."]
-    grants = policy.grants_for(user)
+    now = utc_now()
+    grants = [(origin, rule) for origin, rule in policy.grants_for(user) if not rule.expired(now)]
     if grants:
         lines.append("You may reach:")
-        width = max(len(rule.text) for _, rule in grants)
-        for origin, rule in grants:
-            expiry = f", until {rule.expires:%Y-%m-%d %H:%M}Z" if rule.expires else ""
-            lines.append(f"  {rule.text:<{width}}  ({origin}{expiry})")
-        rule = next((rule for _, rule in grants if 22 in rule.ports), grants[0][1])
-        example_host = _example_host(rule)
-        lines.append("For example:")
-        if 22 in rule.ports:
-            lines.append(f"  ssh -J {user}@{here} root@{example_host}")
-        else:
-            port = rule.ports.ranges[0][0]
-            lines.append(f"  ssh -N -L {port}:{example_host}:{port} {user}@{here}")
+        lines += _rule_lines(grants)
+        denials = [(origin, rule) for origin, rule in policy.denials_for(user) if not rule.expired(now)]
+        if denials:
+            lines.append("Except:")
+            lines += _rule_lines(denials)
+        example = _example_target(policy, connection, grants)
+        if example is not None:
+            host, port = example
+            lines.append("For example:")
+            if port == 22:
+                lines.append(f"  ssh -J {user}@{here} root@{host}")
+            else:
+                lines.append(f"  ssh -N -L {port}:{host}:{port} {user}@{here}")
     else:
         lines.append("You may not reach any target yet; ask your bastion admin for a grant.")
+    listens = [(origin, rule) for origin, rule in policy.rules_for(user, "listen") if not rule.expired(now)]
+    if listens:
+        lines.append("You may listen (ssh -R) on:")
+        lines += _rule_lines(listens)
     user_policy = policy.users.get(user)
     if user_policy is not None and user_policy.expires is not None:
         lines.append(f"Your access expires at {user_policy.expires:%Y-%m-%d %H:%M}Z.")
     return "\n".join(lines) + "\n"
+
+
+def _rule_lines(rules) -> list[str]:
+    width = max(len(rule.text) for _, rule in rules)
+    lines = []
+    for origin, rule in rules:
+        expiry = f", until {rule.expires:%Y-%m-%d %H:%M}Z" if rule.expires else ""
+        lines.append(f"  {rule.text:<{width}}  ({origin}{expiry})")
+    return lines
 
 
 def _local_address(connection: "GatewayConnection") -> str:
@@ -106,10 +125,20 @@ def _local_address(connection: "GatewayConnection") -> str:
     return host if port == 22 else f"{host}:{port}"
 
 
-def _example_host(rule) -> str:
-    if rule.network is not None:
-        address = rule.network.network_address if rule.network.num_addresses == 1 else next(rule.network.hosts())
-        host = str(address)
-    else:
-        host = (rule.name_pattern or "host").replace("*", "host")
-    return host
+def _example_target(policy, connection: "GatewayConnection", grants) -> tuple[str, int] | None:
+    """A target the user may really reach now (checked with evaluate(), so never the bastion's own address
+    or a denied host), preferring port 22; None if no granted address can be shown without DNS."""
+    now = utc_now()
+    candidates = []
+    for _, rule in grants:
+        if rule.network is None:
+            continue
+        port = 22 if 22 in rule.ports else rule.ports.ranges[0][0]
+        hosts = [rule.network.network_address] if rule.network.num_addresses == 1 else rule.network.hosts()
+        candidates += [(address, port) for address in itertools.islice(hosts, 16)]
+    candidates.sort(key=lambda candidate: candidate[1] != 22)
+    for address, port in candidates:
+        request = AccessRequest(user=connection.user, host=address, addresses=(address,), port=port, now=now)
+        if evaluate(policy, connection.ctx.guard, request).allowed:
+            return str(address), port
+    return None

@@ -10,14 +10,13 @@ import stat
 from pathlib import Path
 
 import asyncssh
-import psutil
 
 from . import __version__
 from .audit import AuditLog
 from .config import Config, load_config, render_config
 from .errors import BastionError, ConfigError
 from .limits import SourcePenalties, StartupLimit
-from .netguard import IPAddress, NetGuard, canonical_address
+from .local_addresses import make_guard
 from .control import start_control_server
 from .db import utc_now
 from .policy import Policy, next_expiry
@@ -81,25 +80,6 @@ def load_host_keys(config: Config) -> list[asyncssh.SSHKey]:
     return keys
 
 
-def own_addresses() -> frozenset[IPAddress]:
-    """Every address on this host's interfaces: targets the bastion never forwards to unless listed."""
-    import ipaddress
-
-    found = set()
-    for addresses in psutil.net_if_addrs().values():
-        for entry in addresses:
-            if entry.family in (2, 10):  # AF_INET, AF_INET6
-                try:
-                    found.add(canonical_address(ipaddress.ip_address(entry.address.split("%", 1)[0])))
-                except ValueError:
-                    continue
-    return frozenset(found)
-
-
-def make_guard(config: Config) -> NetGuard:
-    return NetGuard(internal_networks=config.internal_networks, own_addresses=own_addresses())
-
-
 class Gateway:
     """A running gateway: the listener, the shared context, and the signals that steer it."""
 
@@ -125,7 +105,18 @@ class Gateway:
     async def start(self) -> None:
         host_keys = load_host_keys(self.config)
         self.audit.start()
-        self._server = await asyncssh.create_server(
+        try:
+            self._server = await self._listen(host_keys)
+        except OSError as exc:
+            self.audit.stop()
+            raise ConfigError(f"cannot listen on {self.config.listen}: {exc.strerror or exc}") from None
+        sockname = self._server.sockets[0].getsockname()
+        self.address = (sockname[0], sockname[1])
+        self._control = await start_control_server(self.config.home, self.handle_control)
+        await self.context.policy.current()  # loads the policy and schedules the first expiry
+
+    async def _listen(self, host_keys: list[asyncssh.SSHKey]) -> asyncio.AbstractServer:
+        return await asyncssh.create_server(
             lambda: GatewayConnection(self.context),
             self.config.listen_host,
             self.config.listen_port,
@@ -143,10 +134,6 @@ class Gateway:
             keepalive_interval=self.config.keepalive_interval,
             keepalive_count_max=self.config.keepalive_count_max,
         )
-        sockname = self._server.sockets[0].getsockname()
-        self.address = (sockname[0], sockname[1])
-        self._control = await start_control_server(self.config.home, self.handle_control)
-        await self.context.policy.current()  # loads the policy and schedules the first expiry
 
     # ---- the control socket -----------------------------------------------------------------
 

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import asyncssh
-
 from .db import iso, migrate, open_database, utc_now
 from .errors import StoreError
 from .policy import NAME_PATTERN, Policy, UserPolicy
@@ -31,6 +29,8 @@ class PublicKey:
 
 def parse_public_keys(text: str, source: str = "key") -> list[PublicKey]:
     """Every key line of an OpenSSH public key file; blank and '#' lines are skipped."""
+    import asyncssh  # here, not at the top: the CLI should not pay for it on every command
+
     keys = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()

@@ -179,7 +179,9 @@ def _follow_tables(asked: Optional[list[str]], filters: Filters) -> list[str]:
         if name not in TABLES:
             raise FilterError(f"unknown table {name!r}: one of {', '.join(TABLES)}")
     tables = []
-    for name in asked or TABLES:
+    # following refusals means the refusals themselves, not every event of a session that had one
+    default = [t for t in TABLES if t != "sessions"] if filters.denied else TABLES
+    for name in asked or default:
         try:
             where_clause(name, filters)
         except FilterError:

@@ -11,7 +11,6 @@ from typing import Optional
 import typer
 
 from ..errors import BastionError
-from ..service import initialize, serve as serve_gateway
 from . import audit, policy, sessions, users
 from . import admin
 from .common import config_of, err_console
@@ -54,6 +53,8 @@ def init(
 
     Example: bastion --home /var/lib/bastion init --listen 0.0.0.0:22
     """
+    from ..service import initialize
+
     config = config_of(ctx, listen=listen)
     created = initialize(config)
     for path in created:
@@ -72,6 +73,8 @@ def serve(
 
     Example: bastion --home ./demo serve --listen 127.0.0.1:2222
     """
+    from ..service import initialize, serve as serve_gateway
+
     config = config_of(ctx, listen=listen)
     logging.basicConfig(
         level=config.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

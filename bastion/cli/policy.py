@@ -15,7 +15,7 @@ from ..errors import BastionError
 from ..netguard import TargetError, parse_host, parse_port
 from ..policy import AccessRequest, evaluate
 from ..policy_file import PolicyFileError, load_policy_file, policy_to_dict
-from ..service import make_guard
+from ..local_addresses import make_guard
 from .common import config_of, print_json
 from .users import _store
 
