@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,7 +14,7 @@ import typer
 from ..errors import BastionError
 from . import audit, policy, sessions, users
 from . import admin
-from .common import config_of, err_console
+from .common import config_of
 
 app = typer.Typer(
     help="bastion: an SSH jump host. Key-only logins, policy-checked tunnels, SQLite audit.\n\n"
@@ -55,6 +56,7 @@ def init(
     """
     from ..service import initialize
 
+    os.umask(0o077)  # everything the server creates (keys, database, WAL, socket) is the owner's alone
     config = config_of(ctx, listen=listen)
     created = initialize(config)
     for path in created:
@@ -75,6 +77,7 @@ def serve(
     """
     from ..service import initialize, serve as serve_gateway
 
+    os.umask(0o077)
     config = config_of(ctx, listen=listen)
     logging.basicConfig(
         level=config.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -89,5 +92,5 @@ def main() -> None:
     try:
         app()
     except BastionError as exc:
-        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        sys.stderr.write(f"error: {exc}\n")  # one plain line: no wrapping, easy to grep
         sys.exit(2)
