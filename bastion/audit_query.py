@@ -59,7 +59,7 @@ def open_reader(database: Path) -> sqlite3.Connection:
 
 def select(conn: sqlite3.Connection, table: str, filters: Filters) -> Iterator[dict[str, Any]]:
     """Rows of one audit table that match, oldest first. With a limit, the newest `limit` rows."""
-    where, params = where_clause(table, filters)
+    where, params = where_clause(table, filters, time_first=_time_first(conn, table, filters))
     columns = COLUMNS[table]
     time_column = TIME_COLUMN[table]
     sql = f"SELECT {', '.join(columns)} FROM {table}" + (f" WHERE {where}" if where else "")
@@ -70,6 +70,27 @@ def select(conn: sqlite3.Connection, table: str, filters: Filters) -> Iterator[d
         return
     for values in conn.execute(sql + f" ORDER BY {time_column}, rowid", params):
         yield dict(zip(columns, values))
+
+
+_PROBE_ROWS = 20_000
+
+
+def _time_first(conn: sqlite3.Connection, table: str, filters: Filters) -> bool:
+    """For a target network and a time window on channels: which index finds fewer rows? SQLite cannot know how
+    many addresses a range holds, so ask both, each capped at _PROBE_ROWS entries (a few ms at most)."""
+    target = filters.target
+    if table not in ("channels", "sessions") or target is None or target.key_range is None or (
+            filters.since is None and filters.until is None) or target.key_range[0] == target.key_range[1]:
+        return False
+    window = conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM channels WHERE opened_at >= ? AND opened_at < ? LIMIT ?)",
+        [iso(filters.since) if filters.since else "", iso(filters.until) if filters.until else "9999", _PROBE_ROWS],
+    ).fetchone()[0]
+    network = conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM channels WHERE target_ip_key BETWEEN ? AND ? LIMIT ?)",
+        [*target.key_range, _PROBE_ROWS],
+    ).fetchone()[0]
+    return window < network
 
 
 def make_filters(

@@ -9,12 +9,13 @@ or {"op": "kill", "user": NAME}, {"op": "revalidate", "why": TEXT}. Replies: {"o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 from .errors import BastionError
 
@@ -32,6 +33,20 @@ class NotRunning(BastionError):
 
 def socket_path(home: Path) -> Path:
     return home / SOCKET_NAME
+
+
+@contextlib.contextmanager
+def _short_path(path: Path) -> Iterator[str]:
+    """A UNIX socket path must fit in 108 bytes; a deep home does not. Going through an open descriptor of
+    its directory (/proc/self/fd/N/control.sock) reaches the same file with a short path."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 async def start_control_server(home: Path, handle: Handler) -> asyncio.AbstractServer:
@@ -65,7 +80,8 @@ async def start_control_server(home: Path, handle: Handler) -> asyncio.AbstractS
         finally:
             writer.close()
 
-    server = await asyncio.start_unix_server(serve_client, path=str(path), limit=_MAX_REQUEST + 1)
+    with _short_path(path) as bindable:
+        server = await asyncio.start_unix_server(serve_client, path=bindable, limit=_MAX_REQUEST + 1)
     os.chmod(path, 0o600)
     return server
 
@@ -78,7 +94,8 @@ def request(home: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
-            sock.connect(str(path))
+            with _short_path(path) as connectable:
+                sock.connect(connectable)
         except (ConnectionRefusedError, FileNotFoundError):
             raise NotRunning(f"bastion is not running (nothing listens on {path})") from None
         except PermissionError:

@@ -18,7 +18,7 @@ from datetime import datetime
 from ipaddress import IPv4Address, IPv6Address
 
 from .netguard import IPAddress, TargetError, canonical_address, parse_host
-from .policy import Decision, Policy, PolicyError, PortSet, parse_ports
+from .policy import ASK_ACCESS, ASK_GRANT, ASK_RENEWAL, Decision, Policy, PolicyError, PortSet, parse_ports
 
 LOOPBACK = IPv4Address("127.0.0.1")
 ANY_IPV4 = IPv4Address("0.0.0.0")
@@ -99,9 +99,9 @@ def evaluate_listen(policy: Policy, request: ListenRequest) -> Decision:
     """Deny unless an unexpired listen rule of the user or its groups grants this bind and port."""
     user = policy.users.get(request.user)
     if user is None:
-        return Decision(False, "unknown user", None, None)
+        return Decision(False, f"unknown user{ASK_ACCESS}", None, None)
     if user.expires is not None and request.now >= user.expires:
-        return Decision(False, f"access for {user.name} expired", None, None)
+        return Decision(False, f"access for {user.name} expired{ASK_RENEWAL}", None, None)
     if not 0 <= request.port <= 65535:
         return Decision(False, "port must be 0..65535", None, None)
     for origin, rule in _listen_rules(policy, request.user, request.now):
@@ -109,7 +109,7 @@ def evaluate_listen(policy: Policy, request: ListenRequest) -> Decision:
             return Decision(True, "granted", f"{origin}: {rule.text}", request.bind)
     where = f"[{request.bind}]" if request.bind.version == 6 else str(request.bind)
     port = "a port of its choosing" if request.port == 0 else str(request.port)
-    return Decision(False, f"{request.user} may not listen on {where}:{port}", None, None)
+    return Decision(False, f"{request.user} may not listen on {where}:{port}{ASK_GRANT}", None, None)
 
 
 def listen_ranges(policy: Policy, user: str, bind: IPAddress, now: datetime) -> list[tuple[int, int]]:

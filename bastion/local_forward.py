@@ -37,10 +37,10 @@ async def open_tunnel(connection: "GatewayConnection", dest_host: str, dest_port
         raise
     except Exception:
         connection.log.exception("error deciding %r:%r", dest_host[:256], dest_port)
-        decision, target_ip = Decision(False, "internal error while checking policy", None, None), None
+        decision, target_ip = Decision(False, "internal error while checking policy; ask your bastion admin to check its log", None, None), None
     if decision.allowed and connection.open_channels_of_user() >= ctx.config.max_channels_per_user:
         limit = ctx.config.max_channels_per_user
-        decision = Decision(False, f"too many open channels for {connection.user} (limit {limit})", None, None)
+        decision = Decision(False, f"too many open channels for {connection.user} (limit {limit}); close some or ask your bastion admin", None, None)
     record = ChannelRecord(
         session_id=connection.session_id or "",
         user=connection.user,

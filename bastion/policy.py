@@ -55,6 +55,12 @@ NAME_PATTERN = re.compile(r"[a-z_][a-z0-9_.-]{0,31}", re.ASCII)
 """User and group names: POSIX-user-name-like, so they are safe in logs, paths and shells."""
 
 DEFAULT_PORT = 22
+
+# What a refused user should ask the admin for: the reason reaches their ssh client verbatim.
+ASK_GRANT = "; ask your bastion admin for a grant"
+ASK_RENEWAL = "; ask your bastion admin to renew it"
+ASK_EXCEPTION = "; ask your bastion admin if you need it"
+ASK_ACCESS = "; ask your bastion admin for access"
 _MAX_RULE_TEXT = 4096  # a long port list is legitimate; 10,000 characters is not
 _PREFIX = re.compile(r"0|[1-9][0-9]{0,2}", re.ASCII)
 
@@ -379,10 +385,10 @@ def evaluate(policy: Policy, guard: NetGuard, request: AccessRequest) -> Decisio
     """Decide `request`; the order of checks is in the module docstring."""
     user = policy.users.get(request.user)
     if user is None:
-        return _deny("unknown user")
+        return _deny(f"unknown user{ASK_ACCESS}")
     now = request.now
     if user.expires is not None and now >= user.expires:
-        return _deny(f"access for {user.name} expired at {format_time(user.expires)}")
+        return _deny(f"access for {user.name} expired at {format_time(user.expires)}{ASK_RENEWAL}")
     endpoint = _endpoint(request.host, request.port)
     addresses = tuple(canonical_address(a) for a in request.addresses)
     if not addresses:
@@ -395,7 +401,7 @@ def evaluate(policy: Policy, guard: NetGuard, request: AccessRequest) -> Decisio
     for origin, rule in policy.denials_for(user.name):
         if not rule.expired(now) and any(
                 rule.matches(request.host, a, request.port) for a in addresses):
-            return _deny(f"{endpoint} is denied by policy", f"{origin}: {rule.text}")
+            return _deny(f"{endpoint} is denied by policy{ASK_EXCEPTION}", f"{origin}: {rule.text}")
 
     grants = [(origin, rule) for origin, rule in policy.grants_for(user.name)
               if not rule.expired(now)]
@@ -404,7 +410,7 @@ def evaluate(policy: Policy, guard: NetGuard, request: AccessRequest) -> Decisio
         match = next((f"{origin}: {rule.text}" for origin, rule in grants
                       if rule.matches(request.host, address, request.port)), None)
         if match is None:
-            return _deny(f"{user.name} may not reach {endpoint}")
+            return _deny(f"{user.name} may not reach {endpoint}{ASK_GRANT}")
         deciding = deciding or match
     return Decision(True, "granted", deciding, addresses[0])
 

@@ -293,7 +293,7 @@ class GatewayConnection(asyncssh.SSHServer):
         self.log.info("logged in from %s:%d with %s", self.client_ip, self.client_port, self.key_fingerprint)
         limit = ctx.config.max_sessions_per_user
         if len(ctx.sessions_of(self.user)) > limit:
-            self.disconnect(f"too many concurrent sessions for {self.user} (limit {limit})")
+            self.disconnect(f"too many concurrent sessions for {self.user} (limit {limit}); close one or ask your bastion admin")
             return
         loop = asyncio.get_running_loop()
         if ctx.config.max_session_seconds:

@@ -10,16 +10,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import asyncssh
 import typer
 
 from ..backup import backup_database
 from ..config import Config
 from ..db import utc_now
-from ..doctor import PROBLEM, run_checks, summary
 from ..errors import BastionError
 from ..netguard import TargetError, parse_host
-from ..quickstart import DEFAULT_LISTEN, next_steps, open_echo_socket, prepare, run_demo
 from ..ssh_config import ClientSetup, known_hosts_lines, render_ssh_config, split_public_name
 from .common import config_of, home_of, human_bytes, print_json
 from .users import _store
@@ -34,6 +31,8 @@ def doctor(ctx: typer.Context, json: bool = typer.Option(False, "--json", help="
 
     Example: bastion --home /var/lib/bastion doctor
     """
+    from ..doctor import PROBLEM, run_checks, summary  # imported here: only doctor pays for its checks
+
     findings = run_checks(home_of(ctx))
     if json:
         print_json([finding.as_dict() for finding in findings])
@@ -107,6 +106,8 @@ def _public_address(config: Config, host: str | None, port: int | None) -> tuple
 
 def host_public_keys(config: Config) -> list[str]:
     """The bastion's public host keys, "TYPE BASE64", from the .pub files `init` wrote (or the private keys)."""
+    import asyncssh
+
     keys = []
     for path in config.host_key_paths:
         public = Path(f"{path}.pub")
@@ -127,7 +128,7 @@ def quickstart(
     key: Optional[Path] = typer.Option(None, "--key", help="Your public key (default: ~/.ssh/id_ed25519.pub, "
                                        "then id_ecdsa.pub, id_rsa.pub)."),
     user: Optional[str] = typer.Option(None, "--user", help="The demo user's name (default: your login name)."),
-    listen: Optional[str] = typer.Option(None, "--listen", help=f"Loopback HOST:PORT (default {DEFAULT_LISTEN}; "
+    listen: Optional[str] = typer.Option(None, "--listen", help="Loopback HOST:PORT (default 127.0.0.1:2222; "
                                          "port 0 picks a free one)."),
 ) -> None:
     """Try bastion on this machine in one step: a loopback-only demo, served in the foreground.
@@ -137,6 +138,8 @@ def quickstart(
 
     Example: bastion quickstart --key ~/.ssh/id_ed25519.pub
     """
+    from ..quickstart import next_steps, open_echo_socket, prepare, run_demo  # loads the server
+
     echo_socket = open_echo_socket()
     try:
         demo = prepare(home_of(ctx), listen, key, user, echo_socket.getsockname()[1])

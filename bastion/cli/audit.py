@@ -34,7 +34,7 @@ def _reported(command: Callable) -> Callable:
         except FilterError as exc:
             raise typer.BadParameter(str(exc)) from None
         except BastionError as exc:
-            err_console.print(f"error: {exc}", markup=False, highlight=False)
+            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return run

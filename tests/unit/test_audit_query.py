@@ -106,6 +106,8 @@ CASES = [
     ("channels", {"target": "10.1.2.3"}, [1]),
     ("channels", {"target": "10.20.0.0/24:22"}, [4, 5]),
     ("channels", {"target": "10.20.0.0/24:80"}, []),
+    ("channels", {"target": "10.0.0.0/8", "since": "7d"}, [1, 4, 5]),
+    ("channels", {"target": "0.0.0.0/0", "since": "2h"}, [4, 5]),  # the window is narrower: walked by time
     ("channels", {"target": "DB.corp.internal"}, [1]),  # names match without case
     ("channels", {"target": "*.internal:5432"}, [1]),
     ("channels", {"target": "169.254.0.0/16"}, [2]),

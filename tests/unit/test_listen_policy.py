@@ -116,7 +116,7 @@ def test_evaluate_listen(user, bind, port, allowed, rule):
 
 def test_expired_listen_grant_is_skipped():
     assert decide("alice", "127.0.0.1", 7000, NOW + timedelta(hours=2)).allowed is False
-    assert "alice may not listen on 127.0.0.1:7000" == decide("alice", "127.0.0.1", 7000, NOW + timedelta(hours=2)).reason
+    assert decide("alice", "127.0.0.1", 7000, NOW + timedelta(hours=2)).reason.startswith("alice may not listen on 127.0.0.1:7000")
 
 
 def test_listen_ranges_for_port_zero():

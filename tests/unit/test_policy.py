@@ -270,17 +270,17 @@ def decide(user, host, port=22, addresses=None, now=NOW, policy=POLICY, guard=GU
     [
         ("alice", "10.1.2.3", 22, None, True, "granted", "users.alice.allow: 10.1.2.3:22,8000-8100"),
         ("alice", "10.1.2.3", 8000, None, True, "granted", "users.alice.allow: 10.1.2.3:22,8000-8100"),
-        ("alice", "10.1.2.3", 8080, None, False, "10.1.2.3:8080 is denied by policy", "users.alice.deny: 10.1.2.3:8080"),
-        ("alice", "10.1.2.3", 23, None, False, "alice may not reach 10.1.2.3:23", None),
+        ("alice", "10.1.2.3", 8080, None, False, "10.1.2.3:8080 is denied by policy; ask your bastion admin if you need it", "users.alice.deny: 10.1.2.3:8080"),
+        ("alice", "10.1.2.3", 23, None, False, "alice may not reach 10.1.2.3:23; ask your bastion admin for a grant", None),
         ("alice", "10.20.5.5", 22, None, True, "granted", "groups.ops.allow: 10.20.0.0/16:22"),
-        ("alice", "10.20.0.9", 22, None, False, "10.20.0.9:22 is denied by policy", "groups.ops.deny: 10.20.0.9"),
-        ("alice", "10.20.0.9", 5, None, False, "10.20.0.9:5 is denied by policy", "groups.ops.deny: 10.20.0.9"),
+        ("alice", "10.20.0.9", 22, None, False, "10.20.0.9:22 is denied by policy; ask your bastion admin if you need it", "groups.ops.deny: 10.20.0.9"),
+        ("alice", "10.20.0.9", 5, None, False, "10.20.0.9:5 is denied by policy; ask your bastion admin if you need it", "groups.ops.deny: 10.20.0.9"),
         ("alice", "pg1.db.corp.internal", 5432, ["10.50.0.1"], True, "granted", "groups.ops.allow: *.db.corp.internal:5432"),
-        ("alice", "pg1.db.corp.internal", 5433, ["10.50.0.1"], False, "alice may not reach pg1.db.corp.internal:5433", None),
+        ("alice", "pg1.db.corp.internal", 5433, ["10.50.0.1"], False, "alice may not reach pg1.db.corp.internal:5433; ask your bastion admin for a grant", None),
         # a name whose addresses include a denied one is denied
-        ("alice", "web.corp", 22, ["10.20.0.8", "10.20.0.9"], False, "web.corp:22 is denied by policy", "groups.ops.deny: 10.20.0.9"),
+        ("alice", "web.corp", 22, ["10.20.0.8", "10.20.0.9"], False, "web.corp:22 is denied by policy; ask your bastion admin if you need it", "groups.ops.deny: 10.20.0.9"),
         # every address must be allowed
-        ("alice", "web.corp", 22, ["10.20.0.8", "10.21.0.1"], False, "alice may not reach web.corp:22", None),
+        ("alice", "web.corp", 22, ["10.20.0.8", "10.21.0.1"], False, "alice may not reach web.corp:22; ask your bastion admin for a grant", None),
         ("alice", "web.corp", 22, ["10.20.0.8", "10.1.2.3"], True, "granted", "groups.ops.allow: 10.20.0.0/16:22"),
         ("alice", "web.corp", 22, ["10.1.2.3", "10.20.0.8"], True, "granted", "users.alice.allow: 10.1.2.3:22,8000-8100"),
         ("alice", "web.corp", 22, [], False, "web.corp did not resolve to an address", None),
@@ -293,17 +293,17 @@ def decide(user, host, port=22, addresses=None, now=NOW, policy=POLICY, guard=GU
         ("alice", "8.8.8.8", 22, None, False, "8.8.8.8 is not in an internal network", None),
         # per-grant expiry: 10.9.9.9 until tomorrow
         ("alice", "10.9.9.9", 22, None, True, "granted", "users.alice.allow: 10.9.9.9:22"),
-        ("tmp", "10.1.2.3", 22, None, False, "tmp may not reach 10.1.2.3:22", None),  # expires == now
+        ("tmp", "10.1.2.3", 22, None, False, "tmp may not reach 10.1.2.3:22; ask your bastion admin for a grant", None),  # expires == now
         ("tmp", "10.1.2.4", 22, None, True, "granted", "users.tmp.allow: 10.1.2.4"),
         # users
-        ("mallory", "10.1.2.3", 22, None, False, "unknown user", None),
-        ("old", "10.1.2.3", 22, None, False, "access for old expired at 2026-01-31T00:00:00Z", None),
-        ("old", "8.8.8.8", 22, None, False, "access for old expired at 2026-01-31T00:00:00Z", None),
+        ("mallory", "10.1.2.3", 22, None, False, "unknown user; ask your bastion admin for access", None),
+        ("old", "10.1.2.3", 22, None, False, "access for old expired at 2026-01-31T00:00:00Z; ask your bastion admin to renew it", None),
+        ("old", "8.8.8.8", 22, None, False, "access for old expired at 2026-01-31T00:00:00Z; ask your bastion admin to renew it", None),
         ("bob", "10.30.0.7", 65535, None, True, "granted", "users.bob.allow: 10.30.0.0/24:*"),
         ("bob", "10.20.1.1", 22, None, True, "granted", "groups.ops.allow: 10.20.0.0/16:22"),  # missing group ignored
         # IPv6 and names
         ("v6", "fd00:1::9", 22, None, True, "granted", "users.v6.allow: [fd00:1::/64]:22"),
-        ("v6", "[fd00:2::9]", 22, None, False, "v6 may not reach [fd00:2::9]:22", None),
+        ("v6", "[fd00:2::9]", 22, None, False, "v6 may not reach [fd00:2::9]:22; ask your bastion admin for a grant", None),
         ("v6", "GIT.corp.internal.", 22, ["fd00:5::1", "10.7.7.7"], True, "granted", "users.v6.allow: git.corp.internal"),
         ("v6", "fe80::1", 22, None, False, "fe80::1 is not in an internal network", None),
     ],
@@ -322,7 +322,7 @@ def test_expiry_is_inclusive_of_the_expiry_instant():
     expires = ALICE.expires
     assert decide("alice", "10.1.2.3", now=expires - timedelta(microseconds=1)).allowed
     assert decide("alice", "10.1.2.3", now=expires).reason == \
-        "access for alice expired at 2027-01-31T00:00:00Z"
+        "access for alice expired at 2027-01-31T00:00:00Z; ask your bastion admin to renew it"
     assert not decide("alice", "10.9.9.9", now=NOW + timedelta(days=1)).allowed
 
 
@@ -352,7 +352,7 @@ def test_guard_networks_limit_even_a_wide_grant():
 
 
 def test_empty_policy_denies_everyone():
-    assert decide("alice", "10.1.2.3", policy=Policy()) == Decision(False, "unknown user", None, None)
+    assert decide("alice", "10.1.2.3", policy=Policy()) == Decision(False, "unknown user; ask your bastion admin for access", None, None)
 
 
 def test_access_request_needs_an_aware_time():
