@@ -136,7 +136,7 @@ class AuditLog:
         counts = []
         for table, column, values in (
             ("sessions", "ended_at", {"ended_at": now, "end_reason": "crash"}),
-            ("channels", "closed_at", {"closed_at": now}),
+            ("channels", "closed_at", {"closed_at": now, "close_reason": "crash"}),
             ("listeners", "closed_at", {"closed_at": now, "close_reason": "crash"}),
         ):
             ids = [row[0] for row in conn.execute(f"SELECT id FROM {table} WHERE {column} IS NULL")]
@@ -256,9 +256,10 @@ class AuditLog:
             "target_ip_key": ip_key(record.target_ip),
         })
 
-    def close_channel(self, channel_id: int, bytes_up: int, bytes_down: int) -> None:
+    def close_channel(self, channel_id: int, bytes_up: int, bytes_down: int, reason: str | None = None) -> None:
+        """`reason` when the bastion closed it (revoked, shutdown); None when a side hung up."""
         self._submit("channels", channel_id, {
-            "closed_at": iso(self._clock()), "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "closed_at": iso(self._clock()), "bytes_up": bytes_up, "bytes_down": bytes_down, "close_reason": reason,
         })
 
     async def record_listener(self, record: ListenerRecord) -> int:

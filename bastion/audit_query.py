@@ -25,7 +25,8 @@ COLUMNS = {
     "sessions": ["id", "user", "client_ip", "client_port", "key_fingerprint", "client_version", "started_at",
                  "ended_at", "end_reason", "bytes_up", "bytes_down"],
     "channels": ["id", "session_id", "user", "kind", "target_host", "target_ip", "target_port", "decision", "rule",
-                 "reason", "opened_at", "closed_at", "bytes_up", "bytes_down", "listener_id", "peer_ip", "peer_port"],
+                 "reason", "opened_at", "closed_at", "close_reason", "bytes_up", "bytes_down", "listener_id", "peer_ip",
+                 "peer_port"],
     "listeners": ["id", "session_id", "user", "listen_host", "listen_port", "requested_port", "decision", "rule",
                   "reason", "opened_at", "closed_at", "close_reason"],
 }
@@ -172,7 +173,7 @@ def timeline(record: dict[str, Any]) -> list[dict[str, Any]]:
         entries.append((row["opened_at"], 2, {
             "time": row["opened_at"], "event": f"channel {row['id']} {row['decision']}",
             "what": f"{row['kind']} {where}", "reason": _reason(row), "closed_at": row["closed_at"],
-            "bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"]}))
+            "close_reason": row["close_reason"], "bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"]}))
     for row in record["listeners"]:
         requested = "" if row["requested_port"] == row["listen_port"] else f" (asked {row['requested_port']})"
         entries.append((row["opened_at"], 2, {

@@ -143,6 +143,10 @@ MIGRATIONS: tuple[str, ...] = (
     ) STRICT;
     CREATE INDEX audit_events_row ON audit_events (tbl, row_id, seq);
     """,
+    # 3: why a channel closed when the bastion closed it (revoked, crash); NULL when a side simply hung up
+    """
+    ALTER TABLE channels ADD COLUMN close_reason TEXT;
+    """,
 )
 
 

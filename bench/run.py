@@ -107,7 +107,7 @@ def markdown(rows: list[Row], meta: dict, mode: str) -> str:
     ]
     for row in rows:
         ratio = "–" if row.ratio is None else f"{row.ratio:.2f}"
-        note = row.note if row.reference == "sshd" else f"{row.note}".strip()
+        note = row.note.replace("|", "\\|")
         lines.append(f"| {row.figure} | {row.measure} | {row.direction} | {row.unit} ({row.better} is better) "
                      f"| {fmt(row.ours)} | {fmt(row.sshd)} | {ratio} | {note} |")
     return "\n".join(lines) + "\n"

@@ -19,11 +19,12 @@ SHOWN = {
     "auth": ["time", "user", "client", "method", "key_fingerprint", "result", "reason"],
     "sessions": ["id", "user", "client", "started_at", "duration", "end_reason", "up", "down"],
     "channels": ["id", "session_id", "user", "kind", "target", "decision", "reason", "opened_at", "duration",
-                 "up", "down"],
+                 "up", "down", "close_reason"],
     "listeners": ["id", "session_id", "user", "listen", "decision", "reason", "opened_at", "duration",
                   "close_reason"],
 }
-_FOLDED = {"reason", "target", "what", "outcome", "listen", "end_reason", "key_fingerprint", "client_version"}
+_FOLDED = {"reason", "target", "what", "outcome", "listen", "end_reason", "close_reason", "key_fingerprint",
+           "client_version"}
 _END = {"sessions": ("started_at", "ended_at"), "channels": ("opened_at", "closed_at"),
         "listeners": ("opened_at", "closed_at")}
 
@@ -154,6 +155,8 @@ def timeline_table(entries: list[dict[str, Any]]) -> Table:
         if entry["event"].startswith("channel") and not entry["event"].endswith("deny"):
             duration = human_duration(entry["time"], entry.get("closed_at"))
             up, down = human_bytes(entry["bytes_up"]), human_bytes(entry["bytes_down"])
+            if entry.get("close_reason"):
+                outcome += f"; closed: {entry['close_reason']}"
         elif entry["event"].startswith("listener") and entry["event"].endswith("allow"):
             duration = human_duration(entry["time"], entry.get("closed_at"))
             if entry.get("close_reason"):
@@ -187,6 +190,7 @@ def follow_line(event: dict[str, Any]) -> str:
             what += row["reason"]
         elif table == "channels":
             what += f"{shown['duration']}, up {shown['up']}, down {shown['down']}"
+            what += f", {row['close_reason']}" if row.get("close_reason") else ""
         else:
             what += f"{shown['duration']}, {row['close_reason']}"
     return f"{event['time']}  {label:<15}  {what}"

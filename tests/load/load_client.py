@@ -181,11 +181,13 @@ async def brute_worker(index: int, args: argparse.Namespace, pool: list, totals:
         keys = rng.sample(pool, rng.randint(1, 8))  # sometimes more than max_auth_tries
         options = asyncssh.SSHClientConnectionOptions(
             username=rng.choice(users), client_keys=keys, known_hosts=None, config=[], agent_path=None,
-            preferred_auth="publickey", local_addr=(args.source, 0),
+            preferred_auth="publickey",
         )
         totals.outcomes["attempts"] += 1
         try:
-            conn = await asyncio.wait_for(asyncssh.connect(args.host, args.port, options=options), OP_TIMEOUT)
+            # local_addr must be an argument of connect(): its default () overrides the one in `options`
+            conn = await asyncio.wait_for(
+                asyncssh.connect(args.host, args.port, local_addr=(args.source, 0), options=options), OP_TIMEOUT)
         except asyncssh.PermissionDenied:
             totals.outcomes["keys rejected"] += 1
         except asyncssh.DisconnectError as exc:

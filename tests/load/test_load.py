@@ -148,6 +148,7 @@ class Sampler:
 
     pid: int
     clients: list[ClientProcess]
+    database: Path
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -179,6 +180,7 @@ class Sampler:
             "t": time.monotonic() - self.started, **memory, "cpu": cpu, "fds": fds, "threads": threads,
             "load1": os.getloadavg()[0], "opens": sum(c.last.get("opens", 0) for c in self.clients),
             "connected": sum(c.last.get("connected", 0) for c in self.clients),
+            "open_rows": [len(rows) for rows in open_rows(self.database)],
         })
 
     def _run(self) -> None:
@@ -311,7 +313,7 @@ def test_load_brute_force_and_sigkill(testbed: Testbed, make_bastion, tmp_path: 
         # 1. sustained load with brute force ---------------------------------------------------------
         legit, brute = start_clients(testbed, bastion, work, "p1", SECONDS, work / "keys", known_hosts)
         processes += [*legit, brute]
-        sampler = Sampler(bastion.proc.pid, legit).start()
+        sampler = Sampler(bastion.proc.pid, legit, database).start()
         cpu_before = psutil.Process(bastion.proc.pid).cpu_times()
         p1 = [c.result(SECONDS + 120) for c in legit]
         p1_brute = brute.result(60)
@@ -359,7 +361,7 @@ def test_load_brute_force_and_sigkill(testbed: Testbed, make_bastion, tmp_path: 
         # 2. the same load, SIGKILL, restart ---------------------------------------------------------
         legit2, brute2 = start_clients(testbed, bastion, work, "p2", PHASE2_SECONDS, work / "keys", known_hosts)
         processes += [*legit2, brute2]
-        sampler2 = Sampler(bastion.proc.pid, legit2).start()
+        sampler2 = Sampler(bastion.proc.pid, legit2, database).start()
         time.sleep(KILL_AFTER)
         for client in (*legit2, brute2):
             client.signal(signal.SIGUSR1)
@@ -379,7 +381,7 @@ def test_load_brute_force_and_sigkill(testbed: Testbed, make_bastion, tmp_path: 
         sampler2.follow(bastion.proc.pid)
         p2 = [c.result(PHASE2_SECONDS + 120) for c in legit2]
         p2_brute = brute2.result(60)
-        sampler2.stop()
+        figures["samples2"] = sampler2.stop()
         wait_quiet(database)
         exit_code = bastion.stop(signal.SIGTERM, timeout=30)
         verify = bastion.cli("audit", "verify", check=False, timeout=300)
@@ -501,10 +503,12 @@ def print_summary(f: dict[str, Any]) -> None:
     print("\n\nbastion load test (issue #5)\n" + "-" * (width + 60))
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    print("\nper 5 s: t  RSS  PSS  cpu%  fds  load1  opens  connected")
-    for s in f["samples"]:
-        print(f"  {s['t']:5.1f}  {mib(s['rss']):>10}  {mib(s['pss']):>10}  {s['cpu']:5.1f}  {s['fds']:5d}  "
-              f"{s['load1']:5.2f}  {s['opens']:7d}  {s['connected']:4d}")
+    for title, key in (("phase 1", "samples"), (f"phase 2 (SIGKILL at {KILL_AFTER:g}s)", "samples2")):
+        print(f"\n{title}, every {SAMPLE_EVERY:g} s: t  RSS  PSS  cpu%  fds  load1  opens  connected  "
+              "open rows (sessions/channels)")
+        for s in f[key]:
+            print(f"  {s['t']:5.1f}  {mib(s['rss']):>10}  {mib(s['pss']):>10}  {s['cpu']:5.1f}  {s['fds']:5d}  "
+                  f"{s['load1']:5.2f}  {s['opens']:7d}  {s['connected']:4d}  {s['open_rows'][0]}/{s['open_rows'][1]}")
     for label in ("p1_error_kinds", "p2_error_kinds"):
         if f[label]:
             print(f"{label}:")

@@ -73,6 +73,7 @@ def test_rows_left_open_are_marked_crash_on_next_start(database):
     audit.stop()
     assert rows(database, "SELECT ended_at IS NOT NULL, end_reason FROM sessions") == [(1, "crash")]
     assert rows(database, "SELECT count(*) FROM channels WHERE closed_at IS NULL") == [(0,)]
+    assert rows(database, "SELECT close_reason FROM channels ORDER BY id") == [("crash",), (None,)]
 
 
 def test_write_failure_refuses_instead_of_dropping(database):
@@ -153,7 +154,7 @@ def test_listener_and_its_forwarded_channel_are_recorded(database):
             target_port=8080, decision="allow", rule=None, reason="through listener", opened_at=datetime.now(UTC),
             listener_id=listener_id, peer_ip="10.0.0.9", peer_port=40000)
         channel_id = await audit.record_channel(forwarded)
-        audit.close_channel(channel_id, 5, 6)
+        audit.close_channel(channel_id, 5, 6, reason="revoked: grant expired")
         # 3. the client cancels the forward
         audit.close_listener(listener_id, "cancelled by client")
         audit.stop()
@@ -164,8 +165,9 @@ def test_listener_and_its_forwarded_channel_are_recorded(database):
     # a refused listener never opened: closed when decided, for the reason it was refused
     assert rows(database, f"SELECT closed_at = opened_at, close_reason FROM listeners WHERE id = {refused_id}") == [
         (1, "not granted")]
-    assert rows(database, f"SELECT kind, listener_id, peer_ip, peer_port FROM channels WHERE id = {channel_id}") == [
-        ("forwarded-tcpip", listener_id, "10.0.0.9", 40000)]
+    assert rows(database, f"SELECT kind, listener_id, peer_ip, peer_port, close_reason FROM channels "
+                          f"WHERE id = {channel_id}") == [
+        ("forwarded-tcpip", listener_id, "10.0.0.9", 40000, "revoked: grant expired")]
 
 
 def test_crash_recovery_closes_listeners_too(database):
