@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .audit_filters import TABLES, TIME_COLUMN, Filters, FilterError, ip_key, parse_client, parse_target, where_clause
+from .audit_filters import TABLES, TIME_COLUMN, Filters, ip_key, parse_client, parse_target, where_clause
 from .audit_filters import parse_moment as _parse_moment
 from .db import MIGRATIONS, connect, iso, utc_now
 from .errors import BastionError, StoreError

@@ -43,7 +43,7 @@ def initialize(config: Config) -> list[str]:
         if path.exists():
             continue
         algorithm, options = HOST_KEY_ALGORITHMS[path.name]
-        key = asyncssh.generate_private_key(algorithm, comment=f"bastion host key", **options)
+        key = asyncssh.generate_private_key(algorithm, comment="bastion host key", **options)
         _write_private(path, key.export_private_key("openssh"))
         path.with_name(path.name + ".pub").write_bytes(key.export_public_key("openssh"))
         created.append(str(path))

@@ -18,8 +18,7 @@ from ..db import utc_now
 from ..errors import BastionError
 from ..netguard import TargetError, parse_host
 from ..ssh_config import ClientSetup, known_hosts_lines, render_ssh_config, split_public_name
-from .common import config_of, home_of, human_bytes, print_json
-from .users import _store
+from .common import config_of, home_of, human_bytes, open_store, print_json
 
 
 def doctor(ctx: typer.Context, json: bool = typer.Option(False, "--json", help="Print a JSON array.")) -> None:
@@ -74,12 +73,9 @@ def ssh_config(
     if known_hosts:
         typer.echo("\n".join(known_hosts_lines(host, port, host_keys)))
         return
-    store = _store(ctx)
-    try:
+    with open_store(ctx) as store:
         _, policy = store.load_policy()
         users = {user["name"] for user in store.list_users()}
-    finally:
-        store.close()
     if name not in users and name not in policy.users:
         raise BastionError(f"no user named {name!r}; add one with `bastion user add {name} --key FILE.pub`")
     setup = ClientSetup(user=name, host=host, port=port, identity_file=identity_file,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,6 +38,9 @@ def _reported(command: Callable) -> Callable:
         except BastionError as exc:
             err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except BrokenPipeError:  # `| head` has read enough: stop quietly, as other Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not fail again
+            raise typer.Exit(0) from None
 
     return run
 
@@ -100,7 +105,8 @@ def _list_command(table: str, example: str) -> Callable:
         finally:
             conn.close()
 
-    command.__doc__ = f"List {table} from the audit log, oldest first, filtered.\n\nExample: {example}"
+    noun = "logins (auth)" if table == "auth" else table
+    command.__doc__ = f"List {noun} from the audit log, oldest first, filtered.\n\nExample: {example}"
     return _reported(command)
 
 
@@ -243,8 +249,9 @@ def verify(
     file: Optional[Path] = typer.Option(None, "--file", help="Verify an export file instead of the database."),
     json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Check the hash chain and every audit row against it. Exit 0 when intact, 1 when anything was edited,
-    inserted or deleted (the first break is named first).
+    """Check the hash chain and every audit row against it; exit 1 when anything was tampered with.
+
+    Names the first edited, inserted or deleted row or event first. Exit 0 when intact.
 
     Example: bastion audit verify --head 18234:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
     """
@@ -271,8 +278,9 @@ def prune(
     ctx: typer.Context,
     older_than: str = typer.Option(..., "--older-than", help="Age: 90d, 12w, 36h."),
 ) -> None:
-    """Delete finished rows last changed before the given age; an anchor keeps the chain verifiable. Refuses
-    when the log does not verify.
+    """Delete finished rows last changed before the given age, keeping the chain verifiable.
+
+    An anchor event records the hash of what was pruned. Refuses when the log does not verify.
 
     Example: bastion audit prune --older-than 90d
     """
@@ -289,8 +297,9 @@ def export(
     ctx: typer.Context,
     file: Path = typer.Argument(..., help="Where to write the export (JSON lines)."),
 ) -> None:
-    """Write the whole hash chain (every change, each with its row's full state) to a file that
-    `bastion audit verify --file` checks anywhere, without the database.
+    """Write the hash chain to a self-contained file that `verify --file` checks anywhere.
+
+    Every change, each with its row's full state, as JSON lines; no database needed to check it.
 
     Example: bastion audit export /srv/archive/bastion-audit-2026-11.jsonl
     """

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from ..config import Config, load_config
+from ..control import notify
+from ..errors import BastionError
+from ..store import Store
 
 console = Console()
 err_console = Console(stderr=True)
@@ -24,6 +28,26 @@ def home_of(ctx: typer.Context) -> Path | None:
 
 def config_of(ctx: typer.Context, **overrides: Any) -> Config:
     return load_config(home_of(ctx), overrides=overrides)
+
+
+@contextlib.contextmanager
+def open_store(ctx: typer.Context) -> Iterator[Store]:
+    """The home's store, closed afterwards; a clear error if the home was never initialized."""
+    config = config_of(ctx)
+    if not config.database.exists():
+        raise BastionError(f"{config.database}: no database; run `bastion --home {config.home} init` first")
+    store = Store(config.database)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def notify_server(ctx: typer.Context, why: str) -> None:
+    """Tell a running server to re-check live sessions after a change, and say what it did."""
+    note = notify(config_of(ctx).home, why)
+    if note:
+        typer.echo(note)
 
 
 def print_json(data: Any) -> None:

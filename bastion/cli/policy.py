@@ -9,15 +9,13 @@ from typing import Optional
 
 import typer
 
-from ..control import notify
 from ..db import utc_now
 from ..errors import BastionError
 from ..netguard import TargetError, parse_host, parse_port
 from ..policy import AccessRequest, evaluate
 from ..policy_file import PolicyFileError, load_policy_file, policy_to_dict
 from ..local_addresses import make_guard
-from .common import config_of, print_json
-from .users import _store
+from .common import config_of, notify_server, open_store, print_json
 
 app = typer.Typer(help="Apply, show and check the access policy.", no_args_is_help=True)
 
@@ -33,15 +31,10 @@ def apply(ctx: typer.Context, file: Path = typer.Argument(..., help="Policy file
         update = load_policy_file(file)
     except (PolicyFileError, OSError) as exc:
         raise BastionError(f"policy not applied: {exc}") from None
-    store = _store(ctx)
-    try:
+    with open_store(ctx) as store:
         store.apply_policy(update)
-    finally:
-        store.close()
     typer.echo(f"applied {file}: {len(update.users)} users, {len(update.groups)} groups")
-    note = notify(config_of(ctx).home, "policy apply")
-    if note:
-        typer.echo(note)
+    notify_server(ctx, "policy apply")
 
 
 @app.command("show")
@@ -54,11 +47,8 @@ def show(
 
     Example: bastion policy show alice
     """
-    store = _store(ctx)
-    try:
+    with open_store(ctx) as store:
         _, policy = store.load_policy()
-    finally:
-        store.close()
     data = policy_to_dict(policy)
     for user in data.get("users", {}).values():
         user.pop("keys", None)  # keys are shown by `user list`
@@ -87,11 +77,8 @@ def check(
     Example: bastion policy check alice 10.1.2.3 22
     """
     config = config_of(ctx)
-    store = _store(ctx)
-    try:
+    with open_store(ctx) as store:
         _, policy = store.load_policy()
-    finally:
-        store.close()
     try:
         target = parse_host(host)
         checked_port = parse_port(port)

@@ -7,19 +7,11 @@ from typing import List
 
 import typer
 
-from ..control import notify
 from ..errors import BastionError
-from ..store import Store, parse_public_keys
-from .common import config_of, print_json, print_table
+from ..store import parse_public_keys
+from .common import notify_server, open_store, print_json, print_table
 
 app = typer.Typer(help="Add, list and remove users and their public keys.", no_args_is_help=True)
-
-
-def _store(ctx: typer.Context) -> Store:
-    config = config_of(ctx)
-    if not config.database.exists():
-        raise BastionError(f"{config.database}: no database; run `bastion --home {config.home} init` first")
-    return Store(config.database)
 
 
 @app.command("add")
@@ -39,11 +31,8 @@ def add(
         except OSError as exc:
             raise BastionError(f"{path}: cannot read key file: {exc.strerror}") from None
         keys.extend(parse_public_keys(text, str(path)))
-    store = _store(ctx)
-    try:
+    with open_store(ctx) as store:
         added = store.add_user(name, keys)
-    finally:
-        store.close()
     for public_key in added:
         typer.echo(f"{name}: added {public_key.key_type} {public_key.fingerprint} {public_key.comment}".rstrip())
     if not added:
@@ -56,11 +45,8 @@ def list_users(ctx: typer.Context, json: bool = typer.Option(False, "--json", he
 
     Example: bastion user list --json
     """
-    store = _store(ctx)
-    try:
+    with open_store(ctx) as store:
         users = store.list_users()
-    finally:
-        store.close()
     if json:
         print_json(users)
         return
@@ -82,13 +68,10 @@ def remove(ctx: typer.Context, name: str = typer.Argument(..., help="The user to
 
     Example: bastion user remove alice
     """
-    store = _store(ctx)
-    try:
+    with open_store(ctx) as store:
         store.remove_user(name)
-    finally:
-        store.close()
     typer.echo(f"removed user {name}")
-    _notify(ctx, "user remove")
+    notify_server(ctx, "user remove")
 
 
 @app.command("remove-key")
@@ -101,16 +84,7 @@ def remove_key(
 
     Example: bastion user remove-key alice SHA256:abc…
     """
-    store = _store(ctx)
-    try:
+    with open_store(ctx) as store:
         store.remove_key(name, fingerprint)
-    finally:
-        store.close()
     typer.echo(f"{name}: removed key {fingerprint}")
-    _notify(ctx, "key removed")
-
-
-def _notify(ctx: typer.Context, why: str) -> None:
-    note = notify(config_of(ctx).home, why)
-    if note:
-        typer.echo(note)
+    notify_server(ctx, "key removed")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
 import sys
@@ -128,6 +127,7 @@ async def legit_worker(index: int, args: argparse.Namespace, options: list, tota
         totals.sessions[totals.phase] += 1
         _sample(totals.login_latency, time.monotonic() - began)
         totals.connected += 1
+        broke = False
         try:
             done = 0
             while not stop.is_set() and (not args.tunnels_per_session or done < args.tunnels_per_session):
@@ -136,6 +136,7 @@ async def legit_worker(index: int, args: argparse.Namespace, options: list, tota
                     await asyncio.wait_for(one_tunnel(conn, host, int(port), payload, totals), OP_TIMEOUT)
                 except (OSError, asyncssh.Error, asyncio.TimeoutError, RuntimeError) as exc:
                     totals.error("tunnel", exc)
+                    broke = True
                     break
                 done += 1
                 if args.think:
@@ -147,8 +148,8 @@ async def legit_worker(index: int, args: argparse.Namespace, options: list, tota
                 await asyncio.wait_for(conn.wait_closed(), 10)
             except asyncio.TimeoutError as exc:
                 totals.error("close", exc)
-        if done < args.tunnels_per_session and not stop.is_set():
-            await _backoff(rng, stop)  # it broke: back off before logging in again
+        if broke and not stop.is_set():
+            await _backoff(rng, stop)  # back off before logging in again
 
 
 async def _backoff(rng: random.Random, stop: asyncio.Event) -> None:
@@ -194,7 +195,7 @@ async def brute_worker(index: int, args: argparse.Namespace, pool: list, totals:
             reason = "too many auth failures" if exc.code == asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE else \
                 f"disconnected ({exc.reason})"
             totals.outcomes[reason] += 1
-        except (asyncssh.ConnectionLost, ConnectionResetError, BrokenPipeError) as exc:
+        except (asyncssh.ConnectionLost, ConnectionResetError, BrokenPipeError):
             totals.outcomes["dropped"] += 1  # closed before or during the key exchange: penalty or startup limit
         except asyncio.TimeoutError:
             totals.outcomes["timeout"] += 1

@@ -6,8 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bastion.audit import AuditLog, AuditUnavailable, ChannelRecord, SessionRecord
-from bastion.audit_query import parse_moment, query
+from bastion.audit import AuditLog, AuditUnavailable, ChannelRecord, ListenerRecord, SessionRecord
+from bastion.audit_filters import Filters
+from bastion.audit_query import open_reader, parse_moment, query, select
 from bastion.errors import BastionError
 from bastion.store import Store
 
@@ -127,10 +128,6 @@ def test_parse_moment():
 
 
 # ---- listeners, forwarded channels, batches, readers (#3, #4) ---------------------------------------------
-
-from bastion.audit import ListenerRecord  # noqa: E402
-from bastion.audit_query import open_reader, select  # noqa: E402
-from bastion.audit_filters import Filters  # noqa: E402
 
 
 def listener(decision="allow", port=8080):
