@@ -112,10 +112,7 @@ class AuditLog:
         with _transaction(conn):
             head = read_head(conn)
             if head.seq == 0:
-                conn.execute("UPDATE channels SET target_ip_key = ip_key(target_ip) "
-                             "WHERE target_ip IS NOT NULL AND target_ip_key IS NULL")
-                if adopted := adopt_existing_rows(conn, now, head):
-                    log.info("audit chain started: %d existing rows adopted", adopted)
+                self._start_chain(conn, head, now)
             closed = self._close_after_crash(conn, head, now)
         self._head = head
         self._thread = threading.Thread(target=self._write_forever, name="audit-writer", daemon=True)
@@ -131,6 +128,21 @@ class AuditLog:
         self._thread = None
         assert self._conn is not None
         self._conn.close()
+
+    @staticmethod
+    def _start_chain(conn: sqlite3.Connection, head: Head, now: str) -> None:
+        """An empty chain: the first start after the upgrade adopts the rows written before it, once. If the chain
+        was started before, someone emptied it: adopting now would bless whatever the rows say, so record that."""
+        started = conn.execute("SELECT value FROM meta WHERE key = 'audit_chain_started'").fetchone()
+        if started is not None:
+            log.error("the audit chain started at %s is empty: its events were deleted", started[0])
+            append(conn, head, now, "alarm", CHAIN_TABLE, 0, {"chain_started": started[0], "found_seq": 0})
+            return
+        conn.execute("UPDATE channels SET target_ip_key = ip_key(target_ip) "
+                     "WHERE target_ip IS NOT NULL AND target_ip_key IS NULL")
+        if adopted := adopt_existing_rows(conn, now, head):
+            log.info("audit chain started: %d existing rows adopted", adopted)
+        conn.execute("INSERT INTO meta (key, value) VALUES ('audit_chain_started', ?)", [now])
 
     def _close_after_crash(self, conn: sqlite3.Connection, head: Head, now: str) -> int:
         counts = []

@@ -94,6 +94,10 @@ class SourcePenalties:
         self._sources[key] = record  # most recently seen last
         while len(self._sources) > self.max_sources:
             self._sources.popitem(last=False)
+        if record.until > now:
+            # Connections accepted just before the penalty keep failing during it; they must not stack
+            # further penalties, or one burst behind a NAT would lock the source out for the maximum.
+            return None
         record.failures += 1
         if record.failures < self.threshold:
             return None

@@ -46,6 +46,7 @@ class Totals:
     errors: Counter = field(default_factory=Counter)  # by phase
     error_kinds: Counter = field(default_factory=Counter)  # "phase | where | Type: message"
     error_samples: list = field(default_factory=list)  # the first few, with times
+    error_last: dict = field(default_factory=dict)  # "phase | where | Type" -> seconds of its latest
     bytes_echoed: int = 0
     connected: int = 0
     open_latency: list = field(default_factory=list)  # seconds, sampled
@@ -62,6 +63,7 @@ class Totals:
         self.errors[self.phase] += 1
         text = f"{type(exc).__name__}: {exc}"[:200]
         self.error_kinds[f"{self.phase} | {where} | {text}"] += 1
+        self.error_last[f"{self.phase} | {where} | {type(exc).__name__}"] = round(self.elapsed(), 3)
         if len(self.error_samples) < 40:
             self.error_samples.append({"t": round(self.elapsed(), 3), "phase": self.phase, "where": where,
                                        "error": text})
@@ -269,8 +271,9 @@ async def main(args: argparse.Namespace) -> int:
         "duration": ended_at,
         "tunnels_ok": dict(totals.tunnels_ok),
         "sessions_by_phase": dict(totals.sessions),
-        "error_kinds": dict(totals.error_kinds.most_common(30)),
+        "error_kinds": dict(totals.error_kinds.most_common(200)),
         "error_samples": totals.error_samples,
+        "error_last": totals.error_last,
         "bytes_echoed": totals.bytes_echoed,
         "open_latency": percentiles(totals.open_latency),
         "round_trip": percentiles(totals.round_trip),

@@ -206,6 +206,17 @@ def test_rows_from_before_the_chain_are_adopted_once(tmp_path):
     conn.close()
 
 
+def test_emptying_the_chain_is_not_adopted_on_the_next_start(tmp_path):
+    path = written(tmp_path / "bastion.db")
+    sql(path, "DELETE FROM audit_events", "UPDATE channels SET target_host = '10.6.6.6' WHERE id = 1")
+    audit = AuditLog(path)
+    audit.start()  # a restart must not bless the edited rows as a new beginning
+    audit.stop()
+    report = verify(path)
+    assert report.problems[0].startswith("event 1: the audit writer found the chain cut while it ran")
+    assert "channels row 1 inserted: no audit event wrote it" in report.problems
+
+
 def test_prune_removes_old_finished_rows_and_the_chain_still_verifies(tmp_path):
     old = NOW - timedelta(days=100)
     path = tmp_path / "bastion.db"

@@ -68,3 +68,13 @@ def test_memory_is_bounded():
     for n in range(1000):
         penalties.failed(f"10.0.{n // 256}.{n % 256}", 0)
     assert len(penalties._sources) == 100
+
+
+def test_failures_during_a_penalty_do_not_stack_penalties():
+    """A burst of 50 parallel failures starts one penalty, not a ladder up to the maximum."""
+    penalties = SourcePenalties(threshold=5, base=30, maximum=3600)
+    started = [penalties.failed("10.0.0.1", n / 50) for n in range(50)]
+    assert [length for length in started if length is not None] == [30]
+    for n in range(5):  # after the penalty, the next burst doubles it
+        length = penalties.failed("10.0.0.1", 31 + n)
+    assert length == 60
