@@ -15,7 +15,7 @@ checks that each audit row equals the payload of its latest event, so it names:
 
 Kinds: insert/update (the writer), adopt (rows that existed before the chain, once), restate (a row's state
 carried over a prune), anchor (a prune: which prefix went and its last hash), alarm (the writer found the
-chain's tail gone while it ran). Limits: whoever can write the file can rebuild the whole chain, and deleting
+chain's tail gone while it ran, or the whole chain gone at start). Limits: whoever can write the file can rebuild the whole chain, and deleting
 the newest events with their rows leaves a shorter valid chain; both are caught only against a head recorded
 elsewhere (`verify --head SEQ:HASH`; `follow --jsonl` and `export` carry hashes).
 """

@@ -351,8 +351,8 @@ class GatewayConnection(asyncssh.SSHServer):
         self.bytes_up += tunnel.bytes_up
         self.bytes_down += tunnel.bytes_down
         if tunnel.channel_id is not None:
-            extra = {"reason": tunnel.close_reason} if tunnel.close_reason else {}  # TODO(#3): always pass
-            self.ctx.audit.close_channel(tunnel.channel_id, tunnel.bytes_up, tunnel.bytes_down, **extra)
+            self.ctx.audit.close_channel(tunnel.channel_id, tunnel.bytes_up, tunnel.bytes_down,
+                                         reason=tunnel.close_reason)
         self._channels_changed()
 
     def _channels_changed(self) -> None:

@@ -364,8 +364,9 @@ def figure_memory(bench: Bench, p: Params) -> list[Row]:
                         total["sshd"], note="base + per session × count (extrapolated where capped)"))
         fill = {name: r["sessions"] / r["setup_s"] for name, r in results.items()}
         rows.append(Row(6, f"sessions opened per second while filling to {wanted}", "/s", "higher", fill["ours"],
-                        fill["sshd"], note="login + one tunnel each, 100 at a time; a rate that falls as the "
-                                           "count grows means per-login work grows with live sessions"))
+                        fill["sshd"], note="login + one tunnel each, 25 at a time per client process; a rate "
+                                           "that falls as the count grows means per-login work grows with live "
+                                           "sessions"))
     return rows
 
 
