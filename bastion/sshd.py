@@ -74,8 +74,11 @@ class ServerContext:
     unauthenticated: int = 0
     dropping: bool = False  # inside a burst of startup-limit drops (audited once per burst)
 
-    def sessions_of(self, user: str) -> list["GatewayConnection"]:
-        return [c for c in self.connections if c.session_id is not None and c.user == user]
+    sessions_by_user: dict[str, set["GatewayConnection"]] = field(default_factory=dict)
+
+    def sessions_of(self, user: str) -> set["GatewayConnection"]:
+        """The user's logged-in connections: a dict lookup, not a scan (10,000 sessions are normal)."""
+        return self.sessions_by_user.get(user, set())
 
 
 class ConnectionLog(logging.LoggerAdapter):
@@ -143,6 +146,11 @@ class GatewayConnection(asyncssh.SSHServer):
         self.ctx.connections.discard(self)
         if not self.ctx.connections:
             self.ctx.no_connections.set()
+        if self.session_id is not None:
+            sessions = self.ctx.sessions_by_user.get(self.user, set())
+            sessions.discard(self)
+            if not sessions:
+                self.ctx.sessions_by_user.pop(self.user, None)
         for timer in (self._unused_timer, self._session_timer):
             if timer is not None:
                 timer.cancel()
@@ -291,6 +299,7 @@ class GatewayConnection(asyncssh.SSHServer):
             )
         )
         self.log.info("logged in from %s:%d with %s", self.client_ip, self.client_port, self.key_fingerprint)
+        ctx.sessions_by_user.setdefault(self.user, set()).add(self)
         limit = ctx.config.max_sessions_per_user
         if len(ctx.sessions_of(self.user)) > limit:
             self.disconnect(f"too many concurrent sessions for {self.user} (limit {limit}); close one or ask your bastion admin")
