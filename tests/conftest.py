@@ -12,6 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests judge correctness, not speed: on a loaded 2-core CI box a slow example is not a failure.
+settings.register_profile("bastion", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("bastion")
 
 from testbed import DEFAULT_POLICY, SSH, SSHD, Bastion, Key, SshClient, Testbed, generate_key
 
