@@ -30,6 +30,10 @@ _STOP = object()
 _BATCH = 256
 
 
+# What a user is told when the audit log cannot record their session or channel.
+AUDIT_DOWN = "audit log unavailable; try again later or tell your bastion admin"
+
+
 class AuditUnavailable(Exception):
     """The audit store could not commit a row; nothing that needs it may proceed."""
 
@@ -99,6 +103,9 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._head: Head | None = None  # the chain's newest event as this writer last committed it
+        # False from a failed write until the next successful one; read by the event loop to refuse new
+        # logins while nothing could be recorded (fail closed).
+        self.healthy = True
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -185,15 +192,23 @@ class AuditLog:
                 head = self._head_for_write(conn, time)
                 results = [_apply(conn, head, time, change) for change in batch]
         except Exception as exc:  # sqlite3.Error, or a value SQLite refused; the writer must outlive it
-            if len(batch) > 1:  # write the others one by one, so only the bad row fails
+            store_down = isinstance(exc, sqlite3.OperationalError)  # locked, full, read-only, I/O error
+            if len(batch) > 1 and not store_down:  # write the others one by one, so only the bad row fails
                 for change in batch:
                     self._write_batch([change])
                 return
-            log.error("audit write failed, %s row not written: %s", batch[0].table or "flush", exc)
-            if batch[0].done is not None:
-                batch[0].done(AuditUnavailable(f"audit log unavailable: {exc}"))
+            # The whole store is failing: retrying row by row would only multiply the wait on a lock.
+            log.error("audit write failed, %d rows not written (%s): %s", len(batch),
+                      ", ".join(sorted({change.table or "flush" for change in batch})), exc)
+            self.healthy = False
+            for change in batch:
+                if change.done is not None:
+                    change.done(AuditUnavailable(f"audit log unavailable: {exc}"))
             return
         self._head = head
+        if not self.healthy:
+            log.warning("audit log writable again")
+            self.healthy = True
         for change, result in zip(batch, results):
             if change.done is not None:
                 change.done(result)
@@ -242,9 +257,9 @@ class AuditLog:
             "method": method, "key_fingerprint": key_fingerprint, "result": result, "reason": reason,
         })
 
-    def open_session(self, record: SessionRecord) -> None:
-        """Queued, not awaited: the writer keeps order, so the row lands before any of its channels'."""
-        self._submit("sessions", None, {
+    async def open_session(self, record: SessionRecord) -> None:
+        """Committed before the session may open a channel; AuditUnavailable if it cannot be written."""
+        await self._commit("sessions", None, {
             "id": record.id, "user": record.user, "client_ip": record.client_ip, "client_port": record.client_port,
             "key_fingerprint": record.key_fingerprint, "client_version": record.client_version,
             "started_at": iso(record.started_at),

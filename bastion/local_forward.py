@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import asyncssh
 
-from .audit import AuditUnavailable, ChannelRecord
+from .audit import AUDIT_DOWN, AuditUnavailable, ChannelRecord
 from .db import utc_now
 from .netguard import IPAddress, TargetError, canonical_address, parse_host, parse_port
 from .policy import AccessRequest, Decision, evaluate
@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 async def open_tunnel(connection: "GatewayConnection", dest_host: str, dest_port: int) -> Tunnel:
     """Decide and connect one direct-tcpip request; returns the Tunnel or raises ChannelOpenError."""
     ctx = connection.ctx
+    if connection.session_committed is not None:
+        await connection.session_committed  # the channel row must not land before its session's
+    if connection.session_id is None:
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, AUDIT_DOWN)
     opened_at = utc_now()
     request = None
     try:
@@ -120,9 +124,7 @@ async def _record_or_refuse(connection: "GatewayConnection", record: ChannelReco
         return await connection.ctx.audit.record_channel(record)
     except AuditUnavailable as exc:
         connection.log.error("%s", exc)
-        raise asyncssh.ChannelOpenError(
-            asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "audit log unavailable; ask the bastion admin"
-        ) from None
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, AUDIT_DOWN) from None
 
 
 def format_target(address: IPAddress, port: int) -> str:

@@ -115,8 +115,12 @@ class RemoteListener(asyncssh.SSHListener):
 
 async def open_listener(connection: "GatewayConnection", wire_host: str, wire_port: int) -> RemoteListener | bool:
     """Decide and bind one tcpip-forward request; returns the listener, or False (the client is told it failed)."""
-    now = utc_now()
     ctx = connection.ctx
+    if connection.session_committed is not None:
+        await connection.session_committed  # the listener row must not land before its session's
+    if connection.session_id is None:
+        return False
+    now = utc_now()
     try:
         bind = parse_bind_address(wire_host)
         request = ListenRequest(user=connection.user, bind=bind, port=wire_port, now=now)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import asyncssh
 
-from .audit import AuditLog, SessionRecord
+from .audit import AUDIT_DOWN, AuditLog, AuditUnavailable, SessionRecord
 from .banner import BannerSession
 from .config import Config
 from .db import utc_now
@@ -109,6 +109,7 @@ class GatewayConnection(asyncssh.SSHServer):
         self._counted_unauthenticated = False
         self._unused_timer: asyncio.TimerHandle | None = None
         self._session_timer: asyncio.TimerHandle | None = None
+        self.session_committed: asyncio.Future | None = None  # the session row; channels wait for it
         self.log = ConnectionLog(log, {"context": f"conn=c{self.number}"})
 
     # ---- connection ---------------------------------------------------------------------------
@@ -260,6 +261,9 @@ class GatewayConnection(asyncssh.SSHServer):
         accepted; the client proves possession afterwards, so success is recorded in auth_completed."""
         fingerprint = key.get_fingerprint("sha256")
         if fingerprint in self._keys:
+            if not self.ctx.audit.healthy:
+                self._refuse_unaudited(fingerprint)
+                return False
             self.key_fingerprint = fingerprint
             return True
         self.failed_auths += 1
@@ -272,6 +276,22 @@ class GatewayConnection(asyncssh.SSHServer):
                                        "too many authentication failures")
             self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures")
         return False
+
+    def _refuse_unaudited(self, fingerprint: str | None) -> None:
+        """Fail closed: nothing may happen that the audit log cannot record. The refusal is itself a write,
+        so it also tells the writer when the store has recovered."""
+        self.log.error("refusing login: the audit log cannot be written")
+        self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure",
+                                   "audit log unavailable")
+        self.disconnect(AUDIT_DOWN)
+
+    async def _commit_session(self, record: SessionRecord) -> None:
+        try:
+            await self.ctx.audit.open_session(record)
+        except AuditUnavailable:
+            self.ctx.sessions_by_user.get(self.user, set()).discard(self)
+            self.session_id = None  # there is no row to end
+            self._refuse_unaudited(self.key_fingerprint)
 
     def auth_completed(self) -> None:
         """The client proved possession of an accepted key: record the login and open the session row,
@@ -287,7 +307,7 @@ class GatewayConnection(asyncssh.SSHServer):
         ctx.audit.record_auth(
             self.user, self.client_ip, self.client_port, "publickey", self.key_fingerprint, "success", "key accepted"
         )
-        ctx.audit.open_session(
+        self.session_committed = asyncio.ensure_future(self._commit_session(
             SessionRecord(
                 id=self.session_id,
                 user=self.user,
@@ -297,7 +317,7 @@ class GatewayConnection(asyncssh.SSHServer):
                 client_version=str(self.conn.get_extra_info("client_version") or "")[:256],
                 started_at=self.started_at,
             )
-        )
+        ))
         self.log.info("logged in from %s:%d with %s", self.client_ip, self.client_port, self.key_fingerprint)
         ctx.sessions_by_user.setdefault(self.user, set()).add(self)
         limit = ctx.config.max_sessions_per_user

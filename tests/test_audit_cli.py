@@ -29,7 +29,7 @@ def write_session(path, session_id, user, refused_host="169.254.169.254", end=Tr
         audit.start()
         now = utc_now()
         audit.record_auth(user, "203.0.113.7", 5000, "publickey", "SHA256:k", "success", "key accepted")
-        audit.open_session(SessionRecord(session_id, user, "203.0.113.7", 5000, "SHA256:k", "OpenSSH_9.6", now))
+        await audit.open_session(SessionRecord(session_id, user, "203.0.113.7", 5000, "SHA256:k", "OpenSSH_9.6", now))
         granted = await audit.record_channel(ChannelRecord(
             session_id, user, "direct-tcpip", "db.corp.internal", "10.1.2.3", 5432, "allow", "groups.ops.allow",
             "granted", now))

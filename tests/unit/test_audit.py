@@ -45,7 +45,7 @@ def test_channel_row_is_committed_when_record_returns(database):
     async def scenario():
         audit = AuditLog(database)
         audit.start()
-        audit.open_session(session())
+        await audit.open_session(session())
         channel_id = await audit.record_channel(channel())
         # read from another connection: committed, not just queued
         assert rows(database, f"SELECT decision, closed_at FROM channels WHERE id = {channel_id}") == [("allow", None)]
@@ -63,7 +63,7 @@ def test_rows_left_open_are_marked_crash_on_next_start(database):
     async def crashed_run():
         audit = AuditLog(database)
         audit.start()
-        audit.open_session(session())
+        await audit.open_session(session())
         await audit.record_channel(channel())
         await audit.record_channel(channel(decision="deny"))
         # no stop(): the process "dies" here with the rows open
@@ -140,7 +140,7 @@ def test_listener_and_its_forwarded_channel_are_recorded(database):
     async def scenario():
         audit = AuditLog(database)
         audit.start()
-        audit.open_session(session())
+        await audit.open_session(session())
         # 1. the listener row is committed before record_listener returns (before the client hears "bound")
         listener_id = await audit.record_listener(listener())
         assert rows(database, f"SELECT decision, closed_at FROM listeners WHERE id = {listener_id}") == [("allow", None)]
@@ -171,7 +171,7 @@ def test_crash_recovery_closes_listeners_too(database):
     async def crashed_run():
         audit = AuditLog(database)
         audit.start()
-        audit.open_session(session())
+        await audit.open_session(session())
         await audit.record_listener(listener())
 
     asyncio.run(crashed_run())

@@ -34,7 +34,7 @@ async def a_session(audit, clock, session_id, at, close=True):
     """Events in order: auth insert, session insert, channel insert, channel update, session update."""
     clock.now = at
     audit.record_auth("alice", "203.0.113.7", 5000, "publickey", "SHA256:a", "success", "key accepted")
-    audit.open_session(SessionRecord(session_id, "alice", "203.0.113.7", 5000, "SHA256:a", "OpenSSH_9.6", at))
+    await audit.open_session(SessionRecord(session_id, "alice", "203.0.113.7", 5000, "SHA256:a", "OpenSSH_9.6", at))
     channel_id = await audit.record_channel(channel(session_id, "10.1.2.3", at))
     if close:
         clock.now = at + timedelta(minutes=1)

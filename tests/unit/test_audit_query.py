@@ -38,7 +38,7 @@ async def write_scenario(path, clock):
     audit.start()
     alice_at = clock.now = NOW - timedelta(days=3)
     audit.record_auth("alice", "203.0.113.7", 5000, "publickey", "SHA256:a", "success", "key accepted")
-    audit.open_session(SessionRecord("s-alice", "alice", "203.0.113.7", 5000, "SHA256:a", "OpenSSH_9.6", alice_at))
+    await audit.open_session(SessionRecord("s-alice", "alice", "203.0.113.7", 5000, "SHA256:a", "OpenSSH_9.6", alice_at))
     db = await audit.record_channel(channel("s-alice", "alice", "db.corp.internal", "10.1.2.3", 5432, "allow",
                                             alice_at + timedelta(seconds=1)))
     await audit.record_channel(channel("s-alice", "alice", "169.254.169.254", "169.254.169.254", 80, "deny",
@@ -59,7 +59,7 @@ async def write_scenario(path, clock):
     bob_at = clock.now = NOW - timedelta(hours=1)
     audit.record_auth("bob", "10.8.0.5", 6000, "publickey", "SHA256:old", "failure", "key not accepted")
     audit.record_auth("bob", "10.8.0.5", 6000, "publickey", "SHA256:b", "success", "key accepted")
-    audit.open_session(SessionRecord("s-bob", "bob", "10.8.0.5", 6000, "SHA256:b", "OpenSSH_9.8", bob_at))
+    await audit.open_session(SessionRecord("s-bob", "bob", "10.8.0.5", 6000, "SHA256:b", "OpenSSH_9.8", bob_at))
     await audit.record_channel(channel("s-bob", "bob", "10.20.0.9", "10.20.0.9", 22, "allow", bob_at))
     await audit.record_channel(channel("s-bob", "bob", "10.20.0.10", "10.20.0.10", 22, "deny", bob_at))
 
