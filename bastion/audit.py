@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from .audit_chain import CHAIN_TABLE, Head, adopt_existing_rows, append, read_head
+from .audit_chain import AUDIT_TABLES, CHAIN_TABLE, Head, adopt_existing_rows, append, read_head
 from .audit_filters import ip_key
 from .db import connect, iso, utc_now
 
@@ -109,8 +109,9 @@ class AuditLog:
 
     # ---- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> int:
-        """Open the store, chain rows older than the chain, mark rows a crash left open, start the writer.
+    def start(self, recover: bool = True) -> int:
+        """Open the store, chain rows older than the chain, mark rows a crash left open (unless `recover` is
+        False: a worker of `serve --workers` must not close its siblings' rows), start the writer.
         Returns how many rows were closed."""
         conn = self._conn = connect(self.path)
         conn.isolation_level = None  # transactions are explicit: BEGIN IMMEDIATE reads the chain head under lock
@@ -120,7 +121,7 @@ class AuditLog:
             head = read_head(conn)
             if head.seq == 0:
                 self._start_chain(conn, head, now)
-            closed = self._close_after_crash(conn, head, now)
+            closed = self._close_after_crash(conn, head, now) if recover else 0
         self._head = head
         self._thread = threading.Thread(target=self._write_forever, name="audit-writer", daemon=True)
         self._thread.start()
@@ -141,6 +142,8 @@ class AuditLog:
         """An empty chain: the first start after the upgrade adopts the rows written before it, once. If the chain
         was started before, someone emptied it: adopting now would bless whatever the rows say, so record that."""
         started = conn.execute("SELECT value FROM meta WHERE key = 'audit_chain_started'").fetchone()
+        if started is not None and not _has_audit_rows(conn):
+            return  # started, and nothing was ever written (a restart, or a worker after its supervisor)
         if started is not None:
             log.error("the audit chain started at %s is empty: its events were deleted", started[0])
             append(conn, head, now, "alarm", CHAIN_TABLE, 0, {"chain_started": started[0], "found_seq": 0})
@@ -350,6 +353,10 @@ def _apply(conn: sqlite3.Connection, head: Head, time: str, change: _Change) -> 
     state = dict(zip([d[0] for d in cursor.description], rows[0]))
     append(conn, head, time, kind, change.table, state["id"], state)
     return state["id"]
+
+
+def _has_audit_rows(conn: sqlite3.Connection) -> bool:
+    return any(conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() for table in AUDIT_TABLES)
 
 
 def _settle(future: asyncio.Future, result: Any) -> None:

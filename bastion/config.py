@@ -46,6 +46,9 @@ class Config:
     keepalive_count_max: int = 4
     max_sessions_per_user: int = 20
     max_channels_per_user: int = 200
+    # Processes sharing the port (SO_REUSEPORT), so sessions spread over cores. Limits and penalties
+    # are counted per process.
+    workers: int = 1
     log_level: str = "INFO"
     # Where users are told to jump through in the session banner; defaults to the listen address.
     public_name: str = ""
@@ -199,4 +202,6 @@ def render_config(config: Config) -> str:
         f"keepalive_count_max = {config.keepalive_count_max}\n"
         f"max_sessions_per_user = {config.max_sessions_per_user}\n"
         f"max_channels_per_user = {config.max_channels_per_user}\n"
+        "# Worker processes sharing the port; per-user caps and penalties are counted per worker.\n"
+        f"workers = {config.workers}\n"
     )

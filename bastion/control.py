@@ -31,8 +31,13 @@ class NotRunning(BastionError):
     """No server answers on the control socket."""
 
 
-def socket_path(home: Path) -> Path:
-    return home / SOCKET_NAME
+def socket_path(home: Path, worker: int | None = None) -> Path:
+    """control.sock, or control-N.sock for worker N of `serve --workers`."""
+    return home / (SOCKET_NAME if worker is None else f"control-{worker}.sock")
+
+
+def live_socket_paths(home: Path) -> list[Path]:
+    return sorted(path for path in home.glob("control*.sock") if path.is_socket())
 
 
 @contextlib.contextmanager
@@ -49,9 +54,9 @@ def _short_path(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
-async def start_control_server(home: Path, handle: Handler) -> asyncio.AbstractServer:
+async def start_control_server(home: Path, handle: Handler, worker: int | None = None) -> asyncio.AbstractServer:
     """Listen on HOME/control.sock (replacing a stale socket left by a crash), readable by the owner only."""
-    path = socket_path(home)
+    path = socket_path(home, worker)
     if path.is_socket():
         path.unlink()
 
@@ -87,10 +92,34 @@ async def start_control_server(home: Path, handle: Handler) -> asyncio.AbstractS
 
 
 def request(home: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """Send one request to the running server and return its reply; NotRunning if none is listening."""
-    path = socket_path(home)
-    if not path.exists():
-        raise NotRunning(f"bastion is not running (no control socket at {path})")
+    """Send one request to the running server (every worker of it) and return the reply; NotRunning if
+    none is listening. Replies of several workers are merged: lists are joined; it fails only if all fail."""
+    paths = live_socket_paths(home)
+    if not paths:
+        raise NotRunning(f"bastion is not running (no control socket in {home})")
+    replies, errors = [], []
+    for path in paths:
+        try:
+            replies.append(_request_one(path, message, timeout))
+        except NotRunning:
+            continue  # a stale socket of a worker that is gone
+        except BastionError as exc:
+            errors.append(str(exc))
+    if not replies:
+        if errors:
+            raise BastionError(errors[0])
+        raise NotRunning(f"bastion is not running (nothing listens on {', '.join(map(str, paths))})")
+    merged: dict[str, Any] = {"ok": True}
+    for reply in replies:
+        for key, value in reply.items():
+            if isinstance(value, list):
+                merged.setdefault(key, []).extend(value)
+            else:
+                merged.setdefault(key, value)
+    return merged
+
+
+def _request_one(path: Path, message: dict[str, Any], timeout: float) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:

@@ -83,8 +83,9 @@ def load_host_keys(config: Config) -> list[asyncssh.SSHKey]:
 class Gateway:
     """A running gateway: the listener, the shared context, and the signals that steer it."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, worker: int | None = None):
         self.config = config
+        self.worker = worker  # None: the only process; N: worker N of `serve --workers`
         self.store = Store(config.database)
         self.audit = AuditLog(config.database)
         self.context = ServerContext(
@@ -105,7 +106,7 @@ class Gateway:
     async def start(self) -> None:
         asyncssh_tuning.apply()
         host_keys = load_host_keys(self.config)
-        self.audit.start()
+        self.audit.start(recover=self.worker is None)  # with workers, the supervisor recovered once
         try:
             self._server = await self._listen(host_keys)
         except OSError as exc:
@@ -113,7 +114,7 @@ class Gateway:
             raise ConfigError(f"cannot listen on {self.config.listen}: {exc.strerror or exc}") from None
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
-        self._control = await start_control_server(self.config.home, self.handle_control)
+        self._control = await start_control_server(self.config.home, self.handle_control, self.worker)
         await self.context.policy.current()  # loads the policy and schedules the first expiry
 
     async def _listen(self, host_keys: list[asyncssh.SSHKey]) -> asyncio.AbstractServer:
@@ -134,6 +135,7 @@ class Gateway:
             reuse_address=True,
             keepalive_interval=self.config.keepalive_interval,
             keepalive_count_max=self.config.keepalive_count_max,
+            reuse_port=self.worker is not None,
         )
 
     # ---- the control socket -----------------------------------------------------------------
@@ -143,7 +145,7 @@ class Gateway:
         op = request.get("op")
         live = [c for c in self.context.connections if c.session_id is not None]
         if op == "sessions":
-            return {"ok": True, "sessions": [c.describe() for c in live]}
+            return {"ok": True, "sessions": [dict(c.describe(), worker=self.worker or 0) for c in live]}
         if op == "kill":
             by = str(request.get("by") or "admin")[:64]
             if request.get("session"):
@@ -265,9 +267,9 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
         pass
 
 
-async def serve(config: Config, drain_seconds: float = 10.0) -> None:
+async def serve(config: Config, drain_seconds: float = 10.0, worker: int | None = None) -> None:
     """Run until SIGTERM/SIGINT. Prints one 'listening on' line when ready."""
-    gateway = Gateway(config)
+    gateway = Gateway(config, worker)
     await gateway.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, gateway.request_stop)
@@ -275,9 +277,55 @@ async def serve(config: Config, drain_seconds: float = 10.0) -> None:
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
     assert gateway.address is not None
     host, port = gateway.address
-    log.info("bastion %s listening on %s:%d (home %s)", __version__, host, port, config.home)
+    who = "" if worker is None else f" (worker {worker}, pid {os.getpid()})"
+    log.info("bastion %s listening on %s:%d%s (home %s)", __version__, host, port, who, config.home)
     try:
         await gateway.run_until_stopped(drain_seconds)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+def run(config: Config) -> int:
+    """`bastion serve`: one process, or with `workers` > 1 a supervisor that recovers the audit log once,
+    forks the workers (each its own event loop and audit writer on the shared WAL database, all on one port
+    with SO_REUSEPORT), forwards SIGTERM/SIGINT/SIGHUP to them and exits when they all have."""
+    drain = config.shutdown_grace_seconds
+    if config.workers <= 1:
+        asyncio.run(serve(config, drain))
+        return 0
+    if config.listen_port == 0:
+        raise ConfigError("--workers needs a fixed port: with port 0 every worker would get its own")
+    recovery = AuditLog(config.database)
+    recovery.start()  # marks rows a crash left open, before any worker writes
+    recovery.stop()
+    workers: list[int] = []
+    for index in range(config.workers):
+        pid = os.fork()
+        if pid == 0:  # the worker: a fresh event loop of its own
+            code = 0
+            try:
+                asyncio.run(serve(config, drain, worker=index))
+            except BaseException:  # a worker must never return into the supervisor's code
+                log.exception("worker %d failed", index)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        workers.append(pid)
+
+    def forward(signum: int, _frame) -> None:
+        for pid in workers:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    worst = 0
+    for pid in workers:
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        worst = max(worst, code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, like a shell
+    return worst

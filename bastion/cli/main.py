@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -69,23 +68,26 @@ def init(
 def serve(
     ctx: typer.Context,
     listen: Optional[str] = typer.Option(None, help="Address to listen on, HOST:PORT (overrides config.toml)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, help="Processes sharing the port, e.g. one per core (overrides config.toml)."
+    ),
 ) -> None:
     """Run the gateway in the foreground (creates the home first if it is empty). SIGTERM stops it gracefully,
     SIGHUP reloads config.toml.
 
-    Example: bastion --home ./demo serve --listen 127.0.0.1:2222
+    Example: bastion --home ./demo serve --listen 127.0.0.1:2222 --workers 2
     """
-    from ..service import initialize, serve as serve_gateway
+    from ..service import initialize, run
 
     os.umask(0o077)
-    config = config_of(ctx, listen=listen)
+    config = config_of(ctx, listen=listen, workers=workers)
     logging.basicConfig(
         level=config.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     for path in initialize(config):
         logging.getLogger("bastion").info("created %s", path)
-    asyncio.run(serve_gateway(config, drain_seconds=config.shutdown_grace_seconds))
+    raise typer.Exit(run(config))
 
 
 def main() -> None:
