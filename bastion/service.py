@@ -20,7 +20,8 @@ from .local_addresses import make_guard
 from .control import start_control_server
 from .db import utc_now
 from .policy import Policy, next_expiry
-from .sshd import GatewayConnection, PolicyCache, ServerContext
+from .context import PolicyCache, ServerContext
+from .sshd import GatewayConnection
 from .store import Store
 
 log = logging.getLogger("bastion.service")

@@ -1,0 +1,68 @@
+"""What every connection of one server process shares: config, store, audit log, the policy in force and
+the live-connection bookkeeping. Passed to each connection through asyncssh's server factory (no globals)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from .audit import AuditLog
+from .config import Config
+from .limits import SourcePenalties, StartupLimit
+from .netguard import NetGuard
+from .policy import Policy
+from .store import Store
+from .tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from .sshd import GatewayConnection
+
+
+class PolicyCache:
+    """The policy in force, reloaded from the store when its version changes (checked on each use, in a
+    worker thread, so `policy apply` takes effect at the next channel open without a restart)."""
+
+    def __init__(self, store: Store, on_change: Callable[[Policy], None] | None = None):
+        self._store = store
+        self._version = -1
+        self._policy: Policy | None = None
+        self._on_change = on_change
+
+    def _refresh(self) -> tuple[bool, Policy]:
+        version = self._store.policy_version()
+        if version != self._version or self._policy is None:
+            self._version, self._policy = self._store.load_policy()
+            return True, self._policy
+        return False, self._policy
+
+    async def current(self) -> Policy:
+        changed, policy = await asyncio.to_thread(self._refresh)
+        if changed and self._on_change is not None:
+            self._on_change(policy)
+        return policy
+
+
+@dataclass(slots=True)
+class ServerContext:
+    """What every connection shares; passed in through the server factory (no module globals)."""
+
+    config: Config
+    store: Store
+    audit: AuditLog
+    policy: PolicyCache
+    guard: NetGuard
+    startup_limit: StartupLimit = field(default_factory=StartupLimit)
+    penalties: SourcePenalties = field(default_factory=SourcePenalties)
+    connections: set["GatewayConnection"] = field(default_factory=set)
+    tunnels: set[Tunnel] = field(default_factory=set)  # every open tunnel, for a graceful stop
+    no_tunnels: asyncio.Event = field(default_factory=asyncio.Event)
+    no_connections: asyncio.Event = field(default_factory=asyncio.Event)
+    unauthenticated: int = 0
+    dropping: bool = False  # inside a burst of startup-limit drops (audited once per burst)
+
+    sessions_by_user: dict[str, set["GatewayConnection"]] = field(default_factory=dict)
+
+    def sessions_of(self, user: str) -> set["GatewayConnection"]:
+        """The user's logged-in connections: a dict lookup, not a scan (10,000 sessions are normal)."""
+        return self.sessions_by_user.get(user, set())
