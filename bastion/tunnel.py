@@ -108,10 +108,6 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
 
     # ---- shared -----------------------------------------------------------------------------
 
-    @property
-    def is_open(self) -> bool:
-        return self._chan is not None
-
     def close(self) -> None:
         """Close both legs gracefully (buffered data is flushed first)."""
         if self._target is not None and not self._target.is_closing():
