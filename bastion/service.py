@@ -315,8 +315,10 @@ def run(config: Config) -> int:
                 os._exit(code)
         workers.append(pid)
 
+    live = set(workers)
+
     def forward(signum: int, _frame) -> None:
-        for pid in workers:
+        for pid in live:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
@@ -325,8 +327,14 @@ def run(config: Config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     worst = 0
-    for pid in workers:
-        _, status = os.waitpid(pid, 0)
+    while live:
+        pid, status = os.wait()
+        live.discard(pid)
         code = os.waitstatus_to_exitcode(status)
-        worst = max(worst, code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, like a shell
+        code = code if code >= 0 else 128 - code  # killed by signal N: 128 + N, like a shell
+        if code and live:
+            # A worker died on its own: stop the rest so the service manager restarts a whole server.
+            log.error("worker %d exited with %d; stopping the others", pid, code)
+            forward(signal.SIGTERM, None)
+        worst = max(worst, code)
     return worst

@@ -4,6 +4,7 @@ writers), the control socket view (`sessions list/kill` see every worker), and s
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 
@@ -47,3 +48,17 @@ def test_two_workers_serve_share_the_audit_and_stop_together(bastion, ssh):
     assert sum(r["end_reason"].startswith("killed by") for r in rows) == 6
     verify = bastion.cli("audit", "verify", check=False)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_dead_worker_takes_the_server_down_for_a_clean_restart(bastion):
+    bastion.stop()
+    bastion.set_config(workers=2)
+    bastion.start()
+    wait_until(lambda: bastion.log().count("(worker ") >= 2, 10, "both workers listening")
+    worker_pids = [int(line.split("pid ")[1].split(")")[0]) for line in bastion.log().splitlines()
+                   if "(worker " in line and "listening on" in line]
+    assert len(worker_pids) == 2
+    os.kill(worker_pids[0], signal.SIGKILL)
+    code = bastion.wait(timeout=20)
+    assert code != 0  # the service manager sees a failure and restarts the whole server
+    assert "stopping the others" in bastion.log()
