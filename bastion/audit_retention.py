@@ -20,7 +20,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
-from .audit_chain import AUDIT_TABLES, CHAIN_TABLE, ChainReport, append, check_events, check_head, check_rows, read_head
+from .audit_chain import (AUDIT_TABLES, CHAIN_TABLE, ChainReport, append, check_events, check_head,
+                          read_head, verify_database)
 from .audit_query import open_reader
 from .db import connect, iso
 from .errors import BastionError
@@ -39,9 +40,7 @@ def verify(database: Path, head: str | None = None) -> ChainReport:
     conn = open_reader(database)
     try:
         conn.execute("BEGIN")  # one snapshot for the chain and the rows, even while the server writes
-        report = ChainReport()
-        check_events(conn.execute(f"SELECT {', '.join(_EVENT_FIELDS)} FROM audit_events ORDER BY seq"), report)
-        check_rows(conn, report)
+        report = verify_database(conn)
         if head is not None:
             check_head(conn, head, report)
         conn.execute("COMMIT")
