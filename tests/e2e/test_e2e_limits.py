@@ -12,7 +12,7 @@ import paramiko
 import pytest
 
 from testbed import (
-    DEFAULT_POLICY, ECHO_PORT, GW_ADDR, LAN_ADDR, SshClient, generate_key, kill_group, netns_connect,
+    DEFAULT_POLICY, ECHO_PORT, LAN_ADDR, SshClient, generate_key, kill_group, netns_connect,
     paramiko_connect, stop_process, wait_until,
 )
 

@@ -3,7 +3,9 @@ expiry of users and grants, and SIGHUP reloads; each ending shows in the audit l
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 import signal
 import time
 from datetime import UTC, datetime, timedelta
@@ -15,13 +17,18 @@ from testbed import DEFAULT_POLICY, ECHO_PORT, LAN_ADDR, kill_group, stop_proces
 pytestmark = pytest.mark.netns
 
 
+@contextlib.contextmanager
 def open_tunnel(ssh):
-    """An `ssh -W` to the echo server that stays open (its stdin is a pipe we keep)."""
-    proc = ssh.popen("-W", f"{LAN_ADDR}:{ECHO_PORT}", "bastion", stdin=__import__("subprocess").PIPE)
-    proc.stdin.write(b"hello\n")
-    proc.stdin.flush()
-    assert proc.stdout.readline() == b"hello\n"
-    return proc
+    """An `ssh -W` to the echo server that stays open (its stdin is a pipe we keep); killed afterwards."""
+    proc = ssh.popen("-W", f"{LAN_ADDR}:{ECHO_PORT}", "bastion", stdin=subprocess.PIPE)
+    try:
+        proc.stdin.write(b"hello\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"hello\n"
+        yield proc
+    finally:
+        stop_process(proc)
+        kill_group(proc)
 
 
 def live_sessions(bastion) -> list[dict]:
@@ -35,8 +42,7 @@ def ends_within(proc, seconds: float) -> float:
 
 
 def test_sessions_list_and_kill(bastion, ssh):
-    proc = open_tunnel(ssh)
-    try:
+    with open_tunnel(ssh) as proc:
         [session] = wait_until(lambda: live_sessions(bastion) or None, 5, "one live session")
         assert session["user"] == "alice" and session["channels"] == 1 and session["bytes_up"] >= 6
         bastion.cli("sessions", "kill", session["id"])
@@ -44,41 +50,29 @@ def test_sessions_list_and_kill(bastion, ssh):
         rows = bastion.wait_audit("sessions", lambda rows: rows[-1]["ended_at"], "session ended")
         assert rows[-1]["end_reason"].startswith("killed by")
         assert live_sessions(bastion) == []
-    finally:
-        stop_process(proc)
-        kill_group(proc)
 
 
 def test_kill_by_user_and_unknown_session(bastion, ssh):
-    proc = open_tunnel(ssh)
-    try:
+    with open_tunnel(ssh) as proc:
         bastion.cli("sessions", "kill", "--user", "alice")
         ends_within(proc, 5)
         result = bastion.cli("sessions", "kill", "0123456789ab", check=False)
         assert result.returncode != 0 and b"no live session" in result.stderr
-    finally:
-        stop_process(proc)
-        kill_group(proc)
 
 
 def test_policy_apply_closes_channels_no_longer_granted(bastion, ssh):
-    proc = open_tunnel(ssh)
-    try:
+    with open_tunnel(ssh) as proc:
         narrowed = DEFAULT_POLICY.replace(f"{LAN_ADDR}:{ECHO_PORT},", f"{LAN_ADDR}:")
         assert narrowed != DEFAULT_POLICY
         bastion.apply_policy(narrowed)
         assert ends_within(proc, 5) < 2.0  # within a second, plus process exit
         rows = bastion.wait_audit("channels", lambda rows: rows[-1]["closed_at"], "channel closed")
         assert rows[-1]["close_reason"].startswith("revoked:")
-    finally:
-        stop_process(proc)
-        kill_group(proc)
 
 
 @pytest.mark.parametrize("change", ["user remove", "key remove"])
 def test_removing_user_or_key_ends_sessions(bastion, ssh, keys, change):
-    proc = open_tunnel(ssh)
-    try:
+    with open_tunnel(ssh) as proc:
         if change == "user remove":
             bastion.cli("user", "remove", "alice")
             expected = "user removed"
@@ -89,24 +83,17 @@ def test_removing_user_or_key_ends_sessions(bastion, ssh, keys, change):
         ends_within(proc, 5)
         rows = bastion.wait_audit("sessions", lambda rows: rows[-1]["ended_at"], "session ended")
         assert rows[-1]["end_reason"] == expected
-    finally:
-        stop_process(proc)
-        kill_group(proc)
 
 
 def test_user_expiry_ends_the_session_on_time(bastion, ssh):
     expires = (datetime.now(UTC) + timedelta(seconds=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
     bastion.apply_policy(DEFAULT_POLICY + f"expires = {expires}\n")
-    proc = open_tunnel(ssh)
-    try:
+    with open_tunnel(ssh) as proc:
         proc.wait(timeout=10)
         ended = datetime.now(UTC)
         assert ended - datetime.fromisoformat(expires.replace("Z", "+00:00")) < timedelta(seconds=2)
         rows = bastion.wait_audit("sessions", lambda rows: rows[-1]["ended_at"], "session ended")
         assert rows[-1]["end_reason"].startswith("access expired")
-    finally:
-        stop_process(proc)
-        kill_group(proc)
 
 
 def test_grant_expiry_closes_only_that_channel(bastion, ssh):
@@ -117,16 +104,12 @@ def test_grant_expiry_closes_only_that_channel(bastion, ssh):
     )
     assert policy != DEFAULT_POLICY
     bastion.apply_policy(policy)
-    proc = open_tunnel(ssh)
-    try:
+    with open_tunnel(ssh) as proc:
         proc.wait(timeout=10)
         rows = bastion.wait_audit("channels", lambda rows: rows[-1]["closed_at"], "channel closed")
         assert "revoked" in rows[-1]["close_reason"]
         # the session survives: a new -W to a port still granted works
         assert ssh.stdio_forward(LAN_ADDR, 8080, input=b"").returncode == 0
-    finally:
-        stop_process(proc)
-        kill_group(proc)
 
 
 def test_cli_says_when_the_server_is_down(bastion):

@@ -13,16 +13,11 @@ from bastion.audit_chain import GENESIS, event_hash
 from bastion.audit_retention import AuditTampered, export, prune, verify, verify_export
 from bastion.db import MIGRATIONS, connect
 from bastion.store import Store
+from fakes import Clock
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 
-class Clock:
-    def __init__(self, now: datetime):
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def channel(session_id, host, at, decision="allow"):

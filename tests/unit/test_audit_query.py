@@ -9,18 +9,11 @@ from bastion.audit import AuditLog, ChannelRecord, ListenerRecord, SessionRecord
 from bastion.audit_filters import FilterError, Filters, ip_key, parse_age, parse_client, parse_target
 from bastion.audit_query import make_filters, open_reader, query, session_record, stats, timeline
 from bastion.store import Store
+from fakes import Clock
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 
-class Clock:
-    """The writer's clock, moved by the scenario."""
-
-    def __init__(self, now: datetime):
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def channel(session_id, user, host, ip, port, decision, at, **more):
