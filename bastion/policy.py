@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 NAME_PATTERN = re.compile(r"[a-z_][a-z0-9_.-]{0,31}", re.ASCII)
 """User and group names: POSIX-user-name-like, so they are safe in logs, paths and shells."""
+NAME_HINT = "lowercase letters, digits, '_', '.', '-', starting with a letter or '_', at most 32"
 
 DEFAULT_PORT = 22
 

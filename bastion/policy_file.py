@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 
 from bastion.listen_policy import ListenRule, parse_listen_rule
 from bastion.policy import (
+    NAME_HINT,
     GroupPolicy,
     Policy,
     PolicyError,
@@ -48,7 +49,6 @@ USER_KEYS = ("keys", "groups", "allow", "deny", "listen", "expires")
 GROUP_KEYS = ("allow", "deny", "listen")
 RULE_KEYS = ("target", "expires")
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
-_NAME_HINT = "lowercase letters, digits, '_', '.', '-', starting with a letter or '_', at most 32"
 _RULE_HINT = '; expected HOST[:PORTS] such as "10.1.2.3:22", "*.corp.internal:22,443" or "[fd00::/64]:22"'
 _TIME_HINT = "a TOML date-time with a timezone such as 2027-01-31T00:00:00Z"
 
@@ -207,7 +207,7 @@ def _mapping(value: Any, what: str) -> dict[str, Any]:
 
 def _check_name(kind: str, name: str) -> str:
     if not valid_name(name):
-        raise PolicyError(f"{kind} name {str(name)[:40]!r} is not valid; expected {_NAME_HINT}")
+        raise PolicyError(f"{kind} name {str(name)[:40]!r} is not valid; expected {NAME_HINT}")
     return name
 
 
@@ -249,7 +249,7 @@ class _FileReader:
             self._fail(f"{kind} must be a table of [{kind}.NAME] tables", kind)
         for name, table in value.items():
             if not valid_name(name):
-                self._fail(f"{kind[:-1]} name {name[:40]!r} is not valid; expected {_NAME_HINT}",
+                self._fail(f"{kind[:-1]} name {name[:40]!r} is not valid; expected {NAME_HINT}",
                            kind, name)
             if not isinstance(table, dict):
                 self._fail(f"{kind}.{name} must be a table, e.g. [{kind}.{name}]", kind, name)
@@ -292,7 +292,7 @@ class _FileReader:
             self._fail(f"{path} must be a list of group names", *where, "groups")
         for group in value:
             if not valid_name(group):
-                self._fail(f"{path}: group name {group[:40]!r} is not valid; expected {_NAME_HINT}",
+                self._fail(f"{path}: group name {group[:40]!r} is not valid; expected {NAME_HINT}",
                            *where, "groups", group)
         return tuple(value)
 

@@ -12,11 +12,9 @@ from typing import Iterable
 
 from .db import iso, migrate, open_database, utc_now
 from .errors import StoreError
-from .policy import NAME_PATTERN, Policy, UserPolicy
+from .policy import NAME_HINT, NAME_PATTERN, Policy, UserPolicy
 from .policy_file import policy_from_dict, policy_to_dict
 
-USER_NAME = NAME_PATTERN  # the same rule as policy files
-USER_NAME_HELP = "lowercase letters, digits, '_', '.', '-'; starts with a letter or '_'; at most 32 characters"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +68,8 @@ class Store:
 
     def add_user(self, name: str, keys: Iterable[PublicKey]) -> list[PublicKey]:
         """Create the user if new and add keys it does not have yet; returns the keys added."""
-        if not USER_NAME.fullmatch(name):
-            raise StoreError(f"invalid user name {name!r}: {USER_NAME_HELP}")
+        if not NAME_PATTERN.fullmatch(name):  # the same rule as policy files
+            raise StoreError(f"invalid user name {name!r}: expected {NAME_HINT}")
         now = iso(utc_now())
         added = []
         with self._lock, self._db.conn:
