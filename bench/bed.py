@@ -4,8 +4,9 @@
                     OpenSSH sshd :2222 as a jump host, every client (ssh, the drivers in clients.py)
     lan 10.99.0.2   bench/targets.py (source, sink, echo, hello) and the testbed's target sshd :22 (for -J)
 
-Both servers are measured as process trees: the bastion is one process; sshd is its listener and every
-child it forked (one privileged monitor plus one unprivileged child per session). CPU is utime+stime of
+Both servers are measured as process trees: the bastion is one process, or with `serve --workers N` (figure 6
+at 10,000 sessions) its supervisor and the N workers it forked; sshd is its listener and every child it forked
+(one privileged monitor plus one unprivileged child per session). CPU is utime+stime of
 every live process plus what the tree's parents already reaped (cutime+cstime); memory is PSS summed,
 so pages shared between sshd's processes are counted once.
 """
@@ -149,6 +150,8 @@ class Server:
     port: int
     user: str
     proc: subprocess.Popen | None = None
+    workers: int = 1  # the bastion's `workers` (processes sharing the port); 1 for sshd
+
 
     @property
     def pid(self) -> int:
@@ -156,8 +159,17 @@ class Server:
         return self.proc.pid
 
     def processes(self) -> list[psutil.Process]:
+        """The whole tree: sshd's listener and its children, or the bastion (supervisor and workers)."""
         root = psutil.Process(self.pid)
         return [root, *root.children(recursive=True)]
+
+    def descriptors(self) -> list[int]:
+        """Open descriptors of each process in the tree, largest first."""
+        counts = []
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                counts.append(proc.num_fds())
+        return sorted(counts, reverse=True)
 
     def cpu_seconds(self) -> float:
         total = 0.0
@@ -291,8 +303,43 @@ class Bench:
             self._start_sshd()
         else:
             bastion = self._bastions[server.name]
-            bastion.start(timeout=30)
+            bastion.start(timeout=30)  # returns at the first "listening on", i.e. the first worker's
             server.proc = bastion.proc
+            if server.workers > 1:
+                self._wait_workers(server, bastion)
+
+    def _wait_workers(self, server: Server, bastion: Bastion, timeout: float = 30.0) -> None:
+        """Every worker listening: until then SO_REUSEPORT hands every connection to the ones that are."""
+        deadline = time.monotonic() + timeout
+        while True:
+            since_start = bastion.log().rsplit("----- bastion serve started", 1)[-1]
+            up = sum(1 for line in since_start.splitlines() if "listening on" in line and "(worker " in line)
+            if up >= server.workers:
+                return
+            if bastion.proc is None or bastion.proc.poll() is not None:
+                raise TestbedError(f"{server.name} exited while its workers started:\n{bastion.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TestbedError(f"{server.name}: {up} of {server.workers} workers listening after {timeout}s:\n"
+                                   f"{bastion.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def set_workers(self, server: Server, workers: int) -> bool:
+        """Run the bastion `server` with `workers` processes (its config.toml's `workers`, what
+        `serve --workers` overrides), restarting it if it runs. False if this bastion has no such setting."""
+        if server.name == "sshd":
+            return workers == 1
+        if workers == server.workers:
+            return True
+        bastion = self._bastions[server.name]
+        if "\nworkers =" not in "\n" + (bastion.home / "config.toml").read_text():
+            return False
+        running = server.proc is not None and server.proc.poll() is None
+        self.stop(server)
+        bastion.set_config(workers=workers)
+        server.workers = workers
+        if running:
+            self.start(server)
+        return True
 
     def stop(self, server: Server) -> None:
         if server.proc is None or server.proc.poll() is not None:
@@ -412,6 +459,12 @@ class Bench:
         assert self.alice is not None
         return ["--host", GW_ADDR, "--port", str(server.port), "--user", server.user, "--key", str(self.alice.path),
                 "--kex", KEX, "--cipher", DEFAULT_CIPHER]
+
+
+def fd_limit() -> int:
+    """RLIMIT_NOFILE of one process here: Bench.setup raised the soft limit to the hard one, and every server,
+    target and client inherits it. The hard limit cannot be raised here (setrlimit and prlimit refuse, as root too)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 
 def _key_blob(public_line: str) -> str:

@@ -14,13 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from bed import DEFAULT_CIPHER, LAN_ADDR, Bench, Server, wait_quiet
+from bed import DEFAULT_CIPHER, LAN_ADDR, Bench, Server, fd_limit, wait_quiet
 from targets import ECHO_PORT, HELLO_PORT, SINK_PORT, SOURCE_PORT
 
 CIPHERS = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com")
 DIRECTIONS = {"down": "target→client", "up": "client→target"}
 GIB = 1 << 30
-SESSIONS_PER_HOLDER = 2500  # sessions per client process in figure 6
+SESSIONS_PER_HOLDER = 2500  # sessions per client process in figure 6 (fewer if its RLIMIT_NOFILE is lower)
 
 
 @dataclass
@@ -36,15 +36,18 @@ class Params:
     handshake_seconds: float
     sessions: tuple[int, ...]
     sshd_session_cap: int
+    setup_probes: int  # new connections timed while the sessions of figure 6 are held
     opens_seconds: float
 
 
 FULL = Params(bulk_bytes=GIB, rounds=3, parallel_total=GIB, jump_per_round=10, open_per_round=100,
               latency_rounds=4, rtt_per_round=1000, handshake_levels=(1, 2, 4, 8, 16, 32, 64, 128),
-              handshake_seconds=3.0, sessions=(1000, 10000), sshd_session_cap=1000, opens_seconds=3.0)
+              handshake_seconds=3.0, sessions=(1000, 10000), sshd_session_cap=1000, setup_probes=200,
+              opens_seconds=3.0)
 QUICK = Params(bulk_bytes=256 << 20, rounds=1, parallel_total=256 << 20, jump_per_round=5, open_per_round=50,
                latency_rounds=2, rtt_per_round=300, handshake_levels=(1, 4, 16, 64), handshake_seconds=1.5,
-               sessions=(100, 500), sshd_session_cap=500, opens_seconds=1.5)
+               sessions=(100, 500), sshd_session_cap=500, setup_probes=50,
+               opens_seconds=1.5)
 
 
 @dataclass
@@ -268,16 +271,27 @@ def figure_handshakes(bench: Bench, p: Params) -> list[Row]:
 # ---- 6: memory per session ------------------------------------------------------------------------
 
 
-def _hold_sessions(bench: Bench, server: Server, sessions: int) -> dict:
+def _stdio_first_byte(bench: Bench, server: Server, count: int) -> dict:
+    """`count` times, one after another: `ssh -W lan:hello server` from exec to the target's first byte on
+    stdout (a new connection: TCP, key exchange, login, one direct-tcpip channel, the first byte). Figure 4's
+    "ProxyJump's leg" measurement, the same driver."""
+    return bench.client("jump", "--count", count, "--first-byte", "--",
+                        *bench.ssh_argv("-W", f"{LAN_ADDR}:{HELLO_PORT}", server.alias))
+
+
+def _hold_sessions(bench: Bench, server: Server, sessions: int, probes: int) -> dict:
     """Fresh server; `sessions` asyncssh sessions each holding one direct-tcpip channel to the echo target;
-    PSS of the server tree before and with them."""
+    PSS of the server tree before and with them; then, with them still held, `probes` new connections timed
+    to their first byte."""
     bench.restart(server)
     wait_quiet(server)
     base_kib, _ = server.pss_kib()
-    holders = math.ceil(sessions / SESSIONS_PER_HOLDER)
+    per_holder = min(SESSIONS_PER_HOLDER, (fd_limit() - 200) // 100 * 100)  # one descriptor per client session
+    holders = math.ceil(sessions / per_holder)
     shares = [sessions // holders + (1 if i < sessions % holders else 0) for i in range(holders)]
     procs: list[subprocess.Popen] = []
     start = time.monotonic()
+    probe: dict = {"us": []}
     try:
         for share in shares:
             procs.append(bench.client_popen("hold", *bench.asyncssh_args(server), "--sessions", share,
@@ -288,6 +302,13 @@ def _hold_sessions(bench: Bench, server: Server, sessions: int) -> dict:
         held = sum(r["ready"] for r in ready)
         wait_quiet(server, 1.0)
         with_kib, processes = server.pss_kib()
+        descriptors = server.descriptors()
+        if probes:
+            bench.log(f"    {server.name:10s} {probes} new connections (ssh -W to first byte) with {held} held")
+            try:
+                probe = _stdio_first_byte(bench, server, probes)
+            except Exception as exc:  # reported in the row's note; the memory numbers stand
+                probe = {"us": [], "error": f"{type(exc).__name__}: {exc}"[:300]}
     finally:
         for proc in procs:
             if proc.stdin:
@@ -306,7 +327,13 @@ def _hold_sessions(bench: Bench, server: Server, sessions: int) -> dict:
         "total_mib": with_kib / 1024,
         "per_session_kib": (with_kib - base_kib) / held if held else math.nan,
         "processes": processes,
+        "workers": server.workers,
+        "max_fds_per_process": descriptors[0] if descriptors else 0,
+        "fds_top": descriptors[:4],
+        "client_processes": holders,
         "setup_s": elapsed,
+        "probe_us": probe["us"],
+        "probe_error": probe.get("error", ""),
     }
 
 
@@ -323,50 +350,83 @@ def _read_ready(proc: subprocess.Popen, timeout: float) -> dict:
 
 
 def session_cap() -> int:
-    """The bastion keeps two descriptors per held session (client, target): its RLIMIT_NOFILE caps the count."""
-    import resource
-
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    return (hard - 400) // 2 // 100 * 100
+    """Sessions one bastion process can hold: two descriptors each (client, target) under its RLIMIT_NOFILE."""
+    return (fd_limit() - 400) // 2 // 100 * 100
 
 
 def figure_memory(bench: Bench, p: Params) -> list[Row]:
-    """6: PSS per held session (session + one open tunnel), at each size; sshd capped and extrapolated."""
+    """6: PSS per held session (session + one open tunnel), at each size, and new-connection latency while they
+    are held. Ours runs as many workers as the count needs (each process has its own descriptor limit); sshd
+    is capped and extrapolated."""
     rows = []
     cap = session_cap()
     measured: dict[tuple[str, int], dict] = {}
-    for wanted in p.sessions:
-        results: dict[str, dict] = {}
-        for server in (bench.ours, bench.sshd):
-            n = min(wanted, cap) if server.name == "ours" else min(wanted, p.sshd_session_cap, cap)
-            if (server.name, n) not in measured:  # a capped size already measured is not measured again
-                bench.log(f"  memory: {server.name} with {n} sessions")
-                measured[server.name, n] = _hold_sessions(bench, server, n)
-                bench.log(f"    {server.name:10s} {_short(measured[server.name, n])}")
-            results[server.name] = measured[server.name, n]
-        notes = []
-        for name, r in results.items():
-            if r["sessions"] != wanted:
-                why = ("sshd capped; per-session figure measured at this count, total extrapolated linearly"
-                       if name == "sshd" and r["sessions"] < wanted and wanted > p.sshd_session_cap
-                       else "capped by RLIMIT_NOFILE" if r["sessions"] < wanted and wanted > cap
-                       else "sessions failed")
-                notes.append(f"{name}: {r['sessions']} held ({why})")
-            if r["failed"]:
-                notes.append(f"{name}: {r['failed']} failed {r['errors']}")
-        note = "; ".join(notes) or f"{wanted} held by each"
-        per = {name: r["per_session_kib"] for name, r in results.items()}
-        total = {name: (r["base_mib"] + r["per_session_kib"] * wanted / 1024) for name, r in results.items()}
-        detail = {"runs": results}
-        rows.append(Row(6, f"PSS per session with 1 tunnel, {wanted} sessions", "KiB", "lower", per["ours"],
-                        per["sshd"], note=note, detail=detail))
-        rows.append(Row(6, f"PSS total at {wanted} sessions (server tree)", "MiB", "lower", total["ours"],
-                        total["sshd"], note="base + per session × count (extrapolated where capped)"))
-        fill = {name: r["sessions"] / r["setup_s"] for name, r in results.items()}
-        rows.append(Row(6, f"sessions opened per second while filling to {wanted}", "/s", "higher", fill["ours"],
-                        fill["sshd"], note="login + one tunnel each, 25 at a time per client process; a rate "
-                                           "that falls as the count grows means per-login work grows with live "
-                                           "sessions"))
+    try:
+        for wanted in p.sessions:
+            rows += _memory_size(bench, p, wanted, cap, measured)
+    finally:
+        bench.set_workers(bench.ours, 1)  # the other figures measure the single process
+    return rows
+
+
+def _memory_size(bench: Bench, p: Params, wanted: int, cap: int, measured: dict[tuple[str, int], dict]) -> list[Row]:
+    results: dict[str, dict] = {}
+    workers_needed = math.ceil(wanted / cap)
+    for server in (bench.ours, bench.sshd):
+        if server.name == "ours":
+            n = wanted if bench.set_workers(server, workers_needed) else min(wanted, cap)
+        else:
+            n = min(wanted, p.sshd_session_cap, cap)
+        if (server.name, n) not in measured:  # a capped size already measured is not measured again
+            bench.log(f"  memory: {server.name} with {n} sessions"
+                      + (f" ({server.workers} workers)" if server.workers > 1 else ""))
+            measured[server.name, n] = _hold_sessions(bench, server, n, p.setup_probes)
+            bench.log(f"    {server.name:10s} {_short(measured[server.name, n])}")
+        results[server.name] = measured[server.name, n]
+    notes = []
+    for name, r in results.items():
+        if r["workers"] > 1:
+            notes.append(f"{name}: serve --workers {r['workers']} ({wanted:,} sessions need {2 * wanted:,} "
+                         f"descriptors plus the server's own, one process may have {fd_limit():,}); PSS summed "
+                         f"over supervisor and workers; at most {r['max_fds_per_process']:,} descriptors in one "
+                         f"process")
+        if r["sessions"] != wanted:
+            why = ("sshd capped; per-session figure measured at this count, total extrapolated linearly"
+                   if name == "sshd" and r["sessions"] < wanted and wanted > p.sshd_session_cap
+                   else "capped by RLIMIT_NOFILE" if r["sessions"] < wanted and wanted > cap
+                   else "sessions failed")
+            notes.append(f"{name}: {r['sessions']} held ({why})")
+        if r["failed"]:
+            notes.append(f"{name}: {r['failed']} failed {r['errors']}")
+    if wanted + 200 > fd_limit():
+        notes.append(f"the echo target is one process with {fd_limit():,} descriptors: sessions beyond that fail")
+    note = "; ".join(notes) or f"{wanted} held by each"
+    per = {name: r["per_session_kib"] for name, r in results.items()}
+    total = {name: (r["base_mib"] + r["per_session_kib"] * wanted / 1024) for name, r in results.items()}
+    detail = {"runs": {name: {k: v for k, v in r.items() if k != "probe_us"} for name, r in results.items()}}
+    rows = [Row(6, f"PSS per session with 1 tunnel, {wanted} sessions", "KiB", "lower", per["ours"],
+                per["sshd"], note=note, detail=detail),
+            Row(6, f"PSS total at {wanted} sessions (server tree)", "MiB", "lower", total["ours"],
+                total["sshd"], note="base + per session × count (extrapolated where capped)")]
+    fill = {name: r["sessions"] / r["setup_s"] for name, r in results.items()}
+    rows.append(Row(6, f"sessions opened per second while filling to {wanted}", "/s", "higher", fill["ours"],
+                    fill["sshd"], note="login + one tunnel each, 25 at a time per client process; a rate "
+                                       "that falls as the count grows means per-login work grows with live "
+                                       "sessions"))
+    if p.setup_probes:
+        held = " and ".join(f"{name} holding {r['sessions']:,}" for name, r in results.items())
+        failed = [f"{name}: {r['probe_error']}" for name, r in results.items() if r["probe_error"]]
+        probe_note = (f"n={p.setup_probes} each, one at a time, with {held}: `ssh -W lan:hello server` from "
+                      f"exec to the target's first byte (TCP, key exchange, login, one direct-tcpip channel), "
+                      f"as figure 4's ProxyJump leg")
+        if failed:
+            probe_note = "FAILED: " + "; ".join(failed) + "; " + probe_note
+        for q in (50, 99):
+            value = {name: percentile(r["probe_us"], q) / 1000 if r["probe_us"] else None
+                     for name, r in results.items()}
+            rows.append(Row(6, f"new connection + first byte while {wanted} held, p{q}", "ms", "lower",
+                            value["ours"], value["sshd"], note=probe_note if q == 50 else "",
+                            detail={"us": {name: r["probe_us"] for name, r in results.items()}} if q == 50 else {}))
     return rows
 
 
