@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncssh
 
-from . import __version__, asyncssh_tuning
+from . import __version__, asyncssh_fastpath
 from .audit import AuditLog
 from .config import Config, load_config, render_config
 from .errors import BastionError, ConfigError
@@ -105,7 +105,7 @@ class Gateway:
         self.address: tuple[str, int] | None = None
 
     async def start(self) -> None:
-        asyncssh_tuning.apply()
+        asyncssh_fastpath.apply()
         host_keys = load_host_keys(self.config)
         self.audit.start(recover=self.worker is None)  # with workers, the supervisor recovered once
         try:

@@ -1,24 +1,252 @@
-"""The IGNORE-packet tuning: data through a tunnel arrives intact and in about half the packets."""
+"""The asyncssh fast path: bytes arrive intact both ways, with every cipher, however the reads are cut.
+
+The server is a real asyncssh server on loopback with the fast path installed; the clients are asyncssh
+(which shares the patched code) and paramiko (which does not: an independent check of the wire format).
+A proxy between them can re-cut the byte stream into random pieces, so packet headers and bodies are split
+across reads at every possible place.
+"""
+
+from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
+import socket
+import threading
+import time
 
 import asyncssh
-
-from bastion import asyncssh_tuning
+import paramiko
+import pytest
 from asyncssh import connection
+
+from bastion import asyncssh_fastpath
+
+SIZE = 6 * 1024 * 1024
+CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+           "aes128-ctr", "aes256-cbc"]
+PARAMIKO_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-cbc"]
+
+
+def _payload(seed: bytes, size: int = SIZE) -> bytes:
+    block = hashlib.sha256(seed).digest() * 1024
+    return (block * (size // len(block) + 1))[:size]
+
+
+DOWN = _payload(b"down")  # target -> client
+UP = _payload(b"up")  # client -> target
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_path():
+    if asyncssh.__version__ not in asyncssh_fastpath.VERIFIED_VERSIONS:
+        pytest.skip(f"asyncssh {asyncssh.__version__} is not a version the fast path was checked against")
+    assert asyncssh_fastpath.apply()
+
+
+def test_installed_asyncssh_matches_the_pinned_sources():
+    assert asyncssh_fastpath.changed_functions() == []
+
+
+def test_a_changed_asyncssh_function_is_detected(monkeypatch):
+    monkeypatch.setitem(asyncssh_fastpath._EXPECTED_SOURCE, "connection.SSHConnection._recv_packet", "0" * 16)
+    assert asyncssh_fastpath.changed_functions() == ["connection.SSHConnection._recv_packet"]
 
 
 class _Server(asyncssh.SSHServer):
     def begin_auth(self, username):
-        return False  # no auth: this test is about the transport
+        return False  # no auth: these tests are about the transport
 
     def connection_requested(self, *args):
-        return True
+        return True  # asyncssh's own forwarder to the target
 
 
-def test_bulk_data_intact_with_one_write_per_data_packet():
-    assert asyncssh_tuning.apply()
+class _Targets:
+    """A source (sends DOWN, then closes) and a sink (hashes what it gets) on loopback, in threads."""
+
+    def __init__(self):
+        self.source = socket.create_server(("127.0.0.1", 0))
+        self.sink = socket.create_server(("127.0.0.1", 0))
+        self.sunk: list[bytes] = []
+        threading.Thread(target=self._serve_source, daemon=True).start()
+        threading.Thread(target=self._serve_sink, daemon=True).start()
+
+    def _serve_source(self):
+        while True:
+            try:
+                conn, _ = self.source.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(DOWN)
+
+    def _serve_sink(self):
+        while True:
+            try:
+                conn, _ = self.sink.accept()
+            except OSError:
+                return
+            digest, got = hashlib.sha256(), 0
+            with conn:
+                while data := conn.recv(1 << 16):
+                    digest.update(data)
+                    got += len(data)
+            self.sunk.append(digest.digest())
+
+    def close(self):
+        self.source.close()
+        self.sink.close()
+
+
+class _Recutter:
+    """A TCP proxy that forwards each direction in random-sized pieces (1 byte to 70 kB)."""
+
+    def __init__(self, upstream_port: int, seed: int):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._upstream = upstream_port
+        self._random = random.Random(seed)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        client, _ = self.listener.accept()
+        server = socket.create_connection(("127.0.0.1", self._upstream))
+        for src, dst in ((client, server), (server, client)):
+            src.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._pump, args=(src, dst, random.Random(self._random.random())),
+                             daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, rng):
+        try:
+            while data := src.recv(70000):
+                while data:
+                    cut = rng.choice((1, 3, 4, 5, 15, 16, 17, 31, 100, 1500, 32768, 70000))
+                    dst.sendall(data[:cut])
+                    data = data[cut:]
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+
+
+def _serve(rekey_bytes: int | None):
+    """Start the asyncssh server in a background loop; returns (port, stop)."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder = {}
+
+    async def start():
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        options = {"rekey_bytes": rekey_bytes} if rekey_bytes else {}
+        holder["server"] = await asyncssh.create_server(_Server, "127.0.0.1", 0, server_host_keys=[key],
+                                                        encryption_algs=CIPHERS, **options)
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()),
+                              daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    port = holder["server"].sockets[0].getsockname()[1]
+
+    def stop():
+        loop.call_soon_threadsafe(holder["server"].close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+    return port, stop
+
+
+def _through_asyncssh(port: int, cipher: str, targets: _Targets) -> tuple[bytes, bytes]:
+    async def scenario():
+        async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="u",
+                                    encryption_algs=[cipher]) as conn:
+            reader, _ = await conn.open_connection("127.0.0.1", targets.source.getsockname()[1])
+            down = await reader.read()
+            _, writer = await conn.open_connection("127.0.0.1", targets.sink.getsockname()[1])
+            writer.write(UP)
+            writer.write_eof()
+            await writer.channel.wait_closed()
+        return down
+
+    down = asyncio.run(scenario())
+    return down, _wait_for_sink(targets)
+
+
+def _through_paramiko(port: int, cipher: str, targets: _Targets) -> tuple[bytes, bytes]:
+    sock = socket.create_connection(("127.0.0.1", port))
+    transport = paramiko.Transport(sock)
+    transport.get_security_options().ciphers = (cipher,)
+    transport.start_client(timeout=10)
+    transport.auth_none("u")
+    try:
+        chan = transport.open_channel("direct-tcpip", ("127.0.0.1", targets.source.getsockname()[1]),
+                                      ("127.0.0.1", 0))
+        parts = []
+        while data := chan.recv(1 << 16):
+            parts.append(data)
+        chan.close()
+        chan = transport.open_channel("direct-tcpip", ("127.0.0.1", targets.sink.getsockname()[1]),
+                                      ("127.0.0.1", 0))
+        chan.sendall(UP)
+        chan.shutdown_write()
+        while chan.recv(1 << 16):
+            pass
+        chan.close()
+        return b"".join(parts), _wait_for_sink(targets)
+    finally:
+        transport.close()
+
+
+def _wait_for_sink(targets: _Targets) -> bytes:
+    for _ in range(500):
+        if targets.sunk:
+            return targets.sunk.pop()
+        threading.Event().wait(0.02)
+    raise AssertionError("the sink never saw the upload end")
+
+
+def _run(client, cipher: str, recut: bool, rekey_bytes: int | None = None):
+    targets = _Targets()
+    port, stop = _serve(rekey_bytes)
+    proxy = _Recutter(port, seed=len(cipher)) if recut else None
+    try:
+        down, up_digest = client(proxy.port if proxy else port, cipher, targets)
+    finally:
+        stop()
+        targets.close()
+        if proxy:
+            proxy.close()
+    assert len(down) == len(DOWN)
+    assert hashlib.sha256(down).digest() == hashlib.sha256(DOWN).digest()
+    assert up_digest == hashlib.sha256(UP).digest()
+
+
+@pytest.mark.parametrize("cipher", CIPHERS)
+def test_asyncssh_client_both_directions(cipher):
+    _run(_through_asyncssh, cipher, recut=False)
+
+
+@pytest.mark.parametrize("cipher", PARAMIKO_CIPHERS)
+def test_paramiko_client_both_directions(cipher):
+    _run(_through_paramiko, cipher, recut=False)
+
+
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "aes128-ctr"])
+def test_reads_cut_at_every_boundary(cipher):
+    _run(_through_paramiko, cipher, recut=True)
+
+
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"])
+def test_rekeying_while_data_flows(cipher):
+    _run(_through_asyncssh, cipher, recut=True, rekey_bytes=1_000_000)
+
+
+@pytest.mark.parametrize("cipher, per_data_packet", [("aes128-gcm@openssh.com", 1), ("aes256-cbc", 2)])
+def test_ignore_packet_only_with_cbc(monkeypatch, cipher, per_data_packet):
+    """asyncssh puts an empty IGNORE before every packet; we keep that only where it helps (CBC)."""
     writes = 0
     original_send = connection.SSHConnection._send
 
@@ -28,32 +256,93 @@ def test_bulk_data_intact_with_one_write_per_data_packet():
             writes += 1
         return original_send(self, data)
 
-    payload = hashlib.sha256(b"seed").digest() * (8 * 1024 * 1024 // 32)  # 8 MiB
+    monkeypatch.setattr(connection.SSHConnection, "_send", counting_send)
+    _run(_through_paramiko, cipher, recut=False)
+    data_packets = len(DOWN) // 32768
+    assert data_packets * per_data_packet <= writes < data_packets * per_data_packet * 1.1 + 60, writes
+
+
+@pytest.mark.parametrize("cipher_name", ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                                         "chacha20-poly1305@openssh.com"])
+@pytest.mark.parametrize("size", [12, 4000, 32768 + 12])
+def test_sealed_packets_are_what_asyncssh_would_send(cipher_name, size):
+    """Same keys, sequence number and plaintext: our sealing gives asyncssh's bytes, and asyncssh opens ours."""
+    from asyncssh.encryption import get_encryption, get_encryption_params
+
+    key_size, iv_size, _, _, _, _ = get_encryption_params(cipher_name.encode())
+    key, iv = bytes(range(key_size)), bytes(range(100, 100 + iv_size))
+    ours, theirs, opener = (get_encryption(cipher_name.encode(), key, iv) for _ in range(3))
+    body = _payload(cipher_name.encode(), size)
+    header = len(body).to_bytes(4, "big")
+    for seq in (0, 1, 0xFFFFFFFF):
+        if "gcm" in cipher_name:
+            sealed = asyncssh_fastpath._gcm_seal(ours._cipher, header, body)
+        else:
+            sealed = asyncssh_fastpath._chacha_seal(ours._cipher, seq, header, body)
+        packet, mac = theirs.encrypt_packet(seq, header, body)
+        assert bytes(sealed) == packet + mac
+        first, rest, tag = bytes(sealed[:16]), bytes(sealed[16:-16]), bytes(sealed[-16:])
+        assert opener.decrypt_packet(seq, first, rest, 4, tag) == body
+
+
+class _FreezableProxy:
+    """A TCP proxy that can go silent both ways (a peer that vanished without closing the connection)."""
+
+    def __init__(self, upstream_port: int):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.frozen = threading.Event()
+        self._upstream = upstream_port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        client, _ = self.listener.accept()
+        server = socket.create_connection(("127.0.0.1", self._upstream))
+        for src, dst in ((client, server), (server, client)):
+            threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while data := src.recv(65536):
+                if not self.frozen.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+
+def test_keepalive_counts_silence_from_the_last_read():
+    """Steady traffic for 5 intervals keeps the session; silence ends it after interval x (count_max + 1)."""
+    interval, count_max = 0.3, 2
+    lost_at: list[float] = []
+
+    class _Server(asyncssh.SSHServer):
+        def begin_auth(self, username):
+            return False
+
+        def connection_lost(self, exc):
+            lost_at.append(time.monotonic())
 
     async def scenario():
         key = asyncssh.generate_private_key("ssh-ed25519")
-        server = await asyncssh.create_server(_Server, "127.0.0.1", 0, server_host_keys=[key])
-
-        async def source(reader, writer):
-            writer.write(payload)
-            await writer.drain()
-            writer.close()
-
-        target = await asyncio.start_server(source, "127.0.0.1", 0)
-        async with asyncssh.connect("127.0.0.1", server.sockets[0].getsockname()[1], known_hosts=None,
-                                    username="u", encryption_algs=["aes128-gcm@openssh.com"]) as conn:
-            reader, _ = await conn.open_connection("127.0.0.1", target.sockets[0].getsockname()[1])
-            received = await reader.read()
+        server = await asyncssh.create_server(_Server, "127.0.0.1", 0, server_host_keys=[key],
+                                              keepalive_interval=interval, keepalive_count_max=count_max)
+        proxy = _FreezableProxy(server.sockets[0].getsockname()[1])
+        conn = await asyncssh.connect("127.0.0.1", proxy.port, known_hosts=None, username="u")
+        for _ in range(int(5 * interval / 0.05)):  # a request every 50 ms: never idle for an interval
+            with pytest.raises(asyncssh.ChannelOpenError):  # a round trip: the server reads a packet
+                await conn.create_session(asyncssh.SSHClientSession)
+            await asyncio.sleep(0.05)
+        assert not lost_at, "an active session was dropped by the keepalive check"
+        proxy.frozen.set()
+        frozen_at = time.monotonic()
+        for _ in range(100):
+            if lost_at:
+                break
+            await asyncio.sleep(0.05)
+        conn.abort()
         server.close()
-        target.close()
-        return received
+        return lost_at[0] - frozen_at if lost_at else None
 
-    connection.SSHConnection._send = counting_send
-    try:
-        received = asyncio.run(scenario())
-    finally:
-        connection.SSHConnection._send = original_send
-    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
-    data_packets = len(payload) // 32768
-    # untuned asyncssh writes an IGNORE before each data packet: about 2 x data_packets
-    assert writes < data_packets * 1.2 + 40, (writes, data_packets)
+    silence = asyncio.run(scenario())
+    assert silence is not None, "the server never dropped the silent peer"
+    assert interval * (count_max + 1) - 0.1 <= silence <= interval * (count_max + 1) + 1.0, silence
