@@ -13,7 +13,8 @@ per-packet Python work, not AES. What this module changes, each justified by tha
   it straight into the buffer that goes to the socket (`encrypt_into`, one reused AESGCM object).
 - Receiving parses packets at an offset into the read buffer instead of re-slicing the whole buffer after
   every packet (quadratic in the read size), and for AES-GCM decrypts straight from that buffer.
-- Channel data is sent and parsed without its extra String/header copies.
+- Channel data is built straight from the channel's send buffer into the packet (one copy), and parsed in
+  place on receipt.
 - Per-packet debug logging is built only when asyncssh's packet debug level (3) is on.
 - The keepalive timer is not cancelled and re-created on every read: a read notes the time, and the timer,
   when it fires, re-arms itself for the rest of the interval if anything arrived meanwhile.
@@ -255,14 +256,25 @@ def _send_packet(self, pkttype: int, *args: bytes, handler=None) -> None:
         parts = (bytes((pkttype,)), *args)
         payload_len = 1 + sum(map(len, args))
 
-    blocksize = self._send_blocksize
-    padlen = -(self._send_enchdrlen + payload_len) % blocksize
-    if padlen < 4:
-        padlen += blocksize
-    pktlen = 1 + payload_len + padlen
-    header = pktlen.to_bytes(4, "big")
+    padlen = _padding_length(self, payload_len)
     body = b"".join((bytes((padlen,)), *parts, _padding(padlen)))
-    seq = self._send_seq
+    seq = _seal_and_send(self, pkttype, body)
+    if SSHLogger._debug_level >= 3:
+        (handler or self).log_sent_packet(pkttype, seq, bytes((pkttype,)) + b"".join(args))
+
+
+def _padding_length(conn, payload_len: int) -> int:
+    blocksize = conn._send_blocksize
+    padlen = -(conn._send_enchdrlen + payload_len) % blocksize
+    return padlen + blocksize if padlen < 4 else padlen
+
+
+def _seal_and_send(conn, pkttype: int, body: bytes | bytearray) -> int:
+    """Encrypt one packet (body = padding length, payload, padding), write it, count it; returns its seq."""
+    pktlen = len(body)
+    header = pktlen.to_bytes(4, "big")
+    seq = conn._send_seq
+    encryption = conn._send_encryption
 
     if not encryption:
         sealed = header + body
@@ -271,24 +283,49 @@ def _send_packet(self, pkttype: int, *args: bytes, handler=None) -> None:
     elif type(encryption) is ChachaEncryption:
         sealed = _chacha_seal(encryption._cipher, seq, header, body)
     else:
-        packet, mac = encryption.encrypt_packet(seq, header, body)
+        packet, mac = encryption.encrypt_packet(seq, header, bytes(body))
         sealed = packet + mac
-    self._send(sealed)
+    conn._send(sealed)
 
-    if self._send_seq == 0xffffffff and not encryption:
-        self._send_seq = 0
+    if conn._send_seq == 0xffffffff and not encryption:
+        conn._send_seq = 0
         raise ProtocolError("Sequence rollover before kex complete")
 
-    if pkttype == MSG_NEWKEYS and self._strict_kex:
-        self._send_seq = 0
+    if pkttype == MSG_NEWKEYS and conn._strict_kex:
+        conn._send_seq = 0
     else:
-        self._send_seq = (seq + 1) & 0xffffffff
+        conn._send_seq = (seq + 1) & 0xffffffff
 
-    if self._kex_complete:
-        self._rekey_bytes_sent += pktlen
+    if conn._kex_complete:
+        conn._rekey_bytes_sent += pktlen
+    return seq
 
+
+def _direct_data_ok(conn) -> bool:
+    """Whether a channel-data packet may skip send_packet: no rekey due, nothing to defer, no compression,
+    no CBC (which wants the IGNORE packet), and an AEAD cipher we seal ourselves."""
+    encryption = conn._send_encryption
+    return (conn._kex_complete and conn._auth_complete
+            and conn._rekey_bytes_sent < conn._rekey_bytes
+            and not (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)
+            and not conn._compressor
+            and ((type(encryption) is GCMEncryption and _ENCRYPT_INTO) or type(encryption) is ChachaEncryption))
+
+
+def _send_data_direct(chan, conn, buf: bytearray, datalen: int) -> None:
+    """One CHANNEL_DATA packet built straight from the front of the channel's send buffer (one copy)."""
+    padlen = _padding_length(conn, 9 + datalen)
+    body = bytearray(10 + datalen + padlen)
+    body[0] = padlen
+    body[1] = MSG_CHANNEL_DATA
+    body[2:6] = chan._send_chan.to_bytes(4, "big")
+    body[6:10] = datalen.to_bytes(4, "big")
+    with memoryview(buf) as view:
+        body[10:10 + datalen] = view[:datalen]
+    body[10 + datalen:] = _padding(padlen)
+    seq = _seal_and_send(conn, MSG_CHANNEL_DATA, body)
     if SSHLogger._debug_level >= 3:
-        (handler or self).log_sent_packet(pkttype, seq, bytes((pkttype,)) + b"".join(args))
+        chan.log_sent_packet(MSG_CHANNEL_DATA, seq, bytes(body[1:10 + datalen]))
 
 
 def _channel_send_packet(self, pkttype: int, *args: bytes) -> None:
@@ -299,9 +336,21 @@ def _channel_send_packet(self, pkttype: int, *args: bytes) -> None:
 
 
 def _flush_send_buf(self) -> None:
+    conn = self._conn
     while self._send_buf and self._send_window:
         pktsize = min(self._send_window, self._send_pktsize)
         buf, datatype = self._send_buf[0]
+
+        if datatype is None and self._send_chan is not None and conn is not None and _direct_data_ok(conn):
+            datalen = min(len(buf), pktsize)
+            _send_data_direct(self, conn, buf, datalen)
+            if datalen == len(buf):
+                del self._send_buf[0]
+            else:
+                del buf[:datalen]
+            self._send_buf_len -= datalen
+            self._send_window -= datalen
+            continue
 
         if len(buf) > pktsize:
             data = buf[:pktsize]

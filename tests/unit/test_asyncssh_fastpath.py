@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import random
 import socket
+import sys
 import threading
 import time
 
@@ -346,3 +347,18 @@ def test_keepalive_counts_silence_from_the_last_read():
     silence = asyncio.run(scenario())
     assert silence is not None, "the server never dropped the silent peer"
     assert interval * (count_max + 1) - 0.1 <= silence <= interval * (count_max + 1) + 1.0, silence
+
+
+def test_packet_debug_logging_still_works(caplog, monkeypatch):
+    """At asyncssh's debug level 3 every packet is logged, as without the fast path."""
+    monkeypatch.setattr(sys.modules[__name__], "DOWN", _payload(b"down", 256 * 1024))
+    monkeypatch.setattr(sys.modules[__name__], "UP", _payload(b"up", 256 * 1024))
+    asyncssh.set_debug_level(3)
+    try:
+        with caplog.at_level("DEBUG", logger="asyncssh"):
+            _run(_through_asyncssh, "aes128-gcm@openssh.com", recut=False)
+    finally:
+        asyncssh.set_debug_level(1)
+    sent = [r for r in caplog.records if "] Sent MSG_CHANNEL_DATA" in r.getMessage()]
+    received = [r for r in caplog.records if "] Received MSG_CHANNEL_DATA" in r.getMessage()]
+    assert len(sent) >= 2 * len(DOWN) // 32768 and len(received) >= 2 * len(UP) // 32768
