@@ -13,8 +13,8 @@ per-packet Python work, not AES. What this module changes, each justified by tha
   it straight into the buffer that goes to the socket (`encrypt_into`, one reused AESGCM object).
 - Receiving parses packets at an offset into the read buffer instead of re-slicing the whole buffer after
   every packet (quadratic in the read size), and for AES-GCM decrypts straight from that buffer.
-- Channel data is built straight from the channel's send buffer into the packet (one copy), and parsed in
-  place on receipt.
+- Channel data is kept as written (bytes are immutable; anything else is copied once), built straight from
+  the channel's send buffer into the packet (one copy), and parsed in place on receipt.
 - Per-packet debug logging is built only when asyncssh's packet debug level (3) is on.
 - The keepalive timer is not cancelled and re-created on every read: a read notes the time, and the timer,
   when it fires, re-arms itself for the rest of the interval if anything arrived meanwhile.
@@ -39,6 +39,7 @@ from asyncssh.constants import (MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_E
                                 MSG_CHANNEL_LAST, MSG_DEBUG, MSG_IGNORE, MSG_KEX_FIRST, MSG_KEX_LAST, MSG_NEWKEYS,
                                 MSG_SERVICE_ACCEPT, MSG_SERVICE_REQUEST, MSG_UNIMPLEMENTED, MSG_USERAUTH_BANNER,
                                 MSG_USERAUTH_FIRST, MSG_USERAUTH_LAST)
+from asyncssh.channel import _data_type_names
 from asyncssh.crypto.chacha import chacha20
 from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from asyncssh.logging import SSHLogger
@@ -69,6 +70,7 @@ _EXPECTED_SOURCE = {
     "connection.SSHConnection._keepalive_timer_callback": "6d8aa6656cfc6003",
     "channel.SSHChannel.send_packet": "00e81b763c8f3dd2",
     "channel.SSHChannel._flush_send_buf": "3f11e9dc27c58b18",
+    "channel.SSHChannel.write": "1045e20008469933",
     "crypto.cipher.GCMCipher.encrypt_and_sign": "adb87dbdb4f9039a",
     "crypto.cipher.GCMCipher.verify_and_decrypt": "c09eb5b36d0f6a92",
     "crypto.cipher.GCMCipher._update_iv": "bce250a8d9dc82b6",
@@ -133,6 +135,7 @@ def apply() -> bool:
     connection.SSHConnection._keepalive_seen = 0.0  # loop time of the last read while the timer runs
     _patch(channel.SSHChannel, "send_packet", _channel_send_packet)
     _patch(channel.SSHChannel, "_flush_send_buf", _flush_send_buf)
+    _patch(channel.SSHChannel, "write", _channel_write)
     return True
 
 
@@ -312,7 +315,7 @@ def _direct_data_ok(conn) -> bool:
             and ((type(encryption) is GCMEncryption and _ENCRYPT_INTO) or type(encryption) is ChachaEncryption))
 
 
-def _send_data_direct(chan, conn, buf: bytearray, datalen: int) -> None:
+def _send_data_direct(chan, conn, buf: memoryview, datalen: int) -> None:
     """One CHANNEL_DATA packet built straight from the front of the channel's send buffer (one copy)."""
     padlen = _padding_length(conn, 9 + datalen)
     body = bytearray(10 + datalen + padlen)
@@ -320,8 +323,7 @@ def _send_data_direct(chan, conn, buf: bytearray, datalen: int) -> None:
     body[1] = MSG_CHANNEL_DATA
     body[2:6] = chan._send_chan.to_bytes(4, "big")
     body[6:10] = datalen.to_bytes(4, "big")
-    with memoryview(buf) as view:
-        body[10:10 + datalen] = view[:datalen]
+    body[10:10 + datalen] = buf[:datalen]
     body[10 + datalen:] = _padding(padlen)
     seq = _seal_and_send(conn, MSG_CHANNEL_DATA, body)
     if SSHLogger._debug_level >= 3:
@@ -335,39 +337,55 @@ def _channel_send_packet(self, pkttype: int, *args: bytes) -> None:
     self._conn.send_packet(pkttype, UInt32(self._send_chan), *args, handler=self)
 
 
+def _channel_write(self, data, datatype=None) -> None:
+    if self._send_state != "open":
+        raise BrokenPipeError("Channel not open for sending")
+
+    if datatype is not None and datatype not in self._write_datatypes:
+        raise OSError("Invalid extended data type")
+
+    if not data:
+        return
+
+    if self._encoding:
+        assert self._encoder is not None
+        encoded_data = self._encoder.encode(data)
+    else:
+        encoded_data = data
+
+    if SSHLogger._debug_level >= 2:
+        self.logger.debug2("Sending %d data byte%s%s", len(encoded_data), "s" if len(encoded_data) > 1 else "",
+                           f" to {_data_type_names[datatype]}" if datatype else "")
+
+    # asyncssh copies every write into a bytearray; immutable bytes need no copy, a view of them will do
+    if type(encoded_data) is not bytes:
+        encoded_data = bytes(encoded_data)
+    self._send_buf.append((memoryview(encoded_data), datatype))
+    self._send_buf_len += len(encoded_data)
+    self._flush_send_buf()
+
+
 def _flush_send_buf(self) -> None:
+    """As asyncssh's, with send-buffer entries that are read-only views, consumed by slicing."""
     conn = self._conn
     while self._send_buf and self._send_window:
         pktsize = min(self._send_window, self._send_pktsize)
         buf, datatype = self._send_buf[0]
+        datalen = min(len(buf), pktsize)
 
         if datatype is None and self._send_chan is not None and conn is not None and _direct_data_ok(conn):
-            datalen = min(len(buf), pktsize)
             _send_data_direct(self, conn, buf, datalen)
-            if datalen == len(buf):
-                del self._send_buf[0]
-            else:
-                del buf[:datalen]
-            self._send_buf_len -= datalen
-            self._send_window -= datalen
-            continue
-
-        if len(buf) > pktsize:
-            data = buf[:pktsize]
-            del buf[:pktsize]
+        elif datatype is None:
+            self.send_packet(MSG_CHANNEL_DATA, UInt32(datalen), bytes(buf[:datalen]))
         else:
-            data = buf
-            del self._send_buf[0]
+            self.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(datatype), UInt32(datalen), bytes(buf[:datalen]))
 
-        datalen = len(data)
+        if datalen == len(buf):
+            del self._send_buf[0]
+        else:
+            self._send_buf[0] = (buf[datalen:], datatype)
         self._send_buf_len -= datalen
         self._send_window -= datalen
-
-        # the length and the data as separate parts: joined once, in send_packet
-        if datatype is None:
-            self.send_packet(MSG_CHANNEL_DATA, UInt32(datalen), data)
-        else:
-            self.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(datatype), UInt32(datalen), data)
 
     self._pause_resume_writing()
 

@@ -362,3 +362,26 @@ def test_packet_debug_logging_still_works(caplog, monkeypatch):
     sent = [r for r in caplog.records if "] Sent MSG_CHANNEL_DATA" in r.getMessage()]
     received = [r for r in caplog.records if "] Received MSG_CHANNEL_DATA" in r.getMessage()]
     assert len(sent) >= 2 * len(DOWN) // 32768 and len(received) >= 2 * len(UP) // 32768
+
+
+def test_a_buffer_changed_after_write_does_not_change_what_is_sent():
+    """Writes are kept without a copy only when they are immutable bytes."""
+    targets = _Targets()
+    port, stop = _serve(None)
+
+    async def scenario():
+        async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="u") as conn:
+            _, writer = await conn.open_connection("127.0.0.1", targets.sink.getsockname()[1])
+            buffer = bytearray(UP)
+            writer.write(buffer)  # most of it waits in the channel's send buffer for window
+            buffer[:] = bytes(len(buffer))
+            writer.write(memoryview(buffer)[:0])
+            writer.write_eof()
+            await writer.channel.wait_closed()
+
+    try:
+        asyncio.run(scenario())
+        assert _wait_for_sink(targets) == hashlib.sha256(UP).digest()
+    finally:
+        stop()
+        targets.close()
