@@ -69,30 +69,28 @@ class _Targets:
         self.source = socket.create_server(("127.0.0.1", 0))
         self.sink = socket.create_server(("127.0.0.1", 0))
         self.sunk: list[bytes] = []
-        threading.Thread(target=self._serve_source, daemon=True).start()
-        threading.Thread(target=self._serve_sink, daemon=True).start()
+        threading.Thread(target=self._serve, args=(self.source, self._send_down), daemon=True).start()
+        threading.Thread(target=self._serve, args=(self.sink, self._hash_up), daemon=True).start()
 
-    def _serve_source(self):
+    @staticmethod
+    def _serve(listener, handle):
         while True:
             try:
-                conn, _ = self.source.accept()
+                conn, _ = listener.accept()
             except OSError:
                 return
             with conn:
-                conn.sendall(DOWN)
+                handle(conn)
 
-    def _serve_sink(self):
-        while True:
-            try:
-                conn, _ = self.sink.accept()
-            except OSError:
-                return
-            digest, got = hashlib.sha256(), 0
-            with conn:
-                while data := conn.recv(1 << 16):
-                    digest.update(data)
-                    got += len(data)
-            self.sunk.append(digest.digest())
+    @staticmethod
+    def _send_down(conn):
+        conn.sendall(DOWN)
+
+    def _hash_up(self, conn):
+        digest = hashlib.sha256()
+        while data := conn.recv(1 << 16):
+            digest.update(data)
+        self.sunk.append(digest.digest())
 
     def close(self):
         self.source.close()
