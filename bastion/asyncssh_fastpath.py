@@ -9,11 +9,11 @@ per-packet Python work, not AES. What this module changes, each justified by tha
 
 - No empty SSH_MSG_IGNORE before every packet. It defends CBC ciphers only (it makes the next CBC IV
   unpredictable, RFC 4251 9.3.1); it is still sent when a CBC cipher is in use.
-- Sending builds the plaintext packet with one join instead of five concatenations, and for AES-GCM seals
-  it straight into the buffer that goes to the socket (`encrypt_into`, one reused AESGCM object).
+- Sending builds the plaintext packet with one join instead of five concatenations, and seals it with one
+  reused AESGCM object instead of a new one per packet.
 - Receiving parses packets at an offset into the read buffer instead of re-slicing the whole buffer after
   every packet (quadratic in the read size), and for AES-GCM decrypts straight from that buffer.
-- Channel data is kept as written (bytes are immutable; anything else is copied once), built straight from
+- Channel data is kept as written (bytes are immutable; anything else is copied once), joined straight from
   the channel's send buffer into the packet (one copy), and parsed in place on receipt.
 - Per-packet debug logging is built only when asyncssh's packet debug level (3) is on.
 - The keepalive timer is not cancelled and re-created on every read: a read notes the time, and the timer,
@@ -87,7 +87,6 @@ _GCM_TAG = 16
 _POLY_TAG = 16
 _ZERO_BLOCK = bytes(64)  # one ChaCha20 block: its first 32 bytes of keystream are the Poly1305 key
 _COUNTER_0 = bytes(8)
-_ENCRYPT_INTO = hasattr(AESGCM, "encrypt_into")  # cryptography >= 45
 
 
 def source_digests() -> dict[str, str]:
@@ -156,13 +155,11 @@ def _aead(cipher):
     return aead
 
 
-def _gcm_seal(cipher, header: bytes, body: bytes) -> bytearray:
-    """header + AES-GCM(body) + tag, encrypted into the one buffer that is written to the socket."""
-    out = bytearray(4 + len(body) + _GCM_TAG)
-    out[:4] = header
-    _aead(cipher).encrypt_into(cipher._iv, body, header, memoryview(out)[4:])
+def _gcm_seal(cipher, header: bytes, body: bytes) -> bytes:
+    """header + AES-GCM(body) + tag."""
+    sealed = header + _aead(cipher).encrypt(cipher._iv, body, header)
     cipher._update_iv()
-    return out
+    return sealed
 
 
 def _gcm_open(cipher, header: memoryview, sealed: memoryview) -> bytes | None:
@@ -281,7 +278,7 @@ def _seal_and_send(conn, pkttype: int, body: bytes | bytearray) -> int:
 
     if not encryption:
         sealed = header + body
-    elif type(encryption) is GCMEncryption and _ENCRYPT_INTO:
+    elif type(encryption) is GCMEncryption:
         sealed = _gcm_seal(encryption._cipher, header, body)
     elif type(encryption) is ChachaEncryption:
         sealed = _chacha_seal(encryption._cipher, seq, header, body)
@@ -312,22 +309,17 @@ def _direct_data_ok(conn) -> bool:
             and conn._rekey_bytes_sent < conn._rekey_bytes
             and not (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)
             and not conn._compressor
-            and ((type(encryption) is GCMEncryption and _ENCRYPT_INTO) or type(encryption) is ChachaEncryption))
+            and type(encryption) in (GCMEncryption, ChachaEncryption))
 
 
 def _send_data_direct(chan, conn, buf: memoryview, datalen: int) -> None:
     """One CHANNEL_DATA packet built straight from the front of the channel's send buffer (one copy)."""
     padlen = _padding_length(conn, 9 + datalen)
-    body = bytearray(10 + datalen + padlen)
-    body[0] = padlen
-    body[1] = MSG_CHANNEL_DATA
-    body[2:6] = chan._send_chan.to_bytes(4, "big")
-    body[6:10] = datalen.to_bytes(4, "big")
-    body[10:10 + datalen] = buf[:datalen]
-    body[10 + datalen:] = _padding(padlen)
+    body = b"".join((bytes((padlen, MSG_CHANNEL_DATA)), chan._send_chan.to_bytes(4, "big"),
+                     datalen.to_bytes(4, "big"), buf[:datalen], _padding(padlen)))
     seq = _seal_and_send(conn, MSG_CHANNEL_DATA, body)
     if SSHLogger._debug_level >= 3:
-        chan.log_sent_packet(MSG_CHANNEL_DATA, seq, bytes(body[1:10 + datalen]))
+        chan.log_sent_packet(MSG_CHANNEL_DATA, seq, body[1:10 + datalen])
 
 
 def _channel_send_packet(self, pkttype: int, *args: bytes) -> None:
