@@ -9,10 +9,11 @@ per-packet Python work, not AES. What this module changes, each justified by tha
 
 - No empty SSH_MSG_IGNORE before every packet. It defends CBC ciphers only (it makes the next CBC IV
   unpredictable, RFC 4251 9.3.1); it is still sent when a CBC cipher is in use.
-- Sending builds the plaintext packet with one join instead of five concatenations, and seals it with one
-  reused AESGCM object instead of a new one per packet.
+- Sending builds the plaintext packet with one join instead of five concatenations, seals AES-GCM with one
+  reused AESGCM object instead of a new one per packet and ChaCha20-Poly1305 with two cipher objects
+  instead of three, and takes random padding from a pool instead of a getrandom call per packet.
 - Receiving parses packets at an offset into the read buffer instead of re-slicing the whole buffer after
-  every packet (quadratic in the read size), and for AES-GCM decrypts straight from that buffer.
+  every packet (quadratic in the read size), and decrypts AES-GCM and ChaCha20-Poly1305 straight from it.
 - Channel data is kept as written (bytes are immutable; anything else is copied once), joined straight from
   the channel's send buffer into the packet (one copy), and parsed in place on receipt.
 - Per-packet debug logging is built only when asyncssh's packet debug level (3) is on.
