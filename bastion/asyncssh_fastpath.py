@@ -84,7 +84,6 @@ _EXPECTED_SOURCE = {
     "encryption.ChachaEncryption.decrypt_packet": "6b65743ce728dfd4",
 }
 
-_GCM_TAG = 16
 _POLY_TAG = 16
 _ZERO_BLOCK = bytes(64)  # one ChaCha20 block: its first 32 bytes of keystream are the Poly1305 key
 _COUNTER_0 = bytes(8)
