@@ -256,25 +256,14 @@ def _send_packet(self, pkttype: int, *args: bytes, handler=None) -> None:
         parts = (bytes((pkttype,)), *args)
         payload_len = 1 + sum(map(len, args))
 
-    padlen = _padding_length(self, payload_len)
+    blocksize = self._send_blocksize
+    padlen = -(self._send_enchdrlen + payload_len) % blocksize
+    if padlen < 4:
+        padlen += blocksize
     body = b"".join((bytes((padlen,)), *parts, _padding(padlen)))
-    seq = _seal_and_send(self, pkttype, body)
-    if SSHLogger._debug_level >= 3:
-        (handler or self).log_sent_packet(pkttype, seq, bytes((pkttype,)) + b"".join(args))
-
-
-def _padding_length(conn, payload_len: int) -> int:
-    blocksize = conn._send_blocksize
-    padlen = -(conn._send_enchdrlen + payload_len) % blocksize
-    return padlen + blocksize if padlen < 4 else padlen
-
-
-def _seal_and_send(conn, pkttype: int, body: bytes | bytearray) -> int:
-    """Encrypt one packet (body = padding length, payload, padding), write it, count it; returns its seq."""
     pktlen = len(body)
     header = pktlen.to_bytes(4, "big")
-    seq = conn._send_seq
-    encryption = conn._send_encryption
+    seq = self._send_seq
 
     if not encryption:
         sealed = header + body
@@ -283,43 +272,24 @@ def _seal_and_send(conn, pkttype: int, body: bytes | bytearray) -> int:
     elif type(encryption) is ChachaEncryption:
         sealed = _chacha_seal(encryption._cipher, seq, header, body)
     else:
-        packet, mac = encryption.encrypt_packet(seq, header, bytes(body))
+        packet, mac = encryption.encrypt_packet(seq, header, body)
         sealed = packet + mac
-    conn._send(sealed)
+    self._send(sealed)
 
-    if conn._send_seq == 0xffffffff and not encryption:
-        conn._send_seq = 0
+    if self._send_seq == 0xffffffff and not encryption:
+        self._send_seq = 0
         raise ProtocolError("Sequence rollover before kex complete")
 
-    if pkttype == MSG_NEWKEYS and conn._strict_kex:
-        conn._send_seq = 0
+    if pkttype == MSG_NEWKEYS and self._strict_kex:
+        self._send_seq = 0
     else:
-        conn._send_seq = (seq + 1) & 0xffffffff
+        self._send_seq = (seq + 1) & 0xffffffff
 
-    if conn._kex_complete:
-        conn._rekey_bytes_sent += pktlen
-    return seq
+    if self._kex_complete:
+        self._rekey_bytes_sent += pktlen
 
-
-def _direct_data_ok(conn) -> bool:
-    """Whether a channel-data packet may skip send_packet: no rekey due, nothing to defer, no compression,
-    no CBC (which wants the IGNORE packet), and an AEAD cipher we seal ourselves."""
-    encryption = conn._send_encryption
-    return (conn._kex_complete and conn._auth_complete
-            and conn._rekey_bytes_sent < conn._rekey_bytes
-            and not (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)
-            and not conn._compressor
-            and type(encryption) in (GCMEncryption, ChachaEncryption))
-
-
-def _send_data_direct(chan, conn, buf: memoryview, datalen: int) -> None:
-    """One CHANNEL_DATA packet built straight from the front of the channel's send buffer (one copy)."""
-    padlen = _padding_length(conn, 9 + datalen)
-    body = b"".join((bytes((padlen, MSG_CHANNEL_DATA)), chan._send_chan.to_bytes(4, "big"),
-                     datalen.to_bytes(4, "big"), buf[:datalen], _padding(padlen)))
-    seq = _seal_and_send(conn, MSG_CHANNEL_DATA, body)
     if SSHLogger._debug_level >= 3:
-        chan.log_sent_packet(MSG_CHANNEL_DATA, seq, body[1:10 + datalen])
+        (handler or self).log_sent_packet(pkttype, seq, bytes((pkttype,)) + b"".join(args))
 
 
 def _channel_send_packet(self, pkttype: int, *args: bytes) -> None:
@@ -359,18 +329,16 @@ def _channel_write(self, data, datatype=None) -> None:
 
 def _flush_send_buf(self) -> None:
     """As asyncssh's, with send-buffer entries that are read-only views, consumed by slicing."""
-    conn = self._conn
     while self._send_buf and self._send_window:
         pktsize = min(self._send_window, self._send_pktsize)
         buf, datatype = self._send_buf[0]
         datalen = min(len(buf), pktsize)
 
-        if datatype is None and self._send_chan is not None and conn is not None and _direct_data_ok(conn):
-            _send_data_direct(self, conn, buf, datalen)
-        elif datatype is None:
-            self.send_packet(MSG_CHANNEL_DATA, UInt32(datalen), bytes(buf[:datalen]))
+        # the data goes as a view of the send buffer: send_packet's one join is the only copy
+        if datatype is None:
+            self.send_packet(MSG_CHANNEL_DATA, UInt32(datalen), buf[:datalen])
         else:
-            self.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(datatype), UInt32(datalen), bytes(buf[:datalen]))
+            self.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(datatype), UInt32(datalen), buf[:datalen])
 
         if datalen == len(buf):
             del self._send_buf[0]
