@@ -21,6 +21,7 @@ DEFAULT_HOME = Path("/var/lib/bastion")
 CONFIG_FILE = "config.toml"
 DATABASE_FILE = "bastion.db"
 HOST_KEY_FILES = ("ssh_host_ed25519_key", "ssh_host_rsa_key")
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,8 @@ class Config:
     # Processes sharing the port (SO_REUSEPORT), so sessions spread over cores. Limits and penalties
     # are counted per process.
     workers: int = 1
+    # "uvloop" (libuv, C) or "asyncio" (the standard library's loop); see README, Performance.
+    event_loop: str = "uvloop"
     log_level: str = "INFO"
     # Where users are told to jump through in the session banner; defaults to the listen address.
     public_name: str = ""
@@ -125,6 +128,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
             return level
+        if name == "event_loop":
+            if value not in EVENT_LOOPS:
+                raise ValueError(f"must be one of {', '.join(EVENT_LOOPS)}")
+            return value
         if not isinstance(value, str):
             raise ValueError("must be a string")
         return value
@@ -204,4 +211,6 @@ def render_config(config: Config) -> str:
         f"max_channels_per_user = {config.max_channels_per_user}\n"
         "# Worker processes sharing the port; per-user caps and penalties are counted per worker.\n"
         f"workers = {config.workers}\n"
+        '# "uvloop" (faster) or "asyncio" (the standard library\'s loop).\n'
+        f'event_loop = "{config.event_loop}"\n'
     )

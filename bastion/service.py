@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncssh
 
-from . import __version__, asyncssh_fastpath
+from . import __version__, asyncssh_fastpath, event_loop
 from .audit import AuditLog
 from .config import Config, load_config, render_config
 from .errors import BastionError, ConfigError
@@ -279,7 +279,8 @@ async def serve(config: Config, drain_seconds: float = 10.0, worker: int | None 
     assert gateway.address is not None
     host, port = gateway.address
     who = "" if worker is None else f" (worker {worker}, pid {os.getpid()})"
-    log.info("bastion %s listening on %s:%d%s (home %s)", __version__, host, port, who, config.home)
+    log.info("bastion %s listening on %s:%d%s (home %s, event loop %s)", __version__, host, port, who, config.home,
+             config.event_loop)
     try:
         await gateway.run_until_stopped(drain_seconds)
     finally:
@@ -293,7 +294,7 @@ def run(config: Config) -> int:
     with SO_REUSEPORT), forwards SIGTERM/SIGINT/SIGHUP to them and exits when they all have."""
     drain = config.shutdown_grace_seconds
     if config.workers <= 1:
-        asyncio.run(serve(config, drain))
+        event_loop.run(serve(config, drain), config.event_loop)
         return 0
     if config.listen_port == 0:
         raise ConfigError("--workers needs a fixed port: with port 0 every worker would get its own")
@@ -306,7 +307,7 @@ def run(config: Config) -> int:
         if pid == 0:  # the worker: a fresh event loop of its own
             code = 0
             try:
-                asyncio.run(serve(config, drain, worker=index))
+                event_loop.run(serve(config, drain, worker=index), config.event_loop)
             except BaseException:  # a worker must never return into the supervisor's code
                 log.exception("worker %d failed", index)
                 code = 1

@@ -5,6 +5,8 @@ We own it instead of asyncssh's built-in forwarder so that close semantics are o
 - backpressure both ways: when one side's write buffer is full, stop reading from the other;
 - half-close: EOF from either side is passed on as EOF, and the tunnel closes once both sides
   have sent EOF, or as soon as either side goes away for good;
+- nothing the target sends before the channel is confirmed is lost: it is held (and reading paused
+  again) even on a loop, such as uvloop, that starts reading despite a pause in `connection_made`;
 - byte counters are plain integer additions; no per-chunk logging or I/O.
 """
 
@@ -33,6 +35,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         self._on_close = on_close
         self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self._target: asyncio.Transport | None = None
+        self._early: list[bytes] = []  # target data that arrived before the channel was confirmed
         self._client_eof = False
         self._target_eof = False
         self._chan_closed = False
@@ -45,7 +48,15 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         """The channel is confirmed; data may flow. Reading from the target starts only now."""
         self._chan = chan
         assert self._target is not None
-        self._target.resume_reading()
+        for data in self._early:
+            chan.write(data)
+        self._early.clear()
+        if self._target_closed:
+            chan.close()  # the target came and went before the channel opened: deliver, then close
+        elif self._target_eof:
+            chan.write_eof()
+        else:
+            self._target.resume_reading()
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.bytes_up += len(data)
@@ -90,6 +101,10 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         self.bytes_down += len(data)
         if self._chan is not None:
             self._chan.write(data)
+        elif not self._chan_closed:  # not confirmed yet: hold it, and hold off the target
+            self._early.append(data)
+            assert self._target is not None
+            self._target.pause_reading()
 
     def _target_eof_received(self) -> bool:
         self._target_eof = True

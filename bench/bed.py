@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -195,8 +196,9 @@ class Server:
 class Bench:
     """Everything one benchmark run needs; a context manager that tears it all down."""
 
-    def __init__(self, bastion_src: Path = ROOT, log=print) -> None:
+    def __init__(self, bastion_src: Path = ROOT, log=print, event_loop: str | None = None) -> None:
         self.log = log
+        self.event_loop = event_loop
         self.bastion_src = bastion_src
         self.bastion_digest = ""
         self.bastion_settings: dict = {}
@@ -247,6 +249,12 @@ class Bench:
             bastion.init()
             written = (home / "config.toml").read_text()
             settings = {k: v for k, v in BASTION_LOAD_SETTINGS.items() if f"\n{k} =" in f"\n{written}"}
+            if self.event_loop:
+                if "\nevent_loop =" not in f"\n{written}":
+                    raise TestbedError(f"--event-loop: the bastion in {self.bastion_src} has no event_loop setting")
+                settings["event_loop"] = self.event_loop
+            elif match := re.search(r'^event_loop = "(\w+)"', written, re.M):
+                settings["event_loop"] = match.group(1)  # recorded as run; set_config writes it back unchanged
             bastion.set_config(**settings)
             self.bastion_settings = settings
             bastion.add_user("alice", self.alice)

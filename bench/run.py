@@ -122,6 +122,8 @@ def main() -> int:
     parser.add_argument("--bastion-src", type=Path, default=ROOT,
                         help="directory holding the bastion package to run (default: this repository)")
     parser.add_argument("--profile", action="store_true", help="profile the bastion with py-spy during bulk -L")
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"),
+                        help="the bastion's event_loop setting (default: what `init` writes)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         console.print("bench/run.py needs root: it creates network namespaces (see /work/shared/TESTBED.md)")
@@ -144,7 +146,8 @@ def main() -> int:
     timings: dict[str, float] = {}
     errors: dict[str, str] = {}
     started = time.monotonic()
-    with Bench(args.bastion_src, log=lambda text: console.print(text, markup=False)) as bench:
+    with Bench(args.bastion_src, log=lambda text: console.print(text, markup=False),
+               event_loop=args.event_loop) as bench:
         meta["bastion_digest"] = bench.bastion_digest
         meta["bastion_settings"] = bench.bastion_settings
         console.print(f"bench in {bench.workdir} ({mode}); namespaces {bench.testbed.gw}, {bench.testbed.lan}")

@@ -43,6 +43,7 @@ def test_rendered_config_loads_back_equal(tmp_path):
         ("max_auth_tries = 0\n", "max_auth_tries must be a whole number"),
         ("connect_timeout = -1\n", "connect_timeout must be a number of seconds"),
         ("colour = 1\n", "unknown key 'colour'"),
+        ('event_loop = "trio"\n', "event_loop must be one of uvloop, asyncio"),
         ("listen = \n", "invalid TOML"),
     ],
 )
