@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncssh
 
-from . import __version__, asyncssh_fastpath, event_loop
+from . import __version__, asyncssh_fastpath, event_loop, quickack
 from .audit import AuditLog
 from .config import Config, load_config, render_config
 from .errors import BastionError, ConfigError
@@ -106,6 +106,7 @@ class Gateway:
 
     async def start(self) -> None:
         asyncssh_fastpath.apply()
+        quickack.apply()
         host_keys = load_host_keys(self.config)
         self.audit.start(recover=self.worker is None)  # with workers, the supervisor recovered once
         try:
