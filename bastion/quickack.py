@@ -1,11 +1,12 @@
-"""Immediate ACKs while a client logs in (TCP_QUICKACK), so the SSH handshake is not held up by delayed ACKs.
+"""Immediate ACKs (TCP_QUICKACK) where a peer's small packets would otherwise wait on our delayed ACKs.
 
-The OpenSSH client sends its key exchange and login packets without TCP_NODELAY: when it has sent one small
-packet and the next is ready, Nagle's algorithm holds the second until the first is ACKed, and Linux delays
-that ACK by up to 40 ms when the server has nothing to send back yet. That happened two or three times per
-login here (`ssh -W` connect to first byte, p50: 71-106 ms before, 23 ms after; README, Performance). Quick-ACK
-mode is not sticky (the kernel drops back to delayed ACKs by itself), so it is re-armed on every read until
-the user is authenticated: about ten setsockopt calls per login, none afterwards.
+OpenSSH sends its handshake packets without TCP_NODELAY: when it has sent one small packet and the next is
+ready, Nagle's algorithm holds the second until the first is ACKed, and Linux delays that ACK by up to 40 ms
+when we have nothing to send back yet. That happened two or three times per login on the client's
+connection, and again on the target leg of `ssh -J` while the target's sshd runs its own handshake through the
+tunnel (README, Performance). Setting TCP_QUICKACK after a read sends the pending ACK at once; the mode is not
+sticky (the kernel drops back to delayed ACKs by itself), so it is set again on each read that needs it:
+every read on a client connection until the user is authenticated, and small reads from a target.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from asyncssh.connection import SSHServerConnection
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
-def _arm(sock) -> None:
+def arm(sock) -> None:
     """ACK what arrives next at once (the socket of an asyncio or uvloop transport, or None)."""
     if sock is not None:
         try:
@@ -37,7 +38,7 @@ def apply() -> bool:
 
     def data_received(self, data: bytes, datatype=None) -> None:
         if not getattr(self, "_auth_complete", True):
-            _arm(self.get_extra_info("socket"))
+            arm(self.get_extra_info("socket"))
         original(self, data, datatype)
 
     data_received._bastion_quickack = True  # type: ignore[attr-defined]

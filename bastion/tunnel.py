@@ -18,7 +18,12 @@ from typing import Callable
 
 import asyncssh
 
+from . import quickack
 from .netguard import IPAddress
+
+# A read shorter than this from a target is a handshake or interactive message, not bulk data: ACK it at once
+# (see quickack.py), so a target that sends without TCP_NODELAY is not kept waiting 40 ms.
+SMALL_READ = 16 * 1024
 
 
 class Tunnel(asyncssh.SSHTCPSession[bytes]):
@@ -147,13 +152,17 @@ class _TargetProtocol(asyncio.Protocol):
 
     def __init__(self, tunnel: Tunnel):
         self._tunnel = tunnel
+        self._sock = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Hold the target's bytes until the channel is confirmed.
         transport.pause_reading()  # type: ignore[attr-defined]
         self._tunnel._target = transport  # type: ignore[assignment]
+        self._sock = transport.get_extra_info("socket")
 
     def data_received(self, data: bytes) -> None:
+        if len(data) < SMALL_READ:
+            quickack.arm(self._sock)
         self._tunnel._target_data(data)
 
     def eof_received(self) -> bool:

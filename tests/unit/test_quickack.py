@@ -1,6 +1,6 @@
 """Quick ACKs are armed on every read while a client logs in, and never after (see bastion/quickack.py).
 
-A real asyncssh server with public-key login on loopback, a real asyncssh client; `_arm` is wrapped to record
+A real asyncssh server with public-key login on loopback, a real asyncssh client; `arm` is wrapped to record
 what state the connection was in at each call. The latency it saves is measured in the benchmark, not here.
 """
 
@@ -61,7 +61,7 @@ async def _login_and_echo(calls):
 
 def test_armed_on_every_read_before_login_and_never_after(monkeypatch):
     calls: list[tuple[int, bool]] = []
-    original_arm = quickack._arm
+    original_arm = quickack.arm
 
     def recording_arm(sock):
         calls.append((sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE), sock.getsockname()[1]))
@@ -69,7 +69,7 @@ def test_armed_on_every_read_before_login_and_never_after(monkeypatch):
         # the option really is set: getsockopt reports quick-ACK mode on right after arming
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
 
-    monkeypatch.setattr(quickack, "_arm", recording_arm)
+    monkeypatch.setattr(quickack, "arm", recording_arm)
     assert quickack.apply()
     server_port, calls_at_login = asyncio.run(_login_and_echo(calls))
     assert calls_at_login >= 4, calls  # version, kexinit, kex, newkeys, service request, auth...
@@ -82,3 +82,59 @@ def test_apply_twice_wraps_once():
     wrapped = asyncssh.connection.SSHServerConnection.data_received
     assert quickack.apply()
     assert asyncssh.connection.SSHServerConnection.data_received is wrapped
+
+
+def test_target_leg_acks_small_reads_at_once_and_leaves_bulk_alone(monkeypatch):
+    """A real TCP connection to a loopback 'target' through the relay's protocol: a 100-byte message is
+    ACKed at once; of a 1 MiB burst only the reads shorter than SMALL_READ are."""
+    from bastion import tunnel
+
+    armed: list[int] = []
+    monkeypatch.setattr(quickack, "arm", lambda sock: armed.append(sock.getsockname()[1]))
+
+    async def run() -> tuple[list[int], int, list[int]]:
+        sent = asyncio.Event()
+        got_all = asyncio.Event()
+        relay = tunnel.Tunnel(on_close=lambda _: None)
+
+        async def target(reader, writer):
+            writer.write(b"m" * 100)
+            await writer.drain()
+            await sent.wait()
+            writer.write(b"b" * (1 << 20))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(target, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await asyncio.get_running_loop().create_connection(
+            lambda: tunnel._TargetProtocol(relay), "127.0.0.1", port)
+        local_port = transport.get_extra_info("sockname")[1]
+        sink = relay._chan = _Sink(got_all)  # stands in for the SSH channel: the relay writes into it
+        transport.resume_reading()
+        while relay.bytes_down < 100:
+            await asyncio.sleep(0.01)
+        small_reads_armed = len(armed)
+        sent.set()
+        await asyncio.wait_for(got_all.wait(), 10)
+        transport.close()
+        server.close()
+        await server.wait_closed()
+        assert set(armed) == {local_port}
+        return armed, small_reads_armed, sink.reads
+
+    armed_calls, after_message, reads = asyncio.run(run())
+    assert after_message == 1
+    assert any(n >= tunnel.SMALL_READ for n in reads)
+    assert len(armed_calls) == sum(1 for n in reads if n < tunnel.SMALL_READ), reads
+
+
+class _Sink:
+    def __init__(self, done: asyncio.Event):
+        self.size, self._done, self.reads = 0, done, []
+
+    def write(self, data: bytes) -> None:
+        self.reads.append(len(data))
+        self.size += len(data)
+        if self.size >= 100 + (1 << 20):
+            self._done.set()
