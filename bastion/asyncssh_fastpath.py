@@ -15,7 +15,8 @@ per-packet Python work, not AES. What this module changes, each justified by tha
 - Receiving parses packets at an offset into the read buffer instead of re-slicing the whole buffer after
   every packet (quadratic in the read size), and decrypts AES-GCM and ChaCha20-Poly1305 straight from it.
 - Channel data is kept as written (bytes are immutable; anything else is copied once), joined straight from
-  the channel's send buffer into the packet (one copy), and parsed in place on receipt.
+  the channel's send buffer into the packet (one copy), and on receipt handed to the channel's
+  `_accept_data` after the checks `_process_data` makes, without building a packet object.
 - Per-packet debug logging is built only when asyncssh's packet debug level (3) is on.
 - The keepalive timer is not cancelled and re-created on every read: a read notes the time, and the timer,
   when it fires, re-arms itself for the rest of the interval if anything arrived meanwhile.
@@ -72,6 +73,9 @@ _EXPECTED_SOURCE = {
     "channel.SSHChannel.send_packet": "00e81b763c8f3dd2",
     "channel.SSHChannel._flush_send_buf": "3f11e9dc27c58b18",
     "channel.SSHChannel.write": "1045e20008469933",
+    "channel.SSHChannel._process_data": "342490795c4b893c",
+    "channel.SSHChannel._accept_data": "33121e9e185c9850",
+    "packet.SSHPacketHandler.process_packet": "490a59d971d0ce03",
     "crypto.cipher.GCMCipher.encrypt_and_sign": "adb87dbdb4f9039a",
     "crypto.cipher.GCMCipher.verify_and_decrypt": "c09eb5b36d0f6a92",
     "crypto.cipher.GCMCipher._update_iv": "bce250a8d9dc82b6",
@@ -464,6 +468,20 @@ def _recv_packet(self) -> bool:
     self._packet = b""
 
     padlen = packet_data[0]
+    payload_end = len(packet_data) - padlen
+    if (payload_end >= 10 and packet_data[1] == MSG_CHANNEL_DATA and encryption and self._auth_complete
+            and not self._decompressor and SSHLogger._debug_level < 2):
+        # Channel data, the bulk of all packets: straight to the channel, as SSHChannel._process_data would
+        # (open channel, exact length, within the window); anything else takes the general path below,
+        # which raises the errors asyncssh raises.
+        chan = self._channels.get(int.from_bytes(packet_data[2:6], "big"))
+        if (chan is not None and chan._recv_state == "open"
+                and 10 + int.from_bytes(packet_data[6:10], "big") == payload_end
+                and payload_end - 10 <= chan._recv_window):
+            chan._accept_data(packet_data[10:payload_end])
+            self._finish_recv_packet(MSG_CHANNEL_DATA, seq)
+            return True
+
     if self._decompressor and (self._auth_complete or not self._decompress_after_auth):
         payload = self._decompressor.decompress(packet_data[1:-padlen])
         if payload is None:

@@ -20,6 +20,8 @@ import asyncssh
 import paramiko
 import pytest
 from asyncssh import connection
+from asyncssh.constants import MSG_CHANNEL_DATA
+from asyncssh.packet import String, UInt32
 
 from bastion import asyncssh_fastpath
 
@@ -131,7 +133,7 @@ class _Recutter:
         self.listener.close()
 
 
-def _serve(rekey_bytes: int | None):
+def _serve(rekey_bytes: int | None, server=None):
     """Start the asyncssh server in a background loop; returns (port, stop)."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
@@ -140,8 +142,9 @@ def _serve(rekey_bytes: int | None):
     async def start():
         key = asyncssh.generate_private_key("ssh-ed25519")
         options = {"rekey_bytes": rekey_bytes} if rekey_bytes else {}
-        holder["server"] = await asyncssh.create_server(_Server, "127.0.0.1", 0, server_host_keys=[key],
-                                                        encryption_algs=CIPHERS, **options)
+        holder["server"] = await asyncssh.create_server(server or _Server, "127.0.0.1", 0,
+                                                        server_host_keys=[key], encryption_algs=CIPHERS,
+                                                        **options)
         ready.set()
 
     thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()),
@@ -380,6 +383,63 @@ def test_a_buffer_changed_after_write_does_not_change_what_is_sent():
     try:
         asyncio.run(scenario())
         assert _wait_for_sink(targets) == hashlib.sha256(UP).digest()
+    finally:
+        stop()
+        targets.close()
+
+
+class _SmallWindowServer(_Server):
+    """Channels with a 4 KiB window, smaller than a packet, so one packet can exceed it."""
+
+    def connection_made(self, conn):
+        self._conn = conn
+
+    def connection_requested(self, *args):
+        return self._conn.create_tcp_channel(window=4096), asyncssh.SSHTCPSession()
+
+
+class _Disconnected(asyncssh.SSHClient):
+    def __init__(self):
+        self.reason = ""
+
+    def connection_lost(self, exc):
+        self.reason = str(exc)
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("beyond the window", "Window exceeded"),
+    ("to an unknown channel", "Invalid channel number"),
+    ("with a length past the end", "Incomplete packet"),
+    ("with bytes after the data", "Unexpected data at end of packet"),
+])
+def test_malformed_channel_data_is_refused_as_asyncssh_refuses_it(fault, reason):
+    """Channel data takes a shorter path to the channel; what it skips must still be refused the same way."""
+    targets = _Targets()
+    port, stop = _serve(None, server=_SmallWindowServer)
+
+    async def scenario() -> str:
+        conn, client = await asyncssh.create_connection(_Disconnected, "127.0.0.1", port, known_hosts=None,
+                                                        username="u")
+        async with conn:
+            _, writer = await conn.open_connection("127.0.0.1", targets.sink.getsockname()[1])
+            chan = writer.channel
+            server_chan = chan._send_chan
+            data = b"x" * 100
+            if fault == "beyond the window":
+                assert chan._send_window == 4096
+                args = [UInt32(server_chan), String(b"x" * 4097)]
+            elif fault == "to an unknown channel":
+                args = [UInt32(server_chan + 1000), String(data)]
+            elif fault == "with a length past the end":
+                args = [UInt32(server_chan), UInt32(len(data) + 1), data]
+            else:
+                args = [UInt32(server_chan), UInt32(len(data) - 1), data]
+            conn.send_packet(MSG_CHANNEL_DATA, *args)
+            await asyncio.wait_for(conn.wait_closed(), 10)
+        return client.reason
+
+    try:
+        assert reason in asyncio.run(scenario())
     finally:
         stop()
         targets.close()
