@@ -6,7 +6,8 @@ when we have nothing to send back yet. That happened two or three times per logi
 connection, and again on the target leg of `ssh -J` while the target's sshd runs its own handshake through the
 tunnel (README, Performance). Setting TCP_QUICKACK after a read sends the pending ACK at once; the mode is not
 sticky (the kernel drops back to delayed ACKs by itself), so it is set again on each read that needs it:
-every read on a client connection until the user is authenticated, and small reads from a target.
+every read on a client connection until the user is authenticated, and the small ones among the first
+reads from a target (tunnel.py).
 """
 
 from __future__ import annotations

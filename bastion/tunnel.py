@@ -21,8 +21,10 @@ import asyncssh
 from . import quickack
 from .netguard import IPAddress
 
-# A read shorter than this from a target is a handshake or interactive message, not bulk data: ACK it at once
-# (see quickack.py), so a target that sends without TCP_NODELAY is not kept waiting 40 ms.
+# The first reads from a target carry its handshake (an sshd behind `ssh -J` sends it without TCP_NODELAY):
+# ACK the small ones at once (see quickack.py) so the target is not kept waiting 40 ms for each. Later reads
+# are left alone: arming costs a system call, and an interactive sshd sets TCP_NODELAY itself.
+HANDSHAKE_READS = 32
 SMALL_READ = 16 * 1024
 
 
@@ -153,6 +155,7 @@ class _TargetProtocol(asyncio.Protocol):
     def __init__(self, tunnel: Tunnel):
         self._tunnel = tunnel
         self._sock = None
+        self._handshake_reads = HANDSHAKE_READS
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Hold the target's bytes until the channel is confirmed.
@@ -161,8 +164,10 @@ class _TargetProtocol(asyncio.Protocol):
         self._sock = transport.get_extra_info("socket")
 
     def data_received(self, data: bytes) -> None:
-        if len(data) < SMALL_READ:
-            quickack.arm(self._sock)
+        if self._handshake_reads:
+            self._handshake_reads -= 1
+            if len(data) < SMALL_READ:
+                quickack.arm(self._sock)
         self._tunnel._target_data(data)
 
     def eof_received(self) -> bool:

@@ -84,25 +84,30 @@ def test_apply_twice_wraps_once():
     assert asyncssh.connection.SSHServerConnection.data_received is wrapped
 
 
-def test_target_leg_acks_small_reads_at_once_and_leaves_bulk_alone(monkeypatch):
-    """A real TCP connection to a loopback 'target' through the relay's protocol: a 100-byte message is
-    ACKed at once; of a 1 MiB burst only the reads shorter than SMALL_READ are."""
+def test_target_leg_acks_small_reads_of_the_handshake_only(monkeypatch):
+    """A real TCP connection to a loopback 'target' through the relay's protocol: among the first
+    HANDSHAKE_READS reads the small ones are ACKed at once, large ones are not, and later reads never are."""
     from bastion import tunnel
 
     armed: list[int] = []
     monkeypatch.setattr(quickack, "arm", lambda sock: armed.append(sock.getsockname()[1]))
+    burst = 1 << 20
+    messages = tunnel.HANDSHAKE_READS + 8
 
-    async def run() -> tuple[list[int], int, list[int]]:
-        sent = asyncio.Event()
-        got_all = asyncio.Event()
+    async def run() -> tuple[int, list[int], list[int]]:
+        next_message = asyncio.Event()
+        done = asyncio.Event()
         relay = tunnel.Tunnel(on_close=lambda _: None)
 
         async def target(reader, writer):
-            writer.write(b"m" * 100)
+            writer.write(b"b" * burst)  # read in large pieces
             await writer.drain()
-            await sent.wait()
-            writer.write(b"b" * (1 << 20))
-            await writer.drain()
+            for _ in range(messages):  # each its own read: the relay acknowledges before the next is sent
+                await next_message.wait()
+                next_message.clear()
+                writer.write(b"m" * 100)
+                await writer.drain()
+            await done.wait()
             writer.close()
 
         server = await asyncio.start_server(target, "127.0.0.1", 0)
@@ -110,31 +115,34 @@ def test_target_leg_acks_small_reads_at_once_and_leaves_bulk_alone(monkeypatch):
         transport, _ = await asyncio.get_running_loop().create_connection(
             lambda: tunnel._TargetProtocol(relay), "127.0.0.1", port)
         local_port = transport.get_extra_info("sockname")[1]
-        sink = relay._chan = _Sink(got_all)  # stands in for the SSH channel: the relay writes into it
+        sink = relay._chan = _Sink(burst, next_message, done, messages)  # stands in for the SSH channel
         transport.resume_reading()
-        while relay.bytes_down < 100:
-            await asyncio.sleep(0.01)
-        small_reads_armed = len(armed)
-        sent.set()
-        await asyncio.wait_for(got_all.wait(), 10)
+        await asyncio.wait_for(done.wait(), 10)
         transport.close()
         server.close()
         await server.wait_closed()
-        assert set(armed) == {local_port}
-        return armed, small_reads_armed, sink.reads
+        return local_port, armed, sink.reads
 
-    armed_calls, after_message, reads = asyncio.run(run())
-    assert after_message == 1
-    assert any(n >= tunnel.SMALL_READ for n in reads)
-    assert len(armed_calls) == sum(1 for n in reads if n < tunnel.SMALL_READ), reads
+    local_port, armed_calls, reads = asyncio.run(run())
+    first = reads[:tunnel.HANDSHAKE_READS]
+    assert any(n >= tunnel.SMALL_READ for n in first), reads  # the burst came in large reads
+    assert len(reads) > tunnel.HANDSHAKE_READS and all(n < tunnel.SMALL_READ for n in reads[-8:]), reads
+    assert len(armed_calls) == sum(1 for n in first if n < tunnel.SMALL_READ), reads
+    assert set(armed_calls) == {local_port}
 
 
 class _Sink:
-    def __init__(self, done: asyncio.Event):
-        self.size, self._done, self.reads = 0, done, []
+    """Counts what the relay writes; after the burst, asks the target for one message at a time."""
+
+    def __init__(self, burst: int, next_message: asyncio.Event, done: asyncio.Event, messages: int):
+        self.reads: list[int] = []
+        self._burst, self._next, self._done, self._messages = burst, next_message, done, messages
+        self._size = 0
 
     def write(self, data: bytes) -> None:
         self.reads.append(len(data))
-        self.size += len(data)
-        if self.size >= 100 + (1 << 20):
+        self._size += len(data)
+        if self._size >= self._burst + 100 * self._messages:
             self._done.set()
+        elif self._size >= self._burst:
+            self._next.set()
