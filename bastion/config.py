@@ -50,7 +50,7 @@ class Config:
     # Processes sharing the port (SO_REUSEPORT), so sessions spread over cores. Limits and penalties
     # are counted per process.
     workers: int = 1
-    # "uvloop" (libuv, C) or "asyncio" (the standard library's loop); see README, Performance.
+    # "uvloop" (libuv, C) or "asyncio" (the standard library's loop); see README, Benchmarks.
     event_loop: str = "uvloop"
     log_level: str = "INFO"
     # Where users are told to jump through in the session banner; defaults to the listen address.

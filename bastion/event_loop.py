@@ -1,7 +1,7 @@
 """Run the gateway's coroutine on the configured event loop.
 
-uvloop (libuv, written in C) costs about a third of asyncio's loop per read/write wake-up, which is most of
-a small message's round trip through a tunnel (README, Performance). asyncio's own loop stays selectable
+uvloop (libuv, written in C) costs less than half of what asyncio's loop costs per read/write wake-up, most of
+a small message's round trip through a tunnel (README, Benchmarks). asyncio's own loop stays selectable
 (`event_loop = "asyncio"`) for comparisons and for platforms without uvloop.
 """
 

@@ -4,7 +4,7 @@ OpenSSH sends its handshake packets without TCP_NODELAY: when it has sent one sm
 ready, Nagle's algorithm holds the second until the first is ACKed, and Linux delays that ACK by up to 40 ms
 when we have nothing to send back yet. That happened two or three times per login on the client's
 connection, and again on the target leg of `ssh -J` while the target's sshd runs its own handshake through the
-tunnel (README, Performance). Setting TCP_QUICKACK after a read sends the pending ACK at once; the mode is not
+tunnel (README, Benchmarks). Setting TCP_QUICKACK after a read sends the pending ACK at once; the mode is not
 sticky (the kernel drops back to delayed ACKs by itself), so it is set again on each read that needs it:
 every read on a client connection until the user is authenticated, and the small ones among the first
 reads from a target (tunnel.py).
