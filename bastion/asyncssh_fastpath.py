@@ -80,7 +80,6 @@ _EXPECTED_SOURCE = {
     "crypto.cipher.GCMCipher.verify_and_decrypt": "c09eb5b36d0f6a92",
     "crypto.cipher.GCMCipher._update_iv": "bce250a8d9dc82b6",
     "encryption.GCMEncryption.decrypt_packet": "6feb840baa1102a4",
-    "packet.SSHPacket.__init__": "df8d4dabb5294c0f",
     "crypto.chacha.ChachaCipher.encrypt_and_sign": "f9b87e5614981c32",
     "crypto.chacha.ChachaCipher.verify_and_decrypt": "0ab7b7420976f2f6",
     "crypto.chacha.ChachaCipher.decrypt_header": "44feda66527a87d0",
@@ -487,11 +486,6 @@ def _recv_packet(self) -> bool:
         if payload is None:
             raise CompressionError("Decompression failed")
         packet = SSHPacket(payload)
-    elif len(packet_data) - padlen > 1 and packet_data[1] == MSG_CHANNEL_DATA:
-        # parse channel data in place: its String is the only copy made of it
-        packet = SSHPacket(packet_data)
-        packet._idx = 1
-        packet._len = len(packet_data) - padlen
     else:
         packet = SSHPacket(packet_data[1:-padlen])
 
