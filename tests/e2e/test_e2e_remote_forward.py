@@ -154,6 +154,11 @@ def test_cancel_closes_the_listener_paramiko(bastion, testbed, keys, local_servi
         port = transport.request_port_forward("localhost", 0)
         assert 9000 <= port <= 9009
         wait_until(lambda: listening(testbed, port), 10, "paramiko listener")
+        # the probe that found the listener was an inbound connection: take its channel before cancelling,
+        # or it may arrive after the cancel, when paramiko has no handler left for it (and fails the transport)
+        probe = transport.accept(10)
+        assert probe is not None, "the probe's connection was not forwarded to the client"
+        probe.close()
         transport.cancel_port_forward("localhost", port)
         wait_until(lambda: not listening(testbed, port), 10, "listener closed after cancel")
         rows = bastion.wait_audit("listeners", lambda rows: rows and rows[0]["closed_at"], "listener closed row")
