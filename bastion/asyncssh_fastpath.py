@@ -136,8 +136,8 @@ def apply() -> bool:
     connection.SSHConnection._inpos = 0  # read offset into _inpbuf; an instance attribute once set
     _patch(connection.SSHConnection, "_reset_keepalive_timer", _reset_keepalive_timer)
     _patch(connection.SSHConnection, "_keepalive_timer_callback", _keepalive_timer_callback)
-    connection.SSHConnection._keepalive_seen = 0.0
-    connection.SSHConnection._bastion_cork = None  # a list while a channel flush gathers its packets  # loop time of the last read while the timer runs
+    connection.SSHConnection._keepalive_seen = 0.0  # loop time of the last read while the timer runs
+    connection.SSHConnection._bastion_cork = None  # a list while a channel flush gathers its packets
     _patch(channel.SSHChannel, "send_packet", _channel_send_packet)
     _patch(channel.SSHChannel, "_flush_send_buf", _flush_send_buf)
     _patch(channel.SSHChannel, "write", _channel_write)

@@ -246,20 +246,26 @@ def test_rekeying_while_data_flows(cipher):
     _run(_through_asyncssh, cipher, recut=True, rekey_bytes=1_000_000)
 
 
-@pytest.mark.parametrize("cipher, per_data_packet", [("aes128-gcm@openssh.com", 1), ("aes256-cbc", 2)])
-def test_ignore_packet_only_with_cbc(monkeypatch, cipher, per_data_packet):
-    """asyncssh puts an empty IGNORE before every packet; we keep that only where it helps (CBC)."""
-    writes = 0
+@pytest.fixture
+def server_writes(monkeypatch) -> list[int]:
+    """[how many times the server wrote one packet to its socket] (gathered writes do not go through _send)."""
+    writes = [0]
     original_send = connection.SSHConnection._send
 
     def counting_send(self, data):
-        nonlocal writes
         if isinstance(self, asyncssh.SSHServerConnection):
-            writes += 1
+            writes[0] += 1
         return original_send(self, data)
 
     monkeypatch.setattr(connection.SSHConnection, "_send", counting_send)
+    return writes
+
+
+@pytest.mark.parametrize("cipher, per_data_packet", [("aes128-gcm@openssh.com", 1), ("aes256-cbc", 2)])
+def test_ignore_packet_only_with_cbc(server_writes, cipher, per_data_packet):
+    """asyncssh puts an empty IGNORE before every packet; we keep that only where it helps (CBC)."""
     _run(_through_paramiko, cipher, recut=False)
+    writes = server_writes[0]
     data_packets = len(DOWN) // 32768
     assert data_packets * per_data_packet <= writes < data_packets * per_data_packet * 1.1 + 60, writes
 
@@ -465,19 +471,9 @@ class _SourceServer(_Server):
 
 @pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"])
 @pytest.mark.parametrize("recut, rekey_bytes", [(False, None), (True, None), (False, 1_000_000)])
-def test_uvloop_gathers_a_flush_into_one_writev(monkeypatch, cipher, recut, rekey_bytes):
+def test_uvloop_gathers_a_flush_into_one_writev(server_writes, cipher, recut, rekey_bytes):
     """On uvloop a channel flush of many packets goes out in one writelines, not one write per packet."""
     uvloop = pytest.importorskip("uvloop")
-    writes = 0
-    original_send = connection.SSHConnection._send
-
-    def counting_send(self, data):
-        nonlocal writes
-        if isinstance(self, asyncssh.SSHServerConnection):
-            writes += 1
-        return original_send(self, data)
-
-    monkeypatch.setattr(connection.SSHConnection, "_send", counting_send)
     port, stop = _serve(rekey_bytes, server=_SourceServer, new_loop=uvloop.new_event_loop)
     proxy = _Recutter(port, seed=len(cipher)) if recut else None
 
@@ -495,4 +491,4 @@ def test_uvloop_gathers_a_flush_into_one_writev(monkeypatch, cipher, recut, reke
             proxy.close()
     assert hashlib.sha256(down).digest() == hashlib.sha256(DOWN).digest()
     if rekey_bytes is None:  # (packets held back during a key exchange go out one by one once it is done)
-        assert writes < len(DOWN) // 32768 // 4, writes  # the other packets went out gathered
+        assert server_writes[0] < len(DOWN) // 32768 // 4, server_writes  # the other packets went out gathered
