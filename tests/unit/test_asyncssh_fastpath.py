@@ -248,7 +248,7 @@ def test_rekeying_while_data_flows(cipher):
 
 @pytest.fixture
 def server_writes(monkeypatch) -> list[int]:
-    """[how many times the server wrote one packet to its socket] (gathered writes do not go through _send)."""
+    """A one-item list: how many single writes the server made through _send (gathered writes bypass it)."""
     writes = [0]
     original_send = connection.SSHConnection._send
 
@@ -452,7 +452,6 @@ def test_malformed_channel_data_is_refused_as_asyncssh_refuses_it(fault, reason)
     finally:
         stop()
         targets.close()
-
 
 
 class _SourceSession(asyncssh.SSHTCPSession):
