@@ -31,10 +31,12 @@ Disable with BASTION_ASYNCSSH_TUNING=0 (for comparison runs).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import inspect
 import logging
+import mmap
 import os
 import time
 from typing import Callable
@@ -130,14 +132,19 @@ def apply() -> bool:
                     "running asyncssh as shipped", asyncssh.__version__, ", ".join(changed))
         return False
     _patch(connection.SSHConnection, "send_packet", _send_packet)
+    _patch(connection.SSHConnection, "data_received", _data_received)
+    _patch(connection.SSHConnection, "_recv_version", _recv_version)
     _patch(connection.SSHConnection, "_recv_data", _recv_data)
     _patch(connection.SSHConnection, "_recv_pkthdr", _recv_pkthdr)
     _patch(connection.SSHConnection, "_recv_packet", _recv_packet)
     connection.SSHConnection._inpos = 0  # read offset into _inpbuf; an instance attribute once set
+    connection.SSHConnection._inpend = 0  # end of what has arrived in _inpbuf (see receive_in_place)
+    connection.SSHConnection._inpview = None  # a view of _inpbuf while it is an in-place receive buffer
     _patch(connection.SSHConnection, "_reset_keepalive_timer", _reset_keepalive_timer)
     _patch(connection.SSHConnection, "_keepalive_timer_callback", _keepalive_timer_callback)
     connection.SSHConnection._keepalive_seen = 0.0  # loop time of the last read while the timer runs
     connection.SSHConnection._bastion_cork = None  # a list while a channel flush gathers its packets
+    connection.SSHConnection._bastion_read_done = None  # a list while a read is processed (see after_read)
     _patch(channel.SSHChannel, "send_packet", _channel_send_packet)
     _patch(channel.SSHChannel, "_flush_send_buf", _flush_send_buf)
     _patch(channel.SSHChannel, "write", _channel_write)
@@ -444,11 +451,32 @@ def _keepalive_timer_callback(self) -> None:
 # per packet. While a packet's header has been read but not its body, the header block stays in the buffer
 # just before _inpos, so an AES-GCM packet can be decrypted from one contiguous view of the buffer.
 
+def _data_received(self, data, datatype=None) -> None:
+    buf = self._inpbuf
+    if type(buf) is bytes:
+        self._inpbuf = buf = buf + data
+        self._inpend = len(buf)
+    else:  # an in-place receive buffer (see receive_in_place)
+        size = len(data)
+        _room(self, size)[:size] = data
+        self._inpend += size
+    self._recv_data()
+
+
+def _recv_version(self) -> bool:
+    try:
+        return _recv_version._bastion_original(self)  # slices _inpbuf itself, from 0
+    finally:
+        self._inpend = len(self._inpbuf)
+
+
 def _recv_data(self) -> None:
     self._reset_keepalive_timer()
+    outer = self._bastion_read_done
+    done = self._bastion_read_done = outer if outer is not None else []
 
     try:
-        while len(self._inpbuf) > self._inpos and self._recv_handler():
+        while self._inpend > self._inpos and self._recv_handler():
             pass
     except DisconnectError as exc:
         self._send_disconnect(exc.code, exc.reason, exc.lang)
@@ -459,15 +487,112 @@ def _recv_data(self) -> None:
         start = self._inpos
         if self._recv_handler == self._recv_packet:
             start -= self._recv_blocksize  # keep the header block (see above)
-        if start > 0:
+        if start > 0 and type(self._inpbuf) is bytes:  # an in-place buffer is compacted by _room instead
             self._inpbuf = self._inpbuf[start:]
             self._inpos -= start
+            self._inpend -= start
+        if outer is None:
+            self._bastion_read_done = None
+            for callback in done:
+                callback()
+
+
+def after_read(conn) -> list[Callable[[], None]] | None:
+    """While `conn` processes what one read brought, the list of callables to run once it is done (for example,
+    a relay's write of what several channel-data packets carried, as one write); None outside a read."""
+    return getattr(conn, "_bastion_read_done", None)
+
+
+# ---- reading straight into the receive buffer -------------------------------------------------------------
+#
+# A transport hands a plain protocol each read as a new bytes object, which asyncssh then appends to its
+# buffer: two copies of every byte before decryption. A server connection's socket instead reads into an
+# anonymous mapping owned by the connection (asyncio.BufferedProtocol; pages are touched only as they are
+# used, so an idle session keeps one or two). What has been parsed is dropped by moving the rest to the front
+# when room runs out, and reads start at the front again whenever everything has been parsed.
+
+_RECV_ROOM = 256 * 1024  # the most one read brings (uvloop's own read buffer is this size as well)
+_version_scratch = memoryview(bytearray(64 * 1024))  # reads before the version line: one at a time, any conn
+
+
+def receive_in_place(conn) -> bool:
+    """Have `conn`'s socket read into the connection's buffer from now on; False if the fast path is off."""
+    from asyncssh import connection
+    transport = conn._transport
+    if connection.SSHConnection._recv_data is not _recv_data or transport is None:
+        return False
+    transport.set_protocol(_InPlaceReader(conn))
+    return True
+
+
+class _InPlaceReader(asyncio.BufferedProtocol):
+    """The socket's protocol for one SSH connection; everything but reading is passed on to the connection."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn) -> None:
+        self._conn = conn
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        conn = self._conn
+        if type(conn._inpbuf) is bytes:
+            if conn._recv_handler == conn._recv_version:
+                return _version_scratch  # asyncssh parses the version line from a bytes buffer
+            pending = conn._inpbuf
+            conn._inpbuf = mapping = mmap.mmap(-1, 2 * _RECV_ROOM)
+            conn._inpview = memoryview(mapping)
+            mapping[:len(pending)] = pending
+        return _room(conn, _RECV_ROOM)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self._conn
+        if type(conn._inpbuf) is bytes:
+            conn.data_received(bytes(_version_scratch[:nbytes]))
+        else:
+            conn._inpend += nbytes
+            conn._recv_data()
+
+    def eof_received(self):
+        return self._conn.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        conn = self._conn
+        conn.connection_lost(exc)
+        conn._inpview = None
+
+    def pause_writing(self) -> None:
+        self._conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._conn.resume_writing()
+
+
+def _room(conn, size: int) -> memoryview:
+    """A writable view of `size` bytes after what has arrived, moving what is not parsed yet to the front
+    first when everything has been parsed or the room left is smaller (growing the buffer if it must)."""
+    buf = conn._inpbuf
+    end = conn._inpend
+    keep = conn._inpos
+    if conn._recv_handler == conn._recv_packet:
+        keep -= conn._recv_blocksize  # the header block stays just before _inpos (see above)
+    if keep == end or len(buf) - end < size:
+        pending = end - keep
+        if pending + size > len(buf):
+            grown = mmap.mmap(-1, 1 << (pending + size - 1).bit_length())
+            grown[:pending] = buf[keep:end]
+            conn._inpbuf = buf = grown
+            conn._inpview = memoryview(grown)
+        elif pending:
+            buf.move(0, keep, pending)
+        conn._inpos -= keep
+        conn._inpend = end = pending
+    return conn._inpview[end:end + size]
 
 
 def _recv_pkthdr(self) -> bool:
     pos = self._inpos
     blocksize = self._recv_blocksize
-    if len(self._inpbuf) - pos < blocksize:
+    if self._inpend - pos < blocksize:
         return False
 
     first = self._inpbuf[pos:pos + blocksize]
@@ -495,7 +620,7 @@ def _recv_packet(self) -> bool:
     rem = 4 + self._pktlen + macsize - self._recv_blocksize
     pos = self._inpos
     buf = self._inpbuf
-    if len(buf) - pos < rem:
+    if self._inpend - pos < rem:
         return False
 
     seq = self._recv_seq

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncssh
 
+from . import asyncssh_fastpath
 from .audit import AUDIT_DOWN, AuditUnavailable, SessionRecord
 from .banner import BannerSession
 from .db import utc_now
@@ -91,6 +92,7 @@ class GatewayConnection(asyncssh.SSHServer):
         self._counted_unauthenticated = True
         ctx.connections.add(self)
         ctx.no_connections.clear()
+        asyncssh_fastpath.receive_in_place(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection is gone: close its tunnels, end its session row, count a failed source."""

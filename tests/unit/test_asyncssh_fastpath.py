@@ -57,6 +57,9 @@ def test_a_changed_asyncssh_function_is_detected(monkeypatch):
 
 
 class _Server(asyncssh.SSHServer):
+    def connection_made(self, conn):
+        assert asyncssh_fastpath.receive_in_place(conn)  # as bastion's server connections do
+
     def begin_auth(self, username):
         return False  # no auth: these tests are about the transport
 
@@ -246,6 +249,32 @@ def test_rekeying_while_data_flows(cipher):
     _run(_through_asyncssh, cipher, recut=True, rekey_bytes=1_000_000)
 
 
+def test_the_server_reads_in_place(monkeypatch):
+    """After the version line, a server connection's socket reads into its own buffer: no bytes object per
+    read for asyncssh's data_received to append."""
+    handed: list[int] = []
+    original = connection.SSHConnection.data_received
+
+    def counting(self, data, datatype=None):
+        if self.is_server():
+            handed.append(len(data))
+        original(self, data, datatype)
+
+    monkeypatch.setattr(connection.SSHConnection, "data_received", counting)
+    _run(_through_asyncssh, "aes128-gcm@openssh.com", recut=False)
+    assert 0 < sum(handed) < 4096, handed  # the version line, perhaps with the first key exchange packet
+
+
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr"])
+def test_reading_in_place_with_little_room(monkeypatch, cipher):
+    """With room for 1000 bytes per read, every 32 KiB packet arrives in pieces: the buffer moves what is not
+    parsed yet to the front, and grows for a packet larger than it, without losing or reordering a byte."""
+    monkeypatch.setattr(asyncssh_fastpath, "_RECV_ROOM", 1000)
+    if cipher in PARAMIKO_CIPHERS:
+        _run(_through_paramiko, cipher, recut=True)
+    _run(_through_asyncssh, cipher, recut=True, rekey_bytes=1_000_000)
+
+
 @pytest.fixture
 def server_writes(monkeypatch) -> list[int]:
     """A one-item list: how many single writes the server made through _send (gathered writes bypass it)."""
@@ -401,6 +430,7 @@ class _SmallWindowServer(_Server):
     """Channels with a 4 KiB window, smaller than a packet, so one packet can exceed it."""
 
     def connection_made(self, conn):
+        super().connection_made(conn)
         self._conn = conn
 
     def connection_requested(self, *args):

@@ -1,0 +1,143 @@
+"""bastion's relay (tunnel.py) on a real asyncssh server: what one read of the SSH connection brings for the
+target goes out in one write, in order, and the client's EOF follows the last byte.
+
+The server runs in a background loop on loopback with the fast path installed and hands each direct-tcpip
+channel to a `Tunnel` connected to a sink that hashes what it gets until EOF; the client is asyncssh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import socket
+import threading
+
+import asyncssh
+import pytest
+
+from bastion import asyncssh_fastpath, tunnel
+from bastion.tunnel import Tunnel, connect_target
+
+UP = (hashlib.sha256(b"up").digest() * 1024 * 200)[:6 * 1024 * 1024]
+PACKETS = len(UP) // 32768  # channel-data packets it takes at asyncssh's default packet size
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_path():
+    if not asyncssh_fastpath.apply():
+        pytest.skip("the asyncssh fast path is not installed for this asyncssh")
+
+
+class _Sink:
+    """Hashes what each connection sends until EOF, in a thread."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.digests: list[bytes] = []
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        digest = hashlib.sha256()
+        with conn:
+            while data := conn.recv(1 << 16):
+                digest.update(data)
+        self.digests.append(digest.digest())
+        self.done.set()
+
+
+class _CountingTransport:
+    """The target transport, counting the writes the relay makes."""
+
+    def __init__(self, transport, writes: list[int]):
+        self._transport = transport
+        self._writes = writes
+
+    def write(self, data):
+        self._writes.append(1)
+        self._transport.write(data)
+
+    def writelines(self, chunks):
+        self._writes.append(len(chunks))
+        self._transport.writelines(chunks)
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
+class _RelayServer(asyncssh.SSHServer):
+    def connection_made(self, conn):
+        asyncssh_fastpath.receive_in_place(conn)
+
+    def begin_auth(self, username):
+        return False
+
+    async def connection_requested(self, dest_host, dest_port, orig_host, orig_port):
+        relay = Tunnel(on_close=lambda _: None)
+        await connect_target(relay, ipaddress.ip_address(dest_host), dest_port, timeout=5)
+        return relay
+
+
+def _serve(new_loop):
+    loop = new_loop()
+    ready = threading.Event()
+    holder = {}
+
+    async def start():
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        holder["server"] = await asyncssh.create_server(_RelayServer, "127.0.0.1", 0, server_host_keys=[key])
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+
+    def stop():
+        loop.call_soon_threadsafe(holder["server"].close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+    return holder["server"].sockets[0].getsockname()[1], stop
+
+
+def _loops():
+    loops = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+    try:
+        import uvloop
+        loops.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
+    except ImportError:  # pragma: no cover
+        pass
+    return loops
+
+
+@pytest.mark.parametrize("new_loop", _loops())
+def test_one_write_to_the_target_per_read(monkeypatch, new_loop):
+    writes: list[int] = []
+    original = tunnel._TargetProtocol.connection_made
+
+    def counted(self, transport):
+        original(self, _CountingTransport(transport, writes))
+
+    monkeypatch.setattr(tunnel._TargetProtocol, "connection_made", counted)
+    sink = _Sink()
+    port, stop = _serve(new_loop)
+
+    async def upload():
+        async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="u") as conn:
+            _, writer = await conn.open_connection("127.0.0.1", sink.port)
+            writer.write(UP)
+            writer.write_eof()
+            await writer.channel.wait_closed()
+
+    try:
+        asyncio.run(upload())
+        assert sink.done.wait(10)
+    finally:
+        stop()
+        sink.listener.close()
+    assert sink.digests == [hashlib.sha256(UP).digest()]  # every byte, in order, then EOF
+    assert sum(writes) >= PACKETS  # every packet's data went through the counted writes
+    assert len(writes) < PACKETS // 2, writes  # but most writes carried several packets' data
