@@ -83,6 +83,9 @@ _EXPECTED_SOURCE = {
     "crypto.cipher.GCMCipher.verify_and_decrypt": "c09eb5b36d0f6a92",
     "crypto.cipher.GCMCipher._update_iv": "bce250a8d9dc82b6",
     "encryption.GCMEncryption.decrypt_packet": "6feb840baa1102a4",
+    "encryption.GCMEncryption.decrypt_header": "50d9112c6d6c1ced",
+    "connection.SSHConnection._send": "c6698a37eb80f574",
+    "channel.SSHChannel._pause_resume_writing": "b05e507ca9fdeec9",
     "crypto.chacha.ChachaCipher.encrypt_and_sign": "f9b87e5614981c32",
     "crypto.chacha.ChachaCipher.verify_and_decrypt": "0ab7b7420976f2f6",
     "crypto.chacha.ChachaCipher.decrypt_header": "44feda66527a87d0",
@@ -160,28 +163,31 @@ def _patch(cls: type, name: str, replacement: Callable) -> None:
 
 # ---- AES-GCM straight from and into the connection's buffers ---------------------------------------------
 
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
 def _aead(cipher):
     """One AESGCM object per key (asyncssh builds a new one for every packet)."""
-    aead = cipher.__dict__.get("_bastion_aead")
-    if aead is None:
-        aead = cipher._bastion_aead = AESGCM(cipher._key)
+    aead = cipher._bastion_aead = AESGCM(cipher._key)
     return aead
 
 
 def _gcm_seal(cipher, header: bytes, body: bytes) -> bytes:
     """header + AES-GCM(body) + tag."""
-    sealed = header + _aead(cipher).encrypt(cipher._iv, body, header)
-    cipher._update_iv()
-    return sealed
+    iv = cipher._iv
+    aead = cipher.__dict__.get("_bastion_aead") or _aead(cipher)
+    cipher._iv = iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & _U64).to_bytes(8, "big")  # as _update_iv
+    return header + aead.encrypt(iv, body, header)
 
 
 def _gcm_open(cipher, header: memoryview, sealed: memoryview) -> bytes | None:
+    iv = cipher._iv
+    aead = cipher.__dict__.get("_bastion_aead") or _aead(cipher)
+    cipher._iv = iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & _U64).to_bytes(8, "big")  # as _update_iv
     try:
-        plain = _aead(cipher).decrypt(cipher._iv, sealed, header)
+        return aead.decrypt(iv, sealed, header)
     except InvalidTag:
-        plain = None
-    cipher._update_iv()
-    return plain
+        return None
 
 
 # ---- chacha20-poly1305@openssh.com with one keystream per packet and no copies --------------------------
@@ -309,10 +315,13 @@ def _send_packet(self, pkttype: int, *args: bytes, handler=None) -> None:
         packet, mac = encryption.encrypt_packet(seq, header, body)
         sealed = packet + mac
     cork = self._bastion_cork
-    if cork is None:
-        self._send(sealed)
-    else:
+    if cork is not None:
         cork.append(sealed)
+    elif self._transport:  # as asyncssh's _send
+        try:
+            self._transport.write(sealed)
+        except ConnectionError:  # pragma: no cover
+            pass
 
     if self._send_seq == 0xffffffff and not encryption:
         self._send_seq = 0
@@ -395,27 +404,39 @@ def _gathers(conn) -> bool:
     return gathers
 
 
+def _drop(*args, **kwargs) -> None:  # pragma: no cover
+    pass
+
+
 def _flush_packets(self) -> None:
     """As asyncssh's _flush_send_buf, with send-buffer entries that are read-only views, consumed by slicing."""
-    while self._send_buf and self._send_window:
+    send_buf = self._send_buf
+    if send_buf and self._send_window:
+        if self._send_chan is None:  # pragma: no cover (as SSHChannel.send_packet: nothing goes out)
+            send_packet, recipient = _drop, b""
+        else:  # what SSHChannel.send_packet calls, with the channel number
+            send_packet, recipient = self._conn.send_packet, UInt32(self._send_chan)
+    while send_buf and self._send_window:
         pktsize = min(self._send_window, self._send_pktsize)
-        buf, datatype = self._send_buf[0]
+        buf, datatype = send_buf[0]
         datalen = min(len(buf), pktsize)
 
         # the data goes as a view of the send buffer: send_packet's one join is the only copy
         if datatype is None:
-            self.send_packet(MSG_CHANNEL_DATA, UInt32(datalen), buf[:datalen])
+            send_packet(MSG_CHANNEL_DATA, recipient, datalen.to_bytes(4, "big"), buf[:datalen], handler=self)
         else:
-            self.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(datatype), UInt32(datalen), buf[:datalen])
+            send_packet(MSG_CHANNEL_EXTENDED_DATA, recipient, UInt32(datatype), UInt32(datalen), buf[:datalen],
+                        handler=self)
 
         if datalen == len(buf):
-            del self._send_buf[0]
+            del send_buf[0]
         else:
-            self._send_buf[0] = (buf[datalen:], datatype)
+            send_buf[0] = (buf[datalen:], datatype)
         self._send_buf_len -= datalen
         self._send_window -= datalen
 
-    self._pause_resume_writing()
+    if self._send_paused or self._send_buf_len > self._send_high_water:
+        self._pause_resume_writing()
 
     if not self._send_buf:
         if self._send_state == "eof_pending":
@@ -598,7 +619,9 @@ def _recv_pkthdr(self) -> bool:
     first = self._inpbuf[pos:pos + blocksize]
     self._inpos = pos + blocksize
 
-    if type(self._recv_encryption) is ChachaEncryption:
+    if type(self._recv_encryption) is GCMEncryption:
+        pktlen = first[:4]  # as GCMEncryption.decrypt_header: the length is not encrypted, only authenticated
+    elif type(self._recv_encryption) is ChachaEncryption:
         pktlen = _chacha_header(self._recv_encryption._cipher, self._recv_seq, first[:4])
     elif self._recv_encryption:
         first, pktlen = self._recv_encryption.decrypt_header(self._recv_seq, first, 4)
@@ -663,7 +686,11 @@ def _recv_packet(self) -> bool:
                 and 10 + int.from_bytes(packet_data[6:10], "big") == payload_end
                 and payload_end - 10 <= chan._recv_window):
             chan._accept_data(packet_data[10:payload_end])
-            self._finish_recv_packet(MSG_CHANNEL_DATA, seq)
+            # as _finish_recv_packet does for an encrypted packet after authentication
+            self._auth_final = True
+            if self._transport:
+                self._recv_seq = (seq + 1) & 0xffffffff
+            self._recv_handler = self._recv_pkthdr
             return True
 
     if self._decompressor and (self._auth_complete or not self._decompress_after_auth):

@@ -275,18 +275,33 @@ def test_reading_in_place_with_little_room(monkeypatch, cipher):
     _run(_through_asyncssh, cipher, recut=True, rekey_bytes=1_000_000)
 
 
+class _CountingTransport:
+    """A server connection's transport, counting single writes (gathered writes go through writelines)."""
+
+    def __init__(self, transport, writes: list[int]):
+        self._transport = transport
+        self._writes = writes
+
+    def write(self, data):
+        self._writes[0] += 1
+        self._transport.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
 @pytest.fixture
 def server_writes(monkeypatch) -> list[int]:
-    """A one-item list: how many single writes the server made through _send (gathered writes bypass it)."""
+    """A one-item list: how many single writes the server connections made."""
     writes = [0]
-    original_send = connection.SSHConnection._send
+    original = connection.SSHServerConnection.connection_made
 
-    def counting_send(self, data):
-        if isinstance(self, asyncssh.SSHServerConnection):
-            writes[0] += 1
-        return original_send(self, data)
+    def counted(self, transport):
+        # under the module name of the transport it wraps: the fast path gathers only on uvloop's transports
+        counting = type("CountingTransport", (_CountingTransport,), {"__module__": type(transport).__module__})
+        original(self, counting(transport, writes))
 
-    monkeypatch.setattr(connection.SSHConnection, "_send", counting_send)
+    monkeypatch.setattr(connection.SSHServerConnection, "connection_made", counted)
     return writes
 
 
