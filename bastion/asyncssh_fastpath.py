@@ -492,6 +492,8 @@ def _recv_version(self) -> bool:
 
 
 def _recv_data(self) -> None:
+    if type(self._inpbuf) is bytes:  # whoever appended to it (a wrapper of asyncssh's data_received, say)
+        self._inpend = len(self._inpbuf)
     self._reset_keepalive_timer()
     outer = self._bastion_read_done
     done = self._bastion_read_done = outer if outer is not None else []
@@ -519,9 +521,11 @@ def _recv_data(self) -> None:
 
 
 def after_read(conn) -> list[Callable[[], None]] | None:
-    """While `conn` processes what one read brought, the list of callables to run once it is done (for example,
-    a relay's write of what several channel-data packets carried, as one write); None outside a read."""
-    return getattr(conn, "_bastion_read_done", None)
+    """While `conn` processes what one read brought and more of it is left to parse, the list of callables to
+    run once it is done (for example, a relay's write of what several channel-data packets carried, as one
+    write); None outside a read, or when the packet being handled is the last one the read brought."""
+    done = getattr(conn, "_bastion_read_done", None)
+    return done if done is not None and conn._inpend > conn._inpos else None
 
 
 # ---- reading straight into the receive buffer -------------------------------------------------------------
@@ -533,7 +537,10 @@ def after_read(conn) -> list[Callable[[], None]] | None:
 # when room runs out, and reads start at the front again whenever everything has been parsed.
 
 _RECV_ROOM = 256 * 1024  # the most one read brings (uvloop's own read buffer is this size as well)
-_version_scratch = memoryview(bytearray(64 * 1024))  # reads before the version line: one at a time, any conn
+# Until the user is authenticated, reads still go to the connection's data_received as bytes: asyncssh parses
+# the version line from a bytes buffer, quickack.py arms its quick ACKs there, and a connection that never
+# logs in costs no receive buffer. They pass through this (one read at a time, whichever connection).
+_login_scratch = memoryview(bytearray(64 * 1024))
 
 
 def receive_in_place(conn) -> bool:
@@ -557,8 +564,8 @@ class _InPlaceReader(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         conn = self._conn
         if type(conn._inpbuf) is bytes:
-            if conn._recv_handler == conn._recv_version:
-                return _version_scratch  # asyncssh parses the version line from a bytes buffer
+            if not conn._auth_complete:  # the handshake goes through data_received (see _login_scratch)
+                return _login_scratch
             pending = conn._inpbuf
             conn._inpbuf = mapping = mmap.mmap(-1, 2 * _RECV_ROOM)
             conn._inpview = memoryview(mapping)
@@ -568,7 +575,7 @@ class _InPlaceReader(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         conn = self._conn
         if type(conn._inpbuf) is bytes:
-            conn.data_received(bytes(_version_scratch[:nbytes]))
+            conn.data_received(bytes(_login_scratch[:nbytes]))
         else:
             conn._inpend += nbytes
             conn._recv_data()

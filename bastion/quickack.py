@@ -40,7 +40,8 @@ def apply() -> bool:
     def data_received(self, data: bytes, datatype=None) -> None:
         if not getattr(self, "_auth_complete", True):
             arm(self.get_extra_info("socket"))
-        original(self, data, datatype)
+        # looked up at each call, so that a later patch of SSHConnection's (the fast path's) is the one called
+        super(SSHServerConnection, self).data_received(data, datatype)
 
     data_received._bastion_quickack = True  # type: ignore[attr-defined]
     data_received.__doc__ = original.__doc__

@@ -12,17 +12,19 @@ import socket
 import asyncssh
 import pytest
 
-from bastion import quickack
+from bastion import asyncssh_fastpath, quickack
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux-only")
 
 
 class _Server(asyncssh.SSHServer):
-    def __init__(self, key, conns):
-        self._key, self._conns = key, conns
+    def __init__(self, key, conns, in_place):
+        self._key, self._conns, self._in_place = key, conns, in_place
 
     def connection_made(self, conn):
         self._conns.append(conn)
+        if self._in_place:  # as bastion's connections read, with the fast path on
+            assert asyncssh_fastpath.receive_in_place(conn)
 
     def begin_auth(self, username):
         return True
@@ -34,7 +36,7 @@ class _Server(asyncssh.SSHServer):
         return key == self._key.convert_to_public()
 
 
-async def _login_and_echo(calls):
+async def _login_and_echo(calls, in_place=False):
     client_key = asyncssh.generate_private_key("ssh-ed25519")
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     conns: list = []
@@ -44,7 +46,7 @@ async def _login_and_echo(calls):
         process.exit(0)
 
     server = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[host_key], process_factory=echo,
-                                   server_factory=lambda: _Server(client_key, conns))
+                                   server_factory=lambda: _Server(client_key, conns, in_place))
     port = server.sockets[0].getsockname()[1]
     try:
         async with asyncssh.connect("127.0.0.1", port, username="u", client_keys=[client_key],
@@ -59,7 +61,8 @@ async def _login_and_echo(calls):
         await server.wait_closed()
 
 
-def test_armed_on_every_read_before_login_and_never_after(monkeypatch):
+@pytest.mark.parametrize("in_place", [False, True], ids=["data_received", "read in place"])
+def test_armed_on_every_read_before_login_and_never_after(monkeypatch, in_place):
     calls: list[tuple[int, bool]] = []
     original_arm = quickack.arm
 
@@ -71,7 +74,9 @@ def test_armed_on_every_read_before_login_and_never_after(monkeypatch):
 
     monkeypatch.setattr(quickack, "arm", recording_arm)
     assert quickack.apply()
-    server_port, calls_at_login = asyncio.run(_login_and_echo(calls))
+    if in_place and not asyncssh_fastpath.apply():
+        pytest.skip("the asyncssh fast path is not installed for this asyncssh")
+    server_port, calls_at_login = asyncio.run(_login_and_echo(calls, in_place))
     assert calls_at_login >= 4, calls  # version, kexinit, kex, newkeys, service request, auth...
     assert len(calls) == calls_at_login, "armed again after login"
     assert all(kind == socket.SOCK_STREAM and port == server_port for kind, port in calls), "not the server's socket"
