@@ -692,7 +692,10 @@ def _recv_packet(self) -> bool:
         if (chan is not None and chan._recv_state == "open"
                 and 10 + int.from_bytes(packet_data[6:10], "big") == payload_end
                 and payload_end - 10 <= chan._recv_window):
-            chan._accept_data(packet_data[10:payload_end])
+            if getattr(chan._session, "takes_views", False):  # a view of the decrypted packet: no copy
+                chan._accept_data(memoryview(packet_data)[10:payload_end])
+            else:
+                chan._accept_data(packet_data[10:payload_end])
             # as _finish_recv_packet does for an encrypted packet after authentication
             self._auth_final = True
             if self._transport:

@@ -37,6 +37,10 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
 
     `on_close(tunnel)` is called exactly once, when both legs are closed."""
 
+    # data_received may be handed read-only memoryviews instead of bytes (asyncssh_fastpath): the relay only
+    # counts and writes them
+    takes_views = True
+
     def __init__(self, on_close: Callable[["Tunnel"], None]):
         self.channel_id: int | None = None  # the audit row, once committed
         self.request = None  # the AccessRequest it was granted for (re-checked on revocation)
