@@ -45,7 +45,7 @@ from asyncssh.constants import (MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_E
                                 MSG_CHANNEL_LAST, MSG_DEBUG, MSG_IGNORE, MSG_KEX_FIRST, MSG_KEX_LAST, MSG_NEWKEYS,
                                 MSG_SERVICE_ACCEPT, MSG_SERVICE_REQUEST, MSG_UNIMPLEMENTED, MSG_USERAUTH_BANNER,
                                 MSG_USERAUTH_FIRST, MSG_USERAUTH_LAST)
-from asyncssh.channel import _data_type_names
+from asyncssh.channel import SSHChannel, _data_type_names
 from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from asyncssh.logging import SSHLogger
 from asyncssh.misc import CompressionError, DisconnectError, MACError, ProtocolError
@@ -78,6 +78,7 @@ _EXPECTED_SOURCE = {
     "channel.SSHChannel.write": "1045e20008469933",
     "channel.SSHChannel._process_data": "342490795c4b893c",
     "channel.SSHChannel._accept_data": "33121e9e185c9850",
+    "channel.SSHChannel._deliver_data": "bd94ccbaa59ab510",
     "packet.SSHPacketHandler.process_packet": "490a59d971d0ce03",
     "crypto.cipher.GCMCipher.encrypt_and_sign": "adb87dbdb4f9039a",
     "crypto.cipher.GCMCipher.verify_and_decrypt": "c09eb5b36d0f6a92",
@@ -528,6 +529,19 @@ def after_read(conn) -> list[Callable[[], None]] | None:
     return done if done is not None and conn._inpend > conn._inpos else None
 
 
+def _delivers_directly(chan) -> bool:
+    """Whether `chan` takes asyncssh's own _accept_data and _deliver_data, with no encoding and not closing:
+    then, while no window adjust is due and reading is not paused, those two only hand the data on."""
+    if chan._send_state in {"close_pending", "closed"} or chan._encoding:
+        return False
+    plain = chan.__dict__.get("_bastion_plain")
+    if plain is None:
+        cls = type(chan)
+        plain = chan._bastion_plain = (cls._accept_data is SSHChannel._accept_data
+                                       and cls._deliver_data is SSHChannel._deliver_data)
+    return plain
+
+
 # ---- reading straight into the receive buffer -------------------------------------------------------------
 #
 # A transport hands a plain protocol each read as a new bytes object, which asyncssh then appends to its
@@ -692,10 +706,19 @@ def _recv_packet(self) -> bool:
         if (chan is not None and chan._recv_state == "open"
                 and 10 + int.from_bytes(packet_data[6:10], "big") == payload_end
                 and payload_end - 10 <= chan._recv_window):
-            if getattr(chan._session, "takes_views", False):  # a view of the decrypted packet: no copy
-                chan._accept_data(memoryview(packet_data)[10:payload_end])
+            session = chan._session
+            if getattr(session, "takes_views", False):  # a view of the decrypted packet: no copy
+                data = memoryview(packet_data)[10:payload_end]
             else:
-                chan._accept_data(packet_data[10:payload_end])
+                data = packet_data[10:payload_end]
+            window = chan._recv_window - (payload_end - 10)
+            if (window >= chan._init_recv_window / 2 and payload_end > 10 and not chan._recv_paused
+                    and session is not None and _delivers_directly(chan)):
+                # as _accept_data and _deliver_data do for such a channel when no window adjust is due
+                chan._recv_window = window
+                session.data_received(data, None)
+            else:
+                chan._accept_data(data)
             # as _finish_recv_packet does for an encrypted packet after authentication
             self._auth_final = True
             if self._transport:
