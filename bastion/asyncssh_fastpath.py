@@ -278,7 +278,8 @@ def _send_packet(self, pkttype: int, *args: bytes, handler=None) -> None:
             (pkttype == MSG_USERAUTH_BANNER and
              not (self._auth_in_progress or self._auth_complete)) or
             (pkttype > MSG_USERAUTH_LAST and not self._auth_complete)):
-        self._deferred_packets.append((pkttype, args))
+        # sent after the key exchange: by then a view's memory may hold other data (tunnel.py's read buffer)
+        self._deferred_packets.append((pkttype, tuple(bytes(a) if type(a) is memoryview else a for a in args)))
         return
 
     encryption = self._send_encryption
@@ -373,6 +374,27 @@ def _channel_write(self, data, datatype=None) -> None:
     self._send_buf.append((memoryview(encoded_data), datatype))
     self._send_buf_len += len(encoded_data)
     self._flush_send_buf()
+
+
+def write_transient(chan, data: memoryview) -> None:
+    """chan.write(data) for a view of memory that is reused as soon as this returns: what the window lets out
+    now is sealed straight from it, and only what it holds back is copied."""
+    if (type(chan).write is not _channel_write or chan._send_buf or chan._encoding
+            or SSHLogger._debug_level >= 2):
+        chan.write(bytes(data))  # anything else, or the fast path not installed: as a copy
+        return
+    if chan._send_state != "open":
+        raise BrokenPipeError("Channel not open for sending")
+    if not data:
+        return
+    chan._send_buf.append((data, None))
+    chan._send_buf_len += len(data)
+    try:
+        chan._flush_send_buf()
+    finally:
+        if chan._send_buf:  # the rest of `data`, all that can be left: keep a copy
+            rest, datatype = chan._send_buf[0]
+            chan._send_buf[0] = (memoryview(bytes(rest)), datatype)
 
 
 def _flush_send_buf(self) -> None:

@@ -10,7 +10,9 @@ We own it instead of asyncssh's built-in forwarder so that close semantics are o
 - byte counters are plain integer additions; no per-chunk logging or I/O;
 - what the client sends reaches the target in one write per read of the SSH connection: a read brings
   several 32 KiB channel-data packets, and a write per packet costs a system call and a wake-up of the
-  target each (OpenSSH's sshd writes what a read brought at once, too).
+  target each (OpenSSH's sshd writes what a read brought at once, too);
+- what the target sends is read into one buffer that all target legs share (one read at a time): it is sealed
+  into packets straight from there, and only what the channel's window holds back is copied.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Callable
 import asyncssh
 
 from . import quickack
-from .asyncssh_fastpath import after_read
+from .asyncssh_fastpath import after_read, write_transient
 from .netguard import IPAddress
 
 # The first reads from a target carry its handshake (an sshd behind `ssh -J` sends it without TCP_NODELAY):
@@ -134,12 +136,13 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
 
     # ---- target side (called by _TargetProtocol) ---------------------------------------------
 
-    def _target_data(self, data: bytes) -> None:
+    def _target_data(self, data: memoryview) -> None:
+        """`data` is a view of the shared read buffer, valid only until this returns."""
         self.bytes_down += len(data)
         if self._chan is not None:
-            self._chan.write(data)
+            write_transient(self._chan, data)
         elif not self._chan_closed:  # not confirmed yet: hold it, and hold off the target
-            self._early.append(data)
+            self._early.append(bytes(data))
             assert self._target is not None
             self._target.pause_reading()
 
@@ -180,7 +183,12 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
             self._on_close(self)
 
 
-class _TargetProtocol(asyncio.Protocol):
+# Every target leg reads into this: reads happen one at a time, and nothing keeps a view of it once its
+# buffer_updated returns (see _target_data). The size of uvloop's own read buffer.
+_read_buffer = memoryview(bytearray(256 * 1024))
+
+
+class _TargetProtocol(asyncio.BufferedProtocol):
     """The TCP side; every event goes to its Tunnel."""
 
     def __init__(self, tunnel: Tunnel):
@@ -194,12 +202,15 @@ class _TargetProtocol(asyncio.Protocol):
         self._tunnel._target = transport  # type: ignore[assignment]
         self._sock = transport.get_extra_info("socket")
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self._handshake_reads:
             self._handshake_reads -= 1
-            if len(data) < SMALL_READ:
+            if nbytes < SMALL_READ:
                 quickack.arm(self._sock)
-        self._tunnel._target_data(data)
+        self._tunnel._target_data(_read_buffer[:nbytes])
 
     def eof_received(self) -> bool:
         return self._tunnel._target_eof_received()

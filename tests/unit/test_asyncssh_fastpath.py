@@ -32,8 +32,8 @@ PARAMIKO_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-
 
 
 def _payload(seed: bytes, size: int = SIZE) -> bytes:
-    block = hashlib.sha256(seed).digest() * 1024
-    return (block * (size // len(block) + 1))[:size]
+    # not periodic: bytes moved to the wrong place in a buffer must not happen to match
+    return random.Random(seed).randbytes(size)
 
 
 DOWN = _payload(b"down")  # target -> client
@@ -338,6 +338,20 @@ def test_sealed_packets_are_what_asyncssh_would_send(cipher_name, size):
     if "chacha" in cipher_name and asyncssh_fastpath._RESETTABLE:
         # one ChaCha20 context per key, moved from packet to packet (setting one up costs more than 16 KiB)
         assert {"_bastion_stream", "_bastion_header_stream"} <= set(vars(ours._cipher))
+
+
+def test_a_packet_held_back_during_key_exchange_keeps_a_copy_of_its_data():
+    """Data packets wait while keys are exchanged; the data may be a view of memory the caller reuses."""
+    conn = object.__new__(connection.SSHServerConnection)
+    conn._auth_complete = conn._auth_in_progress = True
+    conn._kex_complete = False  # a key exchange is under way
+    conn._rekey_bytes_sent, conn._rekey_bytes, conn._rekey_seconds = 0, 1 << 30, 0
+    conn._deferred_packets = []
+    memory = bytearray(b"first")
+    conn.send_packet(MSG_CHANNEL_DATA, UInt32(7), UInt32(5), memoryview(memory))
+    memory[:] = b"later"  # what the caller does once send_packet has returned
+    [(pkttype, args)] = conn._deferred_packets
+    assert pkttype == MSG_CHANNEL_DATA and b"".join(args) == UInt32(7) + UInt32(5) + b"first"
 
 
 class _FreezableProxy:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import random
 import socket
 import threading
 
@@ -19,7 +20,9 @@ import pytest
 from bastion import asyncssh_fastpath, tunnel
 from bastion.tunnel import Tunnel, connect_target
 
-UP = (hashlib.sha256(b"up").digest() * 1024 * 200)[:6 * 1024 * 1024]
+# Not periodic: data overwritten by later data at the same place in a reused buffer must not look the same.
+UP = random.Random(1).randbytes(6 * 1024 * 1024)
+DOWN = random.Random(2).randbytes(6 * 1024 * 1024)
 PACKETS = len(UP) // 32768  # channel-data packets it takes at asyncssh's default packet size
 
 
@@ -47,6 +50,24 @@ class _Sink:
                 digest.update(data)
         self.digests.append(digest.digest())
         self.done.set()
+
+
+class _Source:
+    """Sends DOWN to each connection, then closes it, in a thread."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(DOWN)
 
 
 class _CountingTransport:
@@ -81,14 +102,15 @@ class _RelayServer(asyncssh.SSHServer):
         return relay
 
 
-def _serve(new_loop):
+def _serve(new_loop, **options):
     loop = new_loop()
     ready = threading.Event()
     holder = {}
 
     async def start():
         key = asyncssh.generate_private_key("ssh-ed25519")
-        holder["server"] = await asyncssh.create_server(_RelayServer, "127.0.0.1", 0, server_host_keys=[key])
+        holder["server"] = await asyncssh.create_server(_RelayServer, "127.0.0.1", 0, server_host_keys=[key],
+                                                        **options)
         ready.set()
 
     thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
@@ -150,3 +172,33 @@ def test_one_write_to_the_target_per_read(monkeypatch, new_loop):
     assert sum(writes) >= PACKETS  # every packet's data went through the counted writes
     assert len(writes) <= reads[0], (writes, reads)  # at most one per read
     assert max(writes) > 1, writes  # and a read with several packets went out in one write
+
+
+@pytest.mark.parametrize("new_loop", _loops())
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr"])
+def test_target_bytes_arrive_intact_while_rekeying(new_loop, cipher):
+    """The target's bytes are read into one shared buffer and sealed from there; packets held back during a
+    key exchange (every 1 MB here) and data the window holds back must be copies, or later reads overwrite
+    them. The client's window is small, so the send buffer often holds the rest of a read."""
+    source = _Source()
+    port, stop = _serve(new_loop, rekey_bytes=1_000_000)
+
+    async def download() -> bytes:
+        async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="u",
+                                    encryption_algs=[cipher]) as conn:
+            # a window that ends inside a read, and a held-back rest below the channel's high-water mark (64 KiB),
+            # so the target is still read while the rest waits for the window
+            reader, _ = await conn.open_connection("127.0.0.1", source.port, window=50_000)
+            parts = [await reader.read(1000)]
+            await asyncio.sleep(0.3)
+            while data := await reader.read(1 << 16):
+                parts.append(data)
+            return b"".join(parts)
+
+    try:
+        down = asyncio.run(asyncio.wait_for(download(), 30))
+    finally:
+        stop()
+        source.listener.close()
+    assert len(down) == len(DOWN)
+    assert hashlib.sha256(down).digest() == hashlib.sha256(DOWN).digest()
