@@ -144,6 +144,7 @@ def apply() -> bool:
     connection.SSHConnection._inpos = 0  # read offset into _inpbuf; an instance attribute once set
     connection.SSHConnection._inpend = 0  # end of what has arrived in _inpbuf (see receive_in_place)
     connection.SSHConnection._inpview = None  # a view of _inpbuf while it is an in-place receive buffer
+    connection.SSHConnection._bastion_bytes_only = False  # no in-place buffer could be had (see get_buffer)
     _patch(connection.SSHConnection, "_reset_keepalive_timer", _reset_keepalive_timer)
     _patch(connection.SSHConnection, "_keepalive_timer_callback", _keepalive_timer_callback)
     connection.SSHConnection._keepalive_seen = 0.0  # loop time of the last read while the timer runs
@@ -502,8 +503,12 @@ def _data_received(self, data, datatype=None) -> None:
         self._inpend = len(buf)
     else:  # an in-place receive buffer (see receive_in_place)
         size = len(data)
-        _room(self, size)[:size] = data
-        self._inpend += size
+        room = _room(self, size)
+        if type(self._inpbuf) is bytes:  # no memory to grow it: back to bytes
+            self._inpbuf += data
+        else:
+            room[:size] = data
+            self._inpend += size
     self._recv_data()
 
 
@@ -600,10 +605,17 @@ class _InPlaceReader(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         conn = self._conn
         if type(conn._inpbuf) is bytes:
-            if not conn._auth_complete:  # the handshake goes through data_received (see _login_scratch)
+            # the handshake goes through data_received (see _login_scratch), and so does everything on a
+            # connection that could not have a buffer of its own
+            if not conn._auth_complete or conn._bastion_bytes_only:
+                return _login_scratch
+            try:
+                mapping = mmap.mmap(-1, 2 * _RECV_ROOM)
+            except OSError:  # out of memory or of mappings (vm.max_map_count)
+                conn._bastion_bytes_only = True
                 return _login_scratch
             pending = conn._inpbuf
-            conn._inpbuf = mapping = mmap.mmap(-1, 2 * _RECV_ROOM)
+            conn._inpbuf = mapping
             conn._inpview = memoryview(mapping)
             mapping[:len(pending)] = pending
         return _room(conn, _RECV_ROOM)
@@ -642,7 +654,13 @@ def _room(conn, size: int) -> memoryview:
     if keep == end or len(buf) - end < size:
         pending = end - keep
         if pending + size > len(buf):
-            grown = mmap.mmap(-1, 1 << (pending + size - 1).bit_length())
+            try:
+                grown = mmap.mmap(-1, 1 << (pending + size - 1).bit_length())
+            except OSError:  # back to asyncssh's bytes buffer for this connection (see get_buffer)
+                conn._inpbuf, conn._inpview, conn._bastion_bytes_only = buf[keep:end], None, True
+                conn._inpos -= keep
+                conn._inpend = pending
+                return _login_scratch
             grown[:pending] = buf[keep:end]
             conn._inpbuf = buf = grown
             conn._inpview = memoryview(grown)

@@ -290,6 +290,24 @@ class _CountingTransport:
         return getattr(self._transport, name)
 
 
+@pytest.mark.parametrize("failing", ["every mapping", "a larger mapping"])
+def test_no_memory_for_a_receive_buffer_falls_back_to_bytes(monkeypatch, failing):
+    """Out of memory or of mappings (vm.max_map_count), a connection reads as asyncssh does: nothing lost."""
+    real_mmap = asyncssh_fastpath.mmap.mmap
+    refused = []
+
+    def mmap_or_refuse(fileno, length):
+        if failing == "every mapping" or length > 2 * asyncssh_fastpath._RECV_ROOM:
+            refused.append(length)
+            raise OSError(12, "Cannot allocate memory")
+        return real_mmap(fileno, length)
+
+    monkeypatch.setattr(asyncssh_fastpath.mmap, "mmap", mmap_or_refuse)
+    monkeypatch.setattr(asyncssh_fastpath, "_RECV_ROOM", 1000)  # a 32 KiB packet needs a larger buffer
+    _run(_through_paramiko, "aes128-gcm@openssh.com", recut=True)
+    assert refused
+
+
 @pytest.fixture
 def server_writes(monkeypatch) -> list[int]:
     """A one-item list: how many single writes the server connections made."""
