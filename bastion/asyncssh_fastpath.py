@@ -16,9 +16,12 @@ per-packet Python work, not AES. What this module changes, each justified by tha
 - On uvloop, a channel flush that sends several packets hands them to the socket in one writev.
 - Receiving parses packets at an offset into the read buffer instead of re-slicing the whole buffer after
   every packet (quadratic in the read size), and decrypts AES-GCM and ChaCha20-Poly1305 straight from it.
+  After login, a server connection's socket reads into that buffer itself (receive_in_place) instead of
+  handing over a new bytes object per read for asyncssh to append.
 - Channel data is kept as written (bytes are immutable; anything else is copied once), joined straight from
-  the channel's send buffer into the packet (one copy), and on receipt handed to the channel's
-  `_accept_data` after the checks `_process_data` makes, without building a packet object.
+  the channel's send buffer into the packet (one copy). On receipt it goes to the channel after the checks
+  `_process_data` makes, without building a packet object, and straight to the session while no window
+  adjust is due (as a view, for sessions that take views). after_read lets a session act once per read.
 - Per-packet debug logging is built only when asyncssh's packet debug level (3) is on.
 - The keepalive timer is not cancelled and re-created on every read: a read notes the time, and the timer,
   when it fires, re-arms itself for the rest of the interval if anything arrived meanwhile.
@@ -279,8 +282,7 @@ def _send_packet(self, pkttype: int, *args: bytes, handler=None) -> None:
             (pkttype == MSG_USERAUTH_BANNER and
              not (self._auth_in_progress or self._auth_complete)) or
             (pkttype > MSG_USERAUTH_LAST and not self._auth_complete)):
-        # sent after the key exchange: by then a view's memory may hold other data (tunnel.py's read buffer)
-        self._deferred_packets.append((pkttype, tuple(bytes(a) if type(a) is memoryview else a for a in args)))
+        self._deferred_packets.append((pkttype, args))
         return
 
     encryption = self._send_encryption
@@ -375,27 +377,6 @@ def _channel_write(self, data, datatype=None) -> None:
     self._send_buf.append((memoryview(encoded_data), datatype))
     self._send_buf_len += len(encoded_data)
     self._flush_send_buf()
-
-
-def write_transient(chan, data: memoryview) -> None:
-    """chan.write(data) for a view of memory that is reused as soon as this returns: what the window lets out
-    now is sealed straight from it, and only what it holds back is copied."""
-    if (type(chan).write is not _channel_write or chan._send_buf or chan._encoding
-            or SSHLogger._debug_level >= 2):
-        chan.write(bytes(data))  # anything else, or the fast path not installed: as a copy
-        return
-    if chan._send_state != "open":
-        raise BrokenPipeError("Channel not open for sending")
-    if not data:
-        return
-    chan._send_buf.append((data, None))
-    chan._send_buf_len += len(data)
-    try:
-        chan._flush_send_buf()
-    finally:
-        if chan._send_buf:  # the rest of `data`, all that can be left: keep a copy
-            rest, datatype = chan._send_buf[0]
-            chan._send_buf[0] = (memoryview(bytes(rest)), datatype)
 
 
 def _flush_send_buf(self) -> None:

@@ -10,9 +10,7 @@ We own it instead of asyncssh's built-in forwarder so that close semantics are o
 - byte counters are plain integer additions; no per-chunk logging or I/O;
 - what the client sends reaches the target in one write per read of the SSH connection: a read brings
   several 32 KiB channel-data packets, and a write per packet costs a system call and a wake-up of the
-  target each (OpenSSH's sshd writes what a read brought at once, too);
-- what the target sends is read into one buffer that all target legs share (one read at a time): it is sealed
-  into packets straight from there, and only what the channel's window holds back is copied.
+  target each (OpenSSH's sshd writes what a read brought at once, too).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from typing import Callable
 import asyncssh
 
 from . import quickack
-from .asyncssh_fastpath import after_read, write_transient
+from .asyncssh_fastpath import after_read
 from .netguard import IPAddress
 
 # The first reads from a target carry its handshake (an sshd behind `ssh -J` sends it without TCP_NODELAY):
@@ -136,13 +134,12 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
 
     # ---- target side (called by _TargetProtocol) ---------------------------------------------
 
-    def _target_data(self, data: memoryview) -> None:
-        """`data` is a view of the shared read buffer, valid only until this returns."""
+    def _target_data(self, data: bytes) -> None:
         self.bytes_down += len(data)
         if self._chan is not None:
-            write_transient(self._chan, data)
+            self._chan.write(data)
         elif not self._chan_closed:  # not confirmed yet: hold it, and hold off the target
-            self._early.append(bytes(data))
+            self._early.append(data)
             assert self._target is not None
             self._target.pause_reading()
 
@@ -183,12 +180,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
             self._on_close(self)
 
 
-# Every target leg reads into this: reads happen one at a time, and nothing keeps a view of it once its
-# buffer_updated returns (see _target_data). The size of uvloop's own read buffer.
-_read_buffer = memoryview(bytearray(256 * 1024))
-
-
-class _TargetProtocol(asyncio.BufferedProtocol):
+class _TargetProtocol(asyncio.Protocol):
     """The TCP side; every event goes to its Tunnel."""
 
     def __init__(self, tunnel: Tunnel):
@@ -202,15 +194,12 @@ class _TargetProtocol(asyncio.BufferedProtocol):
         self._tunnel._target = transport  # type: ignore[assignment]
         self._sock = transport.get_extra_info("socket")
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return _read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
+    def data_received(self, data: bytes) -> None:
         if self._handshake_reads:
             self._handshake_reads -= 1
-            if nbytes < SMALL_READ:
+            if len(data) < SMALL_READ:
                 quickack.arm(self._sock)
-        self._tunnel._target_data(_read_buffer[:nbytes])
+        self._tunnel._target_data(data)
 
     def eof_received(self) -> bool:
         return self._tunnel._target_eof_received()

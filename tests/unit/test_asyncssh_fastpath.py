@@ -358,20 +358,6 @@ def test_sealed_packets_are_what_asyncssh_would_send(cipher_name, size):
         assert {"_bastion_stream", "_bastion_header_stream"} <= set(vars(ours._cipher))
 
 
-def test_a_packet_held_back_during_key_exchange_keeps_a_copy_of_its_data():
-    """Data packets wait while keys are exchanged; the data may be a view of memory the caller reuses."""
-    conn = object.__new__(connection.SSHServerConnection)
-    conn._auth_complete = conn._auth_in_progress = True
-    conn._kex_complete = False  # a key exchange is under way
-    conn._rekey_bytes_sent, conn._rekey_bytes, conn._rekey_seconds = 0, 1 << 30, 0
-    conn._deferred_packets = []
-    memory = bytearray(b"first")
-    conn.send_packet(MSG_CHANNEL_DATA, UInt32(7), UInt32(5), memoryview(memory))
-    memory[:] = b"later"  # what the caller does once send_packet has returned
-    [(pkttype, args)] = conn._deferred_packets
-    assert pkttype == MSG_CHANNEL_DATA and b"".join(args) == UInt32(7) + UInt32(5) + b"first"
-
-
 class _FreezableProxy:
     """A TCP proxy that can go silent both ways (a peer that vanished without closing the connection)."""
 

@@ -177,9 +177,8 @@ def test_one_write_to_the_target_per_read(monkeypatch, new_loop):
 @pytest.mark.parametrize("new_loop", _loops())
 @pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr"])
 def test_target_bytes_arrive_intact_while_rekeying(new_loop, cipher):
-    """The target's bytes are read into one shared buffer and sealed from there; packets held back during a
-    key exchange (every 1 MB here) and data the window holds back must be copies, or later reads overwrite
-    them. The client's window is small, so the send buffer often holds the rest of a read."""
+    """Target bytes that wait, in packets held back during a key exchange (every 1 MB here) or in the send
+    buffer while the window is closed (the client's is small), all arrive, in order."""
     source = _Source()
     port, stop = _serve(new_loop, rekey_bytes=1_000_000)
 
@@ -187,7 +186,7 @@ def test_target_bytes_arrive_intact_while_rekeying(new_loop, cipher):
         async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="u",
                                     encryption_algs=[cipher]) as conn:
             # a window that ends inside a read, and a held-back rest below the channel's high-water mark (64 KiB),
-            # so the target is still read while the rest waits for the window
+            # so the target is still read while data waits for the window
             reader, _ = await conn.open_connection("127.0.0.1", source.port, window=50_000)
             parts = [await reader.read(1000)]
             await asyncio.sleep(0.3)
