@@ -52,6 +52,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         self._target: asyncio.Transport | None = None
         self._early: list[bytes] = []  # target data that arrived before the channel was confirmed
         self._up: list[bytes] = []  # client data of the current read, written to the target when it is done
+        self._resuming = False  # while the channel hands over client data it held while the target was full
         self._client_eof = False
         self._target_eof = False
         self._chan_closed = False
@@ -76,7 +77,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.bytes_up += len(data)
-        if self._up:
+        if self._up or self._resuming:
             self._up.append(data)
             return
         done = after_read(self._chan.get_connection()) if self._chan is not None else None
@@ -97,6 +98,17 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
             self._target.write(up[0])
         else:
             self._target.writelines(up)
+
+    def _resume_client(self) -> None:
+        """The target drained: take what the channel held meanwhile and write it to the target in one go."""
+        if self._chan is None:
+            return
+        self._resuming = True
+        try:
+            self._chan.resume_reading()  # delivers the held data (and a held EOF) before it returns
+        finally:
+            self._resuming = False
+            self._write_up()
 
     def eof_received(self) -> bool:
         """The client will send no more. Pass EOF on; returning True keeps the channel half-open."""
@@ -209,8 +221,7 @@ class _TargetProtocol(asyncio.Protocol):
             self._tunnel._chan.pause_reading()
 
     def resume_writing(self) -> None:
-        if self._tunnel._chan is not None:
-            self._tunnel._chan.resume_reading()
+        self._tunnel._resume_client()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._tunnel._target_lost(exc)

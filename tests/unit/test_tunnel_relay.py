@@ -33,11 +33,17 @@ def fast_path():
 
 
 class _Sink:
-    """Hashes what each connection sends until EOF, in a thread."""
+    """Hashes what each connection sends until EOF, in a thread. A slow sink has a small receive buffer and
+    starts reading late, so the relay's write buffer to it fills and the relay stops taking client data."""
 
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, slow: bool = False):
+        self.listener = socket.socket()
+        if slow:
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # inherited on accept
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
         self.port = self.listener.getsockname()[1]
+        self.slow = slow
         self.digests: list[bytes] = []
         self.done = threading.Event()
         threading.Thread(target=self._serve, daemon=True).start()
@@ -45,6 +51,8 @@ class _Sink:
     def _serve(self):
         conn, _ = self.listener.accept()
         digest = hashlib.sha256()
+        if self.slow:
+            threading.Event().wait(0.5)
         with conn:
             while data := conn.recv(1 << 16):
                 digest.update(data)
@@ -136,7 +144,8 @@ def _loops():
 
 
 @pytest.mark.parametrize("new_loop", _loops())
-def test_one_write_to_the_target_per_read(monkeypatch, new_loop):
+@pytest.mark.parametrize("slow_target", [False, True], ids=["fast target", "slow target"])
+def test_one_write_to_the_target_per_read(monkeypatch, new_loop, slow_target):
     writes: list[int] = []
     original = tunnel._TargetProtocol.connection_made
 
@@ -152,7 +161,15 @@ def test_one_write_to_the_target_per_read(monkeypatch, new_loop):
         original_updated(self, nbytes)
 
     monkeypatch.setattr(asyncssh_fastpath._InPlaceReader, "buffer_updated", counted_read)
-    sink = _Sink()
+    resumes = [0]  # the target drained and the channel handed over what it held meanwhile
+    original_resume = Tunnel._resume_client
+
+    def counted_resume(self):
+        resumes[0] += 1
+        original_resume(self)
+
+    monkeypatch.setattr(Tunnel, "_resume_client", counted_resume)
+    sink = _Sink(slow=slow_target)
     port, stop = _serve(new_loop)
 
     async def upload():
@@ -170,7 +187,9 @@ def test_one_write_to_the_target_per_read(monkeypatch, new_loop):
         sink.listener.close()
     assert sink.digests == [hashlib.sha256(UP).digest()]  # every byte, in order, then EOF
     assert sum(writes) >= PACKETS  # every packet's data went through the counted writes
-    assert len(writes) <= reads[0], (writes, reads)  # at most one per read
+    assert len(writes) <= reads[0] + resumes[0], (writes, reads, resumes)  # at most one per read or resume
+    if slow_target:
+        assert resumes[0] > 0  # the relay did stop taking client data, and took it again
     assert max(writes) > 1, writes  # and a read with several packets went out in one write
 
 
