@@ -172,7 +172,7 @@ _U64 = 0xFFFFFFFFFFFFFFFF
 
 
 def _aead(cipher):
-    """One AESGCM object per key (asyncssh builds a new one for every packet)."""
+    """The AESGCM object kept for the cipher's key (asyncssh builds a new one for every packet)."""
     aead = cipher._bastion_aead = AESGCM(cipher._key)
     return aead
 
@@ -478,10 +478,8 @@ def _keepalive_timer_callback(self) -> None:
 # just before _inpos, so an AES-GCM packet can be decrypted from one contiguous view of the buffer.
 
 def _data_received(self, data, datatype=None) -> None:
-    buf = self._inpbuf
-    if type(buf) is bytes:
-        self._inpbuf = buf = buf + data
-        self._inpend = len(buf)
+    if type(self._inpbuf) is bytes:  # (_recv_data takes its new length)
+        self._inpbuf += data
     else:  # an in-place receive buffer (see receive_in_place)
         size = len(data)
         room = _room(self, size)

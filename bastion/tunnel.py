@@ -10,7 +10,8 @@ We own it instead of asyncssh's built-in forwarder so that close semantics are o
 - byte counters are plain integer additions; no per-chunk logging or I/O;
 - what the client sends reaches the target in one write per read of the SSH connection: a read brings
   several 32 KiB channel-data packets, and a write per packet costs a system call and a wake-up of the
-  target each (OpenSSH's sshd writes what a read brought at once, too).
+  target each (OpenSSH's sshd writes what a read brought at once, too); likewise what the channel held
+  while the target was not taking data.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self._target: asyncio.Transport | None = None
         self._early: list[bytes] = []  # target data that arrived before the channel was confirmed
-        self._up: list[bytes] = []  # client data of the current read, written to the target when it is done
+        self._up: list[bytes | memoryview] = []  # client data of the current read, written when it is done
         self._resuming = False  # while the channel hands over client data it held while the target was full
         self._client_eof = False
         self._target_eof = False
@@ -75,7 +76,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         else:
             self._target.resume_reading()
 
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+    def data_received(self, data: bytes | memoryview, datatype: asyncssh.DataType) -> None:
         self.bytes_up += len(data)
         if self._up or self._resuming:
             self._up.append(data)
