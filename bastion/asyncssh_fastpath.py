@@ -171,24 +171,25 @@ def _patch(cls: type, name: str, replacement: Callable) -> None:
 _U64 = 0xFFFFFFFFFFFFFFFF
 
 
-def _aead(cipher):
-    """The AESGCM object kept for the cipher's key (asyncssh builds a new one for every packet)."""
-    aead = cipher._bastion_aead = AESGCM(cipher._key)
-    return aead
+def _gcm_next(cipher):
+    """The AESGCM object kept for the cipher's key (asyncssh builds a new one for every packet) and this
+    packet's IV; the cipher's IV moves on to the next packet's, as GCMCipher._update_iv does."""
+    aead = cipher.__dict__.get("_bastion_aead")
+    if aead is None:
+        aead = cipher._bastion_aead = AESGCM(cipher._key)
+    iv = cipher._iv
+    cipher._iv = iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & _U64).to_bytes(8, "big")
+    return aead, iv
 
 
 def _gcm_seal(cipher, header: bytes, body: bytes) -> bytes:
     """header + AES-GCM(body) + tag."""
-    iv = cipher._iv
-    aead = cipher.__dict__.get("_bastion_aead") or _aead(cipher)
-    cipher._iv = iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & _U64).to_bytes(8, "big")  # as _update_iv
+    aead, iv = _gcm_next(cipher)
     return header + aead.encrypt(iv, body, header)
 
 
 def _gcm_open(cipher, header: memoryview, sealed: memoryview) -> bytes | None:
-    iv = cipher._iv
-    aead = cipher.__dict__.get("_bastion_aead") or _aead(cipher)
-    cipher._iv = iv[:4] + ((int.from_bytes(iv[4:], "big") + 1) & _U64).to_bytes(8, "big")  # as _update_iv
+    aead, iv = _gcm_next(cipher)
     try:
         return aead.decrypt(iv, sealed, header)
     except InvalidTag:
@@ -478,16 +479,12 @@ def _keepalive_timer_callback(self) -> None:
 # just before _inpos, so an AES-GCM packet can be decrypted from one contiguous view of the buffer.
 
 def _data_received(self, data, datatype=None) -> None:
-    if type(self._inpbuf) is bytes:  # (_recv_data takes its new length)
-        self._inpbuf += data
-    else:  # an in-place receive buffer (see receive_in_place)
-        size = len(data)
-        room = _room(self, size)
-        if type(self._inpbuf) is bytes:  # no memory to grow it: back to bytes
-            self._inpbuf += data
-        else:
-            room[:size] = data
-            self._inpend += size
+    room = None if type(self._inpbuf) is bytes else _room(self, len(data))  # (see receive_in_place)
+    if room is None:
+        self._inpbuf += data  # _recv_data takes its new length
+    else:
+        room[:len(data)] = data
+        self._inpend += len(data)
     self._recv_data()
 
 
@@ -583,21 +580,12 @@ class _InPlaceReader(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         conn = self._conn
-        if type(conn._inpbuf) is bytes:
-            # the handshake goes through data_received (see _login_scratch), and so does everything on a
-            # connection that could not have a buffer of its own
-            if not conn._auth_complete or conn._bastion_bytes_only:
-                return _login_scratch
-            try:
-                mapping = mmap.mmap(-1, 2 * _RECV_ROOM)
-            except OSError:  # out of memory or of mappings (vm.max_map_count)
-                conn._bastion_bytes_only = True
-                return _login_scratch
-            pending = conn._inpbuf
-            conn._inpbuf = mapping
-            conn._inpview = memoryview(mapping)
-            mapping[:len(pending)] = pending
-        return _room(conn, _RECV_ROOM)
+        # the handshake goes through data_received (see _login_scratch), and so does everything on a
+        # connection that could not have a buffer of its own; the first read after login maps one (_room)
+        if type(conn._inpbuf) is bytes and (not conn._auth_complete or conn._bastion_bytes_only):
+            return _login_scratch
+        room = _room(conn, _RECV_ROOM)
+        return _login_scratch if room is None else room
 
     def buffer_updated(self, nbytes: int) -> None:
         conn = self._conn
@@ -622,9 +610,11 @@ class _InPlaceReader(asyncio.BufferedProtocol):
         self._conn.resume_writing()
 
 
-def _room(conn, size: int) -> memoryview:
+def _room(conn, size: int) -> memoryview | None:
     """A writable view of `size` bytes after what has arrived, moving what is not parsed yet to the front
-    first when everything has been parsed or the room left is smaller (growing the buffer if it must)."""
+    first when everything has been parsed or the room left is smaller, mapping a larger buffer if it must
+    (or the first one, when `_inpbuf` is still asyncssh's bytes). None if no buffer could be mapped: the
+    connection is back on a bytes buffer for good."""
     buf = conn._inpbuf
     end = conn._inpend
     keep = conn._inpos
@@ -634,12 +624,12 @@ def _room(conn, size: int) -> memoryview:
         pending = end - keep
         if pending + size > len(buf):
             try:
-                grown = mmap.mmap(-1, 1 << (pending + size - 1).bit_length())
-            except OSError:  # back to asyncssh's bytes buffer for this connection (see get_buffer)
+                grown = mmap.mmap(-1, max(2 * _RECV_ROOM, 1 << (pending + size - 1).bit_length()))
+            except OSError:  # out of memory or of mappings (vm.max_map_count)
                 conn._inpbuf, conn._inpview, conn._bastion_bytes_only = buf[keep:end], None, True
                 conn._inpos -= keep
                 conn._inpend = pending
-                return _login_scratch
+                return None
             grown[:pending] = buf[keep:end]
             conn._inpbuf = buf = grown
             conn._inpview = memoryview(grown)

@@ -290,6 +290,43 @@ class _CountingTransport:
         return getattr(self._transport, name)
 
 
+class _InPlaceConn:
+    """Just what the in-place buffer looks at; each 'parse' consumes all but the last 10 bytes that arrived."""
+
+    def __init__(self):
+        self._inpbuf, self._inpos, self._inpend, self._inpview = b"", 0, 0, None
+        self._bastion_bytes_only = False
+        self._recv_blocksize = 16
+        self._recv_handler = self._recv_pkthdr
+        self.parsed = b""
+
+    def _recv_pkthdr(self):
+        pass
+
+    def _recv_packet(self):
+        pass
+
+    def _recv_data(self):
+        if type(self._inpbuf) is bytes:
+            self._inpend = len(self._inpbuf)
+        upto = max(self._inpos, self._inpend - 10)
+        self.parsed += bytes(self._inpbuf[self._inpos:upto])
+        self._inpos = upto
+
+
+def test_data_handed_to_an_in_place_buffer_is_appended(monkeypatch):
+    """data_received on a connection that reads in place (not a path bastion's reads take, but asyncssh's
+    own callers may): the bytes land after what is there, the buffer moves and grows, nothing is lost."""
+    monkeypatch.setattr(asyncssh_fastpath, "_RECV_ROOM", 1000)
+    conn = _InPlaceConn()
+    assert asyncssh_fastpath._room(conn, 1000) is not None  # maps the first buffer, as the first read does
+    sent = random.Random(3).randbytes(20000)
+    for start in range(0, len(sent), 3000):  # pieces larger than the buffer's room
+        asyncssh_fastpath._data_received(conn, sent[start:start + 3000])
+    assert type(conn._inpbuf) is not bytes
+    assert conn.parsed + bytes(conn._inpbuf[conn._inpos:conn._inpend]) == sent
+
+
 @pytest.mark.parametrize("failing", ["every mapping", "a larger mapping"])
 def test_no_memory_for_a_receive_buffer_falls_back_to_bytes(monkeypatch, failing):
     """Out of memory or of mappings (vm.max_map_count), a connection reads as asyncssh does: nothing lost."""
