@@ -22,6 +22,9 @@ per-packet Python work, not AES. What this module changes, each justified by tha
   the channel's send buffer into the packet (one copy). On receipt it goes to the channel after the checks
   `_process_data` makes, without building a packet object, and straight to the session while no window
   adjust is due (as a view, for sessions that take views). after_read lets a session act once per read.
+- AES-GCM channel data, the bulk of what a tunnel moves, is sealed (per channel flush) and opened (per read)
+  in one loop each, with the sequence number, IV and counters in locals, instead of the calls and checks
+  of the general path per packet; anything else, such as a rekey that is due, stops the loop there.
 - Per-packet debug logging is built only when asyncssh's packet debug level (3) is on.
 - The keepalive timer is not cancelled and re-created on every read: a read notes the time, and the timer,
   when it fires, re-arms itself for the rest of the interval if anything arrived meanwhile.
@@ -423,6 +426,10 @@ def _flush_packets(self) -> None:
         else:  # what SSHChannel.send_packet calls, with the channel number
             send_packet, recipient = self._conn.send_packet, UInt32(self._send_chan)
     while send_buf and self._send_window:
+        if send_buf[0][1] is None and recipient and _seals_gcm_data(self._conn):
+            _flush_gcm_data(self, recipient)  # as the loop below, for as many packets as need nothing else
+            if not (send_buf and self._send_window):
+                break
         pktsize = min(self._send_window, self._send_pktsize)
         buf, datatype = send_buf[0]
         datalen = min(len(buf), pktsize)
@@ -450,6 +457,64 @@ def _flush_packets(self) -> None:
             self._send_state = "eof"
         elif self._send_state == "close_pending":
             self._close_send()
+
+
+def _seals_gcm_data(conn) -> bool:
+    """Whether a channel-data packet would, in _send_packet, only be sealed with AES-GCM and sent: keys in
+    place, logged in, no compression, no CBC anywhere (no IGNORE), no packet logging, no rekey due by time."""
+    return (type(conn._send_encryption) is GCMEncryption and conn._kex_complete and conn._auth_complete
+            and not conn._compressor and SSHLogger._debug_level < 3
+            and b"cbc" not in conn._enc_alg_sc and b"cbc" not in conn._enc_alg_cs
+            and not (conn._rekey_seconds and time.monotonic() >= conn._rekey_time))
+
+
+def _flush_gcm_data(self, recipient: bytes) -> None:
+    """Send channel data from the front of the send buffer as _flush_packets and _send_packet would, in one
+    loop with the packet counter, IV and byte count in locals (a flush moves up to a window of 32 KiB
+    packets; the calls and checks per packet cost about what sealing one does). Stops before extended data,
+    when the window or buffer runs out, or when the rekey byte limit is reached (the general path sends
+    KEXINIT then)."""
+    conn = self._conn
+    cipher = conn._send_encryption._cipher
+    aead, iv = _gcm_next(cipher)  # the kept AESGCM object and the next packet's IV (set again when done)
+    fixed, counter = iv[:4], int.from_bytes(iv[4:], "big")
+    blocksize, enchdrlen = conn._send_blocksize, conn._send_enchdrlen
+    cork, transport = conn._bastion_cork, conn._transport
+    sent, limit, seq = conn._rekey_bytes_sent, conn._rekey_bytes, conn._send_seq
+    send_buf = self._send_buf
+    lead = bytes((MSG_CHANNEL_DATA,)) + recipient
+    try:
+        while send_buf and self._send_window and sent < limit:
+            buf, datatype = send_buf[0]
+            if datatype is not None:
+                break
+            datalen = min(len(buf), self._send_window, self._send_pktsize)
+            padlen = -(enchdrlen + 9 + datalen) % blocksize
+            if padlen < 4:
+                padlen += blocksize
+            body = b"".join((bytes((padlen,)), lead, datalen.to_bytes(4, "big"), buf[:datalen],
+                             _padding(padlen)))
+            header = len(body).to_bytes(4, "big")
+            sealed = header + aead.encrypt(fixed + counter.to_bytes(8, "big"), body, header)
+            counter = (counter + 1) & _U64
+            seq = (seq + 1) & 0xffffffff
+            sent += len(body)
+            if cork is not None:
+                cork.append(sealed)
+            elif transport:
+                try:
+                    transport.write(sealed)
+                except ConnectionError:  # pragma: no cover (as asyncssh's _send)
+                    pass
+            if datalen == len(buf):
+                del send_buf[0]
+            else:
+                send_buf[0] = (buf[datalen:], None)
+            self._send_buf_len -= datalen
+            self._send_window -= datalen
+    finally:
+        cipher._iv = fixed + counter.to_bytes(8, "big")
+        conn._send_seq, conn._rekey_bytes_sent = seq, sent
 
 
 # ---- keepalive ------------------------------------------------------------------------------------------
@@ -640,7 +705,78 @@ def _room(conn, size: int) -> memoryview | None:
     return conn._inpview[end:end + size]
 
 
+def _data_channel(conn, packet_data: bytes, payload_end: int):
+    """The channel a decrypted channel-data packet goes to, if SSHChannel._process_data would take it as it
+    is (open channel, exact length, within the window); None for asyncssh's general path and its errors."""
+    chan = conn._channels.get(int.from_bytes(packet_data[2:6], "big"))
+    if (chan is not None and chan._recv_state == "open"
+            and 10 + int.from_bytes(packet_data[6:10], "big") == payload_end
+            and payload_end - 10 <= chan._recv_window):
+        return chan
+    return None
+
+
+def _hand_on(chan, packet_data: bytes, payload_end: int) -> None:
+    """Give `chan` the data of a channel-data packet that _data_channel accepted."""
+    session = chan._session
+    if getattr(session, "takes_views", False):  # a view of the decrypted packet: no copy
+        data = memoryview(packet_data)[10:payload_end]
+    else:
+        data = packet_data[10:payload_end]
+    window = chan._recv_window - (payload_end - 10)
+    if (window >= chan._init_recv_window / 2 and payload_end > 10 and not chan._recv_paused
+            and session is not None and _delivers_directly(chan)):
+        # as _accept_data and _deliver_data do for such a channel when no window adjust is due
+        chan._recv_window = window
+        session.data_received(data, None)
+    else:
+        chan._accept_data(data)
+
+
+def _recv_gcm_data(self) -> None:
+    """Parse, open and hand on AES-GCM channel-data packets in one loop, with the read position, sequence
+    number and IV in locals, as _recv_pkthdr and _recv_packet would one call each (a read brings several
+    32 KiB packets; the calls and checks per packet cost about what opening one does). Stops at the first
+    packet that is incomplete or anything but channel data _data_channel takes, and leaves it, with the IV
+    for it, to them (they raise the errors)."""
+    cipher = self._recv_encryption._cipher
+    aead, iv = _gcm_next(cipher)  # the kept AESGCM object and the next packet's IV (set again when done)
+    fixed, counter = iv[:4], int.from_bytes(iv[4:], "big")
+    buf = self._inpbuf
+    view = memoryview(buf)
+    pos, seq, limit = self._inpos, self._recv_seq, self._max_recv_pktlen
+    try:
+        while self._inpend - pos >= 4 and self._inpbuf is buf:
+            pktlen = int.from_bytes(buf[pos:pos + 4], "big")
+            end = pos + 4 + pktlen + _POLY_TAG
+            if pktlen > limit or end > self._inpend:
+                break
+            try:
+                packet_data = aead.decrypt(fixed + counter.to_bytes(8, "big"), view[pos + 4:end],
+                                           view[pos:pos + 4])
+            except InvalidTag:
+                break
+            padlen = packet_data[0]
+            payload_end = len(packet_data) - padlen
+            if payload_end < 10 or packet_data[1] != MSG_CHANNEL_DATA:
+                break
+            chan = _data_channel(self, packet_data, payload_end)
+            if chan is None:
+                break
+            counter = (counter + 1) & _U64
+            pos = self._inpos = end
+            if self._transport:  # as _finish_recv_packet
+                seq = self._recv_seq = (seq + 1) & 0xffffffff
+            self._auth_final = True  # as _finish_recv_packet, for any packet after authentication
+            _hand_on(chan, packet_data, payload_end)
+    finally:
+        cipher._iv = fixed + counter.to_bytes(8, "big")
+
+
 def _recv_pkthdr(self) -> bool:
+    if (type(self._recv_encryption) is GCMEncryption and self._auth_complete and not self._decompressor
+            and SSHLogger._debug_level < 2):
+        _recv_gcm_data(self)
     pos = self._inpos
     blocksize = self._recv_blocksize
     if self._inpend - pos < blocksize:
@@ -711,23 +847,9 @@ def _recv_packet(self) -> bool:
         # Channel data, the bulk of all packets: straight to the channel, as SSHChannel._process_data would
         # (open channel, exact length, within the window); anything else takes the general path below,
         # which raises the errors asyncssh raises.
-        chan = self._channels.get(int.from_bytes(packet_data[2:6], "big"))
-        if (chan is not None and chan._recv_state == "open"
-                and 10 + int.from_bytes(packet_data[6:10], "big") == payload_end
-                and payload_end - 10 <= chan._recv_window):
-            session = chan._session
-            if getattr(session, "takes_views", False):  # a view of the decrypted packet: no copy
-                data = memoryview(packet_data)[10:payload_end]
-            else:
-                data = packet_data[10:payload_end]
-            window = chan._recv_window - (payload_end - 10)
-            if (window >= chan._init_recv_window / 2 and payload_end > 10 and not chan._recv_paused
-                    and session is not None and _delivers_directly(chan)):
-                # as _accept_data and _deliver_data do for such a channel when no window adjust is due
-                chan._recv_window = window
-                session.data_received(data, None)
-            else:
-                chan._accept_data(data)
+        chan = _data_channel(self, packet_data, payload_end)
+        if chan is not None:
+            _hand_on(chan, packet_data, payload_end)
             # as _finish_recv_packet does for an encrypted packet after authentication
             self._auth_final = True
             if self._transport:

@@ -249,6 +249,24 @@ def test_rekeying_while_data_flows(cipher):
     _run(_through_asyncssh, cipher, recut=True, rekey_bytes=1_000_000)
 
 
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"])
+def test_the_server_rekeys_after_every_rekey_bytes_it_sends(monkeypatch, cipher):
+    """Channel data sealed in bulk still counts toward the rekey limit: the server starts a key exchange
+    once it has sent rekey_bytes, every time."""
+    started: list[int] = []
+    original = connection.SSHConnection._send_kexinit
+
+    def counting(self):
+        if self.is_server():
+            started.append(self._rekey_bytes_sent)
+        original(self)
+
+    monkeypatch.setattr(connection.SSHConnection, "_send_kexinit", counting)
+    _run(_through_asyncssh, cipher, recut=False, rekey_bytes=1_000_000)
+    assert len(started) >= 1 + len(DOWN) // 1_000_000, started  # the first key exchange, then one per 1 MB
+    assert all(sent < 1_000_000 + 40_000 for sent in started), started  # at most a packet past the limit
+
+
 def test_the_server_reads_in_place(monkeypatch):
     """After login, a server connection's socket reads into its own buffer: no bytes object per read for
     asyncssh's data_received to append."""
@@ -521,14 +539,17 @@ class _Disconnected(asyncssh.SSHClient):
     ("with a length past the end", "Incomplete packet"),
     ("with bytes after the data", "Unexpected data at end of packet"),
 ])
-def test_malformed_channel_data_is_refused_as_asyncssh_refuses_it(fault, reason):
-    """Channel data takes a shorter path to the channel; what it skips must still be refused the same way."""
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"])
+def test_malformed_channel_data_is_refused_as_asyncssh_refuses_it(fault, reason, cipher):
+    """Channel data takes a shorter path to the channel; what it skips must still be refused the same way
+    (after well-formed data packets: with AES-GCM, the bulk loop opens the faulty one and must leave it, and
+    its IV, to the general path)."""
     targets = _Targets()
     port, stop = _serve(None, server=_SmallWindowServer)
 
     async def scenario() -> str:
         conn, client = await asyncssh.create_connection(_Disconnected, "127.0.0.1", port, known_hosts=None,
-                                                        username="u")
+                                                        username="u", encryption_algs=[cipher])
         async with conn:
             _, writer = await conn.open_connection("127.0.0.1", targets.sink.getsockname()[1])
             chan = writer.channel
@@ -543,6 +564,8 @@ def test_malformed_channel_data_is_refused_as_asyncssh_refuses_it(fault, reason)
                 args = [UInt32(server_chan), UInt32(len(data) + 1), data]
             else:
                 args = [UInt32(server_chan), UInt32(len(data) - 1), data]
+            for _ in range(3):  # well-formed, most likely in the same read as the faulty one
+                conn.send_packet(MSG_CHANNEL_DATA, UInt32(server_chan), String(b"y" * 10))
             conn.send_packet(MSG_CHANNEL_DATA, *args)
             await asyncio.wait_for(conn.wait_closed(), 10)
         return client.reason
