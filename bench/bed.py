@@ -469,6 +469,14 @@ class Bench:
                 "--kex", KEX, "--cipher", DEFAULT_CIPHER]
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy, irq and softirq included (the loopback and veth packets
+    of a transfer are processed there), steal left out."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def fd_limit() -> int:
     """RLIMIT_NOFILE of one process here: Bench.setup raised the soft limit to the hard one, and every server,
     target and client inherits it. The hard limit cannot be raised here (setrlimit and prlimit refuse, as root too)."""
