@@ -495,15 +495,17 @@ def _flush_gcm_data(self, recipient: bytes) -> None:
             body = b"".join((bytes((padlen,)), lead, datalen.to_bytes(4, "big"), buf[:datalen],
                              _padding(padlen)))
             header = len(body).to_bytes(4, "big")
-            sealed = header + aead.encrypt(fixed + counter.to_bytes(8, "big"), body, header)
+            sealed = aead.encrypt(fixed + counter.to_bytes(8, "big"), body, header)
             counter = (counter + 1) & _U64
             seq = (seq + 1) & 0xffffffff
             sent += len(body)
             if cork is not None:
-                cork.append(sealed)
+                # length and ciphertext as two pieces of the one writev: joining them copied every packet
+                # again (perf, target→client: 5 % of the server's time in that copy)
+                cork += (header, sealed)
             elif transport:
                 try:
-                    transport.write(sealed)
+                    transport.write(header + sealed)
                 except ConnectionError:  # pragma: no cover (as asyncssh's _send)
                     pass
             if datalen == len(buf):
