@@ -614,3 +614,44 @@ def test_uvloop_gathers_a_flush_into_one_writev(server_writes, cipher, recut, re
     assert hashlib.sha256(down).digest() == hashlib.sha256(DOWN).digest()
     if rekey_bytes is None:  # (packets held back during a key exchange go out one by one once it is done)
         assert server_writes[0] < len(DOWN) // 32768 // 4, server_writes  # the other packets went out gathered
+
+
+class _InterleavingServer(_Server):
+    """A session that writes stdout, stderr and stdout again at once, more than the client's window holds:
+    the send buffer holds all three, and each flush must stop where the kind of data changes."""
+
+    def session_requested(self):
+        return _InterleavingSession()
+
+
+class _InterleavingSession(asyncssh.SSHServerSession):
+    def connection_made(self, chan):
+        self._chan = chan
+        chan.set_encoding(None)  # bytes, as a tunnel's channel
+
+    def shell_requested(self):
+        return True
+
+    def session_started(self):
+        self._chan.write(DOWN[:300_000])
+        self._chan.write_stderr(UP[:70_000])
+        self._chan.write(DOWN[300_000:])
+        self._chan.exit(0)
+
+
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"])
+def test_stdout_and_stderr_interleaved_behind_a_small_window(cipher):
+    port, stop = _serve(None, server=_InterleavingServer)
+
+    async def scenario() -> tuple[bytes, bytes]:
+        async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="u",
+                                    encryption_algs=[cipher]) as conn:
+            result = await conn.run(encoding=None, window=50_000, check=False)
+        return result.stdout, result.stderr
+
+    try:
+        stdout, stderr = asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        stop()
+    assert hashlib.sha256(stdout).digest() == hashlib.sha256(DOWN).digest()
+    assert stderr == UP[:70_000]
