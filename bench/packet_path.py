@@ -3,7 +3,7 @@ sockets, the kernel or a client: the fast path's own functions on connection and
 just the state they read. Deterministic where the bulk figures of run.py swing ±15 % (2 cores shared with
 the client and the targets), so it can show a change of a microsecond per packet.
 
-    .venv/bin/python bench/packet_path.py [--src DIR] [--repeat N]
+    .venv/bin/python bench/packet_path.py [--src DIR] [--repeat N] [--size BYTES --per-read N]
 
 --src runs another copy of the code (a directory holding bastion/), as run.py's --bastion-src does.
 Receive: reads of 4 sealed packets each go through _recv_data to a session that counts the bytes. Send:
@@ -20,18 +20,22 @@ import sys
 import time
 from pathlib import Path
 
-SIZE = 32768  # the OpenSSH client's channel packet size, and asyncssh's
-PER_READ = 4  # packets per read from the client at bulk rate (strace: 92-138 KB per read)
+SIZE = 32768  # the OpenSSH client's channel packet size, and asyncssh's (--size)
+PER_READ = 4  # packets per read from the client at bulk rate (strace: 92-138 KB per read) (--per-read)
 READS = 40
 KEY, IV = bytes(range(16)), bytes(range(100, 112))
 CIPHER = b"aes128-gcm@openssh.com"
 
 
 def main() -> None:
+    global SIZE, PER_READ
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--repeat", type=int, default=200)
+    parser.add_argument("--size", type=int, default=SIZE, help="channel data per packet (64: figure 7's messages)")
+    parser.add_argument("--per-read", type=int, default=PER_READ, help="packets per read, and per channel write")
     args = parser.parse_args()
+    SIZE, PER_READ = args.size, args.per_read
     sys.path.insert(0, str(args.src))
     from bastion import asyncssh_fastpath
 
