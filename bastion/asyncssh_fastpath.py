@@ -274,6 +274,12 @@ os.register_at_fork(after_in_child=_fresh_padding_after_fork)
 
 # ---- sending ---------------------------------------------------------------------------------------------
 
+def _is_cbc(alg: bytes) -> bool:
+    # not `b"cbc" in alg`: bytes.__contains__ first tries its operand as an int, and so builds and drops a
+    # TypeError with a formatted message on every call (perf: 0.4 % of the server's time per round trip)
+    return alg.find(b"cbc") >= 0
+
+
 def _send_packet(self, pkttype: int, *args: bytes, handler=None) -> None:
     if (self._auth_complete and self._kex_complete and
             (self._rekey_bytes_sent >= self._rekey_bytes or
@@ -292,7 +298,7 @@ def _send_packet(self, pkttype: int, *args: bytes, handler=None) -> None:
     encryption = self._send_encryption
     # asyncssh sends an empty IGNORE before every packet; only CBC needs it (see module docstring)
     if (encryption and pkttype > MSG_KEX_LAST
-            and (b"cbc" in self._enc_alg_sc or b"cbc" in self._enc_alg_cs)):
+            and (_is_cbc(self._enc_alg_sc) or _is_cbc(self._enc_alg_cs))):
         self.send_packet(MSG_IGNORE, String(b""))
 
     if self._compressor and (self._auth_complete or not self._compress_after_auth):
@@ -464,7 +470,7 @@ def _seals_gcm_data(conn) -> bool:
     place, logged in, no compression, no CBC anywhere (no IGNORE), no packet logging, no rekey due by time."""
     return (type(conn._send_encryption) is GCMEncryption and conn._kex_complete and conn._auth_complete
             and not conn._compressor and SSHLogger._debug_level < 3
-            and b"cbc" not in conn._enc_alg_sc and b"cbc" not in conn._enc_alg_cs
+            and not _is_cbc(conn._enc_alg_sc) and not _is_cbc(conn._enc_alg_cs)
             and not (conn._rekey_seconds and time.monotonic() >= conn._rekey_time))
 
 
