@@ -469,12 +469,20 @@ class Bench:
                 "--kex", KEX, "--cipher", DEFAULT_CIPHER]
 
 
+def machine_cpu_seconds() -> dict[str, float]:
+    """The machine's CPU time since boot by kind (user, nice, system, idle, iowait, irq, softirq, steal), in
+    seconds: the first line of /proc/stat."""
+    kinds = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    ticks = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    tick = os.sysconf("SC_CLK_TCK")
+    return {kind: int(value) / tick for kind, value in zip(kinds, ticks)}
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has been busy, irq and softirq included (the loopback and veth packets
     of a transfer are processed there), steal left out."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    t = machine_cpu_seconds()
+    return t["user"] + t["nice"] + t["system"] + t["irq"] + t["softirq"]
 
 
 def fd_limit() -> int:

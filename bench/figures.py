@@ -156,7 +156,7 @@ def _best_of(samples: dict[str, list], key: str, best) -> str:
 
 
 def figure_bulk(bench: Bench, p: Params) -> list[Row]:
-    """1 and 2: one -L tunnel, per cipher and direction: MB/s and server CPU seconds per GiB."""
+    """1 and 2: one -L tunnel, per cipher and direction: MB/s, and server and machine CPU seconds per GiB."""
     rows = []
     for cipher in CIPHERS:
         for direction in DIRECTIONS:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bed import KEX, ROOT, SSH, SSHD, Bench  # noqa: E402
+from bed import KEX, ROOT, SSH, SSHD, Bench, machine_cpu_seconds  # noqa: E402
 from figures import FIGURES, FULL, QUICK, Row  # noqa: E402
 
 console = Console(stderr=True, highlight=False)
@@ -62,12 +62,10 @@ def cpu_accounts() -> tuple[float, float, float]:
     """(busy CPU seconds of the whole machine, of this process and every child it reaped, steal seconds).
     The first minus the second is what other work on the machine took while the bench ran. irq and softirq
     are left out of both: loopback and veth packets are processed there and charged to no process."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    user, nice, system, steal = fields[0], fields[1], fields[2], fields[7] if len(fields) > 7 else 0
+    t = machine_cpu_seconds()
     own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
               for f in ("ru_utime", "ru_stime"))
-    return (user + nice + system) / tick, own, steal / tick
+    return t["user"] + t["nice"] + t["system"], own, t.get("steal", 0.0)
 
 
 def fmt(value: float | None) -> str:
