@@ -1,6 +1,7 @@
 """The audit log: every login, session, channel, listener and refusal, written by one thread off the event loop.
 
-Writes are queued and committed in small batches (one fsync for many rows). A channel's or listener's row is
+Writes are queued and committed in small batches (one commit for many rows); the WAL is checkpointed by a thread
+of its own (checkpoint.py), so no commit waits on a disk flush. A channel's or listener's row is
 committed before its first byte flows: `record_channel()` and `record_listener()` return only after the commit.
 If the store cannot be written, those calls raise `AuditUnavailable` and the caller refuses.
 
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 from .audit_chain import AUDIT_TABLES, CHAIN_TABLE, Head, adopt_existing_rows, append, read_head
 from .audit_filters import ip_key
+from .checkpoint import Checkpointer
 from .db import connect, iso, utc_now
 
 log = logging.getLogger("bastion.audit")
@@ -103,6 +105,7 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._head: Head | None = None  # the chain's newest event as this writer last committed it
+        self._checkpointer = Checkpointer(path)
         # False from a failed write until the next successful one; read by the event loop to refuse new
         # logins while nothing could be recorded (fail closed).
         self.healthy = True
@@ -123,6 +126,7 @@ class AuditLog:
                 self._start_chain(conn, head, now)
             closed = self._close_after_crash(conn, head, now) if recover else 0
         self._head = head
+        self._checkpointer.start(conn)
         self._thread = threading.Thread(target=self._write_forever, name="audit-writer", daemon=True)
         self._thread.start()
         return closed
@@ -134,6 +138,7 @@ class AuditLog:
         self._queue.put(_STOP)
         self._thread.join()
         self._thread = None
+        self._checkpointer.stop()
         assert self._conn is not None
         self._conn.close()
 
@@ -209,6 +214,7 @@ class AuditLog:
                     change.done(AuditUnavailable(f"audit log unavailable: {exc}"))
             return
         self._head = head
+        self._checkpointer.wrote(len(batch))
         if not self.healthy:
             log.warning("audit log writable again")
             self.healthy = True

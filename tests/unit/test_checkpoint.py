@@ -1,0 +1,106 @@
+"""WAL checkpoints run on their own thread: commits do not checkpoint, and committed rows still reach the database
+file while the writer runs."""
+
+import asyncio
+import shutil
+import sqlite3
+import threading
+import time
+from datetime import UTC, datetime
+
+from bastion.audit import AuditLog, ChannelRecord, SessionRecord
+from bastion.checkpoint import Checkpointer
+from bastion.db import connect
+from bastion.store import Store
+
+
+def rows_in_database_file(path, table, scratch):
+    """Rows in the main database file alone, without its WAL: what checkpoints have copied there."""
+    copy = scratch / "copy.db"
+    shutil.copyfile(path, copy)  # no -wal beside the copy: SQLite reads only what was checkpointed
+    conn = sqlite3.connect(copy)
+    try:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    except sqlite3.DatabaseError:  # the table itself is still only in the WAL, or a page is mid-copy
+        return 0
+    finally:
+        conn.close()
+        copy.unlink()
+
+
+def wait_for(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_commits_leave_the_checkpoint_to_the_checkpointer(tmp_path):
+    path = tmp_path / "t.db"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    writer = connect(path)
+    writer.isolation_level = None  # every INSERT is a commit of its own
+    writer.execute("CREATE TABLE t (x BLOB)")
+    checkpointer = Checkpointer(path, every_rows=10**9, idle_seconds=3600)  # asked for nothing yet
+    checkpointer.start(writer)
+    try:
+        for _ in range(3000):  # about 3,000 WAL pages: SQLite's own default would have checkpointed at 1,000
+            writer.execute("INSERT INTO t VALUES (?)", [b"x" * 1000])
+        assert rows_in_database_file(path, "t", scratch) == 0
+        assert checkpointer.checkpoints == 0
+
+        checkpointer.every_rows = 1
+        checkpointer.wrote(1)
+        wait_for(lambda: rows_in_database_file(path, "t", scratch) == 3000)
+        assert checkpointer.checkpoints == 1
+    finally:
+        checkpointer.stop()
+        writer.close()
+    assert not any(t.name == "audit-checkpoint" for t in threading.enumerate())
+
+
+def test_an_idle_writer_is_checkpointed_too(tmp_path):
+    path = tmp_path / "t.db"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    writer = connect(path)
+    writer.isolation_level = None
+    writer.execute("CREATE TABLE t (x)")
+    checkpointer = Checkpointer(path, every_rows=10**9, idle_seconds=0.1)
+    checkpointer.start(writer)
+    try:
+        writer.execute("INSERT INTO t VALUES (1)")
+        checkpointer.wrote(1)  # far below every_rows: only the idle timer can take it to the file
+        wait_for(lambda: rows_in_database_file(path, "t", scratch) == 1)
+        done = checkpointer.checkpoints
+        time.sleep(0.5)
+        assert checkpointer.checkpoints == done  # nothing new written, nothing to do
+    finally:
+        checkpointer.stop()
+        writer.close()
+
+
+def test_audit_rows_reach_the_database_file_while_the_writer_runs(tmp_path):
+    path = tmp_path / "bastion.db"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    Store(path).close()
+
+    async def scenario():
+        audit = AuditLog(path)
+        audit.start()
+        try:
+            await audit.open_session(SessionRecord(id="s1", user="alice", client_ip="127.0.0.1", client_port=5000,
+                                                   key_fingerprint="SHA256:x", client_version="SSH-2.0-test",
+                                                   started_at=datetime.now(UTC)))
+            for _ in range(150):  # about 1,500 WAL pages: under the writer's own backstop
+                await audit.record_channel(ChannelRecord(
+                    session_id="s1", user="alice", kind="direct-tcpip", target_host="db", target_ip="10.0.0.5",
+                    target_port=5432, decision="allow", rule="r", reason="granted", opened_at=datetime.now(UTC)))
+            # the writer asks for a checkpoint every 100 rows; 3 s is well before the 5 s idle timer would
+            await asyncio.to_thread(wait_for, lambda: rows_in_database_file(path, "channels", scratch) >= 90, 3.0)
+        finally:
+            audit.stop()
+
+    asyncio.run(scenario())
