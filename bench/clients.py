@@ -133,14 +133,17 @@ def first_byte(port: int, count: int) -> dict:
 async def _hammer(port: int, concurrency: int, duration: float) -> dict:
     done = failed = 0
     deadline = time.perf_counter() + duration
+    samples: list[float] = []  # connect to first byte, µs: the channel open, its audit commit, the target's hello
 
     async def worker() -> None:
         nonlocal done, failed
         while time.perf_counter() < deadline:
             try:
+                began = time.perf_counter()
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 if await asyncio.wait_for(reader.readexactly(1), 30) != b"H":
                     raise ConnectionError("no first byte")
+                samples.append((time.perf_counter() - began) * 1e6)
                 writer.close()
                 await writer.wait_closed()
                 done += 1
@@ -149,7 +152,7 @@ async def _hammer(port: int, concurrency: int, duration: float) -> dict:
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"opens": done, "failed": failed, "seconds": time.perf_counter() - start}
+    return {"opens": done, "failed": failed, "seconds": time.perf_counter() - start, "us": samples}
 
 
 def jump(argv: list[str], count: int, first_byte: bool) -> dict:
