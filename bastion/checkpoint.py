@@ -40,6 +40,8 @@ class Checkpointer:
 
     def start(self, writer: sqlite3.Connection) -> None:
         writer.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
+        self._stopping = False  # a writer may be started again after a stop
+        self._due.clear()
         self._thread = threading.Thread(target=self._run, name="audit-checkpoint", daemon=True)
         self._thread.start()
 
