@@ -1,7 +1,7 @@
 """The audit log: every login, session, channel, listener and refusal, written by one thread off the event loop.
 
 Writes are queued and committed in small batches (one commit for many rows); the WAL is checkpointed by a thread
-of its own (checkpoint.py), so no commit waits on a disk flush. A channel's or listener's row is
+of its own (checkpoint.py), so commits do not wait for its disk flushes. A channel's or listener's row is
 committed before its first byte flows: `record_channel()` and `record_listener()` return only after the commit.
 If the store cannot be written, those calls raise `AuditUnavailable` and the caller refuses.
 

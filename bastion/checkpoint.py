@@ -1,9 +1,9 @@
-"""Checkpoint a WAL database from a thread of its own, so that commits never wait for a checkpoint's fsyncs.
+"""Checkpoint a WAL database from a thread of its own, so that commits do not wait for a checkpoint's fsyncs.
 
 SQLite's automatic checkpoint runs inside the COMMIT that takes the WAL past `wal_autocheckpoint` pages: that
 COMMIT copies the WAL back into the database and fsyncs both files before it returns. For the audit writer, that
-is every channel open of the batch waiting on a disk flush. Here the writer checkpoints itself only past a high
-backstop (this thread fell far behind), and this thread runs PASSIVE checkpoints, which wait for no lock and
+is every channel open of the batch waiting on a disk flush. Here the writer checkpoints itself only past a
+backstop (see BACKSTOP_PAGES), and this thread runs PASSIVE checkpoints, which wait for no lock and
 block neither the writer nor readers: when the writer has committed `every_rows` changes since the last one, and
 every `idle_seconds` while anything is left.
 """
@@ -19,16 +19,21 @@ from .db import connect
 
 log = logging.getLogger("bastion.audit")
 
-# The writer's own automatic checkpoint, in pages (about 40 MB with 4 KiB pages): a bound on the WAL if this
-# thread cannot keep up or keeps failing, not the normal path.
-BACKSTOP_PAGES = 10_000
+# The writer's own automatic checkpoint, in pages (8 MB with 4 KiB pages; SQLite's default is 1,000). Under a
+# steady stream of commits a PASSIVE checkpoint never quite catches up (more frames land while it syncs), and
+# the WAL only starts over once every frame is in the database: past this size the writer's COMMIT copies the
+# few frames left, which this thread has not, and the WAL restarts. With 10,000 it grew to 40 MB at 16 opens at
+# a time and the commit p99 was no better.
+BACKSTOP_PAGES = 2_000
 
 
 class Checkpointer:
     """Owned by one writer: `start(writer)`, `wrote(n)` after each commit (writer thread only), `stop()`."""
 
-    def __init__(self, path: Path, every_rows: int = 100, idle_seconds: float = 5.0):
+    def __init__(self, path: Path, every_rows: int = 100, idle_seconds: float = 5.0,
+                 backstop_pages: int = BACKSTOP_PAGES):
         self.path = path
+        self.backstop_pages = backstop_pages
         self.every_rows = every_rows  # about 10 WAL pages a row here: near SQLite's default of 1,000 pages
         self.idle_seconds = idle_seconds
         self.checkpoints = 0  # completed; for tests
@@ -39,7 +44,7 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
 
     def start(self, writer: sqlite3.Connection) -> None:
-        writer.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
+        writer.execute(f"PRAGMA wal_autocheckpoint = {int(self.backstop_pages)}")
         self._stopping = False  # a writer may be started again after a stop
         self._due.clear()
         self._thread = threading.Thread(target=self._run, name="audit-checkpoint", daemon=True)

@@ -42,7 +42,8 @@ def test_commits_leave_the_checkpoint_to_the_checkpointer(tmp_path):
     writer = connect(path)
     writer.isolation_level = None  # every INSERT is a commit of its own
     writer.execute("CREATE TABLE t (x BLOB)")
-    checkpointer = Checkpointer(path, every_rows=10**9, idle_seconds=3600)  # asked for nothing yet
+    # asked for nothing yet, and a backstop out of reach
+    checkpointer = Checkpointer(path, every_rows=10**9, idle_seconds=3600, backstop_pages=10**6)
     checkpointer.start(writer)
     try:
         for _ in range(3000):  # about 3,000 WAL pages: SQLite's own default would have checkpointed at 1,000
@@ -58,6 +59,28 @@ def test_commits_leave_the_checkpoint_to_the_checkpointer(tmp_path):
         checkpointer.stop()
         writer.close()
     assert not any(t.name == "audit-checkpoint" for t in threading.enumerate())
+
+
+def test_the_backstop_bounds_the_wal_when_no_checkpoint_comes(tmp_path):
+    path = tmp_path / "t.db"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    writer = connect(path)
+    writer.isolation_level = None
+    writer.execute("CREATE TABLE t (x BLOB)")
+    checkpointer = Checkpointer(path, every_rows=10**9, idle_seconds=3600, backstop_pages=200)
+    checkpointer.start(writer)
+    try:
+        for _ in range(3000):
+            writer.execute("INSERT INTO t VALUES (?)", [b"x" * 1000])
+        page = writer.execute("PRAGMA page_size").fetchone()[0]
+        wal_pages = (path.parent / (path.name + "-wal")).stat().st_size // (page + 24)
+        assert wal_pages < 400  # started over each time it passed 200 pages, instead of growing to ~3,000
+        assert rows_in_database_file(path, "t", scratch) > 2000  # the writer's own checkpoints put them there
+        assert checkpointer.checkpoints == 0
+    finally:
+        checkpointer.stop()
+        writer.close()
 
 
 def test_an_idle_writer_is_checkpointed_too(tmp_path):
