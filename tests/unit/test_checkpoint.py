@@ -2,6 +2,7 @@
 file while the writer runs."""
 
 import asyncio
+import contextlib
 import shutil
 import sqlite3
 import time
@@ -13,9 +14,9 @@ from bastion.db import connect
 from bastion.store import Store
 
 
-def rows_in_database_file(path, table, scratch):
+def rows_in_database_file(path, table):
     """Rows in the main database file alone, without its WAL: what checkpoints have copied there."""
-    copy = scratch / "copy.db"
+    copy = path.with_name(path.name + ".copy")
     shutil.copyfile(path, copy)  # no -wal beside the copy: SQLite reads only what was checkpointed
     conn = sqlite3.connect(copy)
     try:
@@ -34,80 +35,63 @@ def wait_for(condition, seconds=10.0):
         time.sleep(0.05)
 
 
-def test_commits_leave_the_checkpoint_to_the_checkpointer(tmp_path):
+@contextlib.contextmanager
+def checkpointed_writer(tmp_path, **options):
+    """A database with a table t, a writer on it that commits every statement, and a started Checkpointer."""
     path = tmp_path / "t.db"
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
     writer = connect(path)
-    writer.isolation_level = None  # every INSERT is a commit of its own
+    writer.isolation_level = None
     writer.execute("CREATE TABLE t (x BLOB)")
-    # asked for nothing yet, and a backstop out of reach
-    checkpointer = Checkpointer(path, every_rows=10**9, idle_seconds=3600, backstop_pages=10**6)
+    checkpointer = Checkpointer(path, **options)
     checkpointer.start(writer)
-    thread = checkpointer._thread
     try:
+        yield path, writer, checkpointer
+    finally:
+        checkpointer.stop()
+        writer.close()
+
+
+def test_commits_leave_the_checkpoint_to_the_checkpointer(tmp_path):
+    # asked for nothing yet, and a backstop out of reach
+    with checkpointed_writer(tmp_path, every_rows=10**9, idle_seconds=3600, backstop_pages=10**6) as (
+            path, writer, checkpointer):
+        thread = checkpointer._thread
         for _ in range(3000):  # about 3,000 WAL pages: SQLite's own default would have checkpointed at 1,000
             writer.execute("INSERT INTO t VALUES (?)", [b"x" * 1000])
-        assert rows_in_database_file(path, "t", scratch) == 0
+        assert rows_in_database_file(path, "t") == 0
         assert checkpointer.checkpoints == 0
 
         checkpointer.every_rows = 1
         checkpointer.wrote(1)
-        wait_for(lambda: rows_in_database_file(path, "t", scratch) == 3000)
+        wait_for(lambda: rows_in_database_file(path, "t") == 3000)
         assert checkpointer.checkpoints == 1
-    finally:
-        checkpointer.stop()
-        writer.close()
     assert thread is not None and not thread.is_alive()  # stop() ends the thread
 
 
 def test_the_backstop_bounds_the_wal_when_no_checkpoint_comes(tmp_path):
-    path = tmp_path / "t.db"
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    writer = connect(path)
-    writer.isolation_level = None
-    writer.execute("CREATE TABLE t (x BLOB)")
-    checkpointer = Checkpointer(path, every_rows=10**9, idle_seconds=3600, backstop_pages=200)
-    checkpointer.start(writer)
-    try:
+    with checkpointed_writer(tmp_path, every_rows=10**9, idle_seconds=3600, backstop_pages=200) as (
+            path, writer, checkpointer):
         for _ in range(3000):
             writer.execute("INSERT INTO t VALUES (?)", [b"x" * 1000])
         page = writer.execute("PRAGMA page_size").fetchone()[0]
         wal_pages = (path.parent / (path.name + "-wal")).stat().st_size // (page + 24)
         assert wal_pages < 400  # started over each time it passed 200 pages, instead of growing to ~3,000
-        assert rows_in_database_file(path, "t", scratch) > 2000  # the writer's own checkpoints put them there
+        assert rows_in_database_file(path, "t") > 2000  # the writer's own checkpoints put them there
         assert checkpointer.checkpoints == 0
-    finally:
-        checkpointer.stop()
-        writer.close()
 
 
 def test_an_idle_writer_is_checkpointed_too(tmp_path):
-    path = tmp_path / "t.db"
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    writer = connect(path)
-    writer.isolation_level = None
-    writer.execute("CREATE TABLE t (x)")
-    checkpointer = Checkpointer(path, every_rows=10**9, idle_seconds=0.1)
-    checkpointer.start(writer)
-    try:
+    with checkpointed_writer(tmp_path, every_rows=10**9, idle_seconds=0.1) as (path, writer, checkpointer):
         writer.execute("INSERT INTO t VALUES (1)")
         checkpointer.wrote(1)  # far below every_rows: only the idle timer can take it to the file
-        wait_for(lambda: rows_in_database_file(path, "t", scratch) == 1)
+        wait_for(lambda: rows_in_database_file(path, "t") == 1)
         done = checkpointer.checkpoints
         time.sleep(0.5)
         assert checkpointer.checkpoints == done  # nothing new written, nothing to do
-    finally:
-        checkpointer.stop()
-        writer.close()
 
 
 def test_audit_rows_reach_the_database_file_while_the_writer_runs(tmp_path):
     path = tmp_path / "bastion.db"
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
     Store(path).close()
 
     async def scenario():
@@ -117,12 +101,12 @@ def test_audit_rows_reach_the_database_file_while_the_writer_runs(tmp_path):
             await audit.open_session(SessionRecord(id="s1", user="alice", client_ip="127.0.0.1", client_port=5000,
                                                    key_fingerprint="SHA256:x", client_version="SSH-2.0-test",
                                                    started_at=datetime.now(UTC)))
-            for _ in range(150):  # about 1,500 WAL pages: under the writer's own backstop
+            for _ in range(120):  # about 1,300 WAL pages: under the writer's own backstop of 2,000
                 await audit.record_channel(ChannelRecord(
                     session_id="s1", user="alice", kind="direct-tcpip", target_host="db", target_ip="10.0.0.5",
                     target_port=5432, decision="allow", rule="r", reason="granted", opened_at=datetime.now(UTC)))
             # the writer asks for a checkpoint every 100 rows; 3 s is well before the 5 s idle timer would
-            await asyncio.to_thread(wait_for, lambda: rows_in_database_file(path, "channels", scratch) >= 90, 3.0)
+            await asyncio.to_thread(wait_for, lambda: rows_in_database_file(path, "channels") >= 90, 3.0)
         finally:
             audit.stop()
 
