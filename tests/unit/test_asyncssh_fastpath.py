@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import asyncssh
 import paramiko
@@ -655,3 +656,33 @@ def test_stdout_and_stderr_interleaved_behind_a_small_window(cipher):
         stop()
     assert hashlib.sha256(stdout).digest() == hashlib.sha256(DOWN).digest()
     assert stderr == UP[:70_000]
+
+
+def _stand_in_channel():
+    """A channel and connection holding just what the send path reads (bench/packet_path.py's stand-ins)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import packet_path
+
+    return packet_path._sending_channel()
+
+
+@pytest.mark.parametrize("queued, window, rekey_left, shortcut", [
+    (False, 1 << 20, 1 << 20, True),  # nothing queued, room in the window: sealed at once
+    (True, 1 << 20, 1 << 20, False),  # data already waiting: it goes first, by the general flush
+    (False, 10, 1 << 20, False),  # more than the window: the general flush sends what fits and keeps the rest
+    (False, 1 << 20, 0, False),  # the rekey byte limit is reached: the general path starts the key exchange
+])
+def test_a_small_write_on_an_idle_channel_is_sealed_without_the_general_flush(monkeypatch, queued, window,
+                                                                               rekey_left, shortcut):
+    chan = _stand_in_channel()
+    conn = chan._conn
+    chan._send_window, conn._rekey_bytes = window, conn._rekey_bytes_sent + rekey_left
+    general = []
+    monkeypatch.setattr(asyncssh_fastpath, "_flush_packets", lambda ch: general.append(len(ch._send_buf)))
+    if queued:
+        chan._send_buf.append((memoryview(b"earlier"), None))
+        chan._send_buf_len = 7
+    chan.write(b"x" * 64)
+    assert general == ([] if shortcut else [2 if queued else 1])
+    assert conn._send_seq == (1 if shortcut else 0)
+    assert chan._send_buf_len == (0 if shortcut else 64 + 7 * queued)
