@@ -12,7 +12,8 @@ from figures import Row, paired  # noqa: E402
 
 
 def test_a_round_that_slowed_both_servers_cancels_in_the_paired_ratio():
-    # rounds 2 and 3 ran on a slower machine: the medians mix a fast round of one with a slow round of the other
+    # round 2 ran slow for both servers, round 3 only for ours: each round's own ratio is 1.0, 1.0 and 0.78, while
+    # the ratio of the medians sets ours' slow round 2 against sshd's fast round 1
     ours = [{"mb_s": 1000}, {"mb_s": 800}, {"mb_s": 790}]
     sshd = [{"mb_s": 1000}, {"mb_s": 800}, {"mb_s": 1010}]
     ratio, note = paired(ours, sshd, lambda s: s["mb_s"])
