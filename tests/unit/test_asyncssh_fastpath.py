@@ -660,7 +660,9 @@ def test_stdout_and_stderr_interleaved_behind_a_small_window(cipher):
 
 def _stand_in_channel():
     """A channel and connection holding just what the send path reads (bench/packet_path.py's stand-ins)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    bench = str(Path(__file__).resolve().parents[2] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
     import packet_path
 
     return packet_path._sending_channel()
