@@ -658,14 +658,49 @@ def test_stdout_and_stderr_interleaved_behind_a_small_window(cipher):
     assert stderr == UP[:70_000]
 
 
-def _stand_in_channel():
-    """A channel and connection holding just what the send path reads (bench/packet_path.py's stand-ins)."""
+def _packet_path():
     bench = str(Path(__file__).resolve().parents[2] / "bench")
     if bench not in sys.path:
         sys.path.insert(0, bench)
     import packet_path
 
-    return packet_path._sending_channel()
+    return packet_path
+
+
+def _stand_in_channel():
+    """A channel and connection holding just what the send path reads (bench/packet_path.py's stand-ins)."""
+    return _packet_path()._sending_channel()
+
+
+class _ClosingSession:
+    """Takes views of channel data, as the relay does, and closes its channel after the first packet."""
+
+    takes_views = True
+
+    def __init__(self, chan, views: bool) -> None:
+        self.chan, self.takes_views, self.received = chan, views, []
+
+    def data_received(self, data, datatype) -> None:
+        self.received.append(bytes(data))
+        self.chan._send_state = "close_pending"  # what SSHChannel.close sets first
+
+
+@pytest.mark.parametrize("views", [True, False])
+def test_data_after_the_session_closed_its_channel_is_dropped_within_one_read(views):
+    """A read of four packets: the first reaches the session, which closes the channel; the other three are
+    dropped, as asyncssh's _accept_data drops data for a closing channel (the fast path hands packets on
+    itself while the channel is the one it checked earlier in the read)."""
+    packet_path = _packet_path()
+    assert asyncssh_fastpath.apply()
+    conn, _ = packet_path._receiving_connection()
+    chan = conn._channels[0]
+    chan._session = session = _ClosingSession(chan, views)
+    chan._recv_buf = []
+    read = b"".join(packet_path._sealed_packets(asyncssh_fastpath, 4))
+    conn._inpbuf, conn._inpos, conn._inpend = read, 0, len(read)
+    conn._recv_data()
+    assert conn._inpend == conn._inpos, "not every packet was parsed"
+    assert len(session.received) == 1 and len(session.received[0]) == packet_path.SIZE
 
 
 @pytest.mark.parametrize("queued, window, rekey_left, shortcut", [
