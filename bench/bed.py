@@ -55,6 +55,12 @@ CLIENTS = BENCH / "clients.py"
 TARGETS = BENCH / "targets.py"
 KEX = "curve25519-sha256"  # pinned: OpenSSH 9.2 would pick sntrup761x25519 with sshd, which asyncssh lacks
 DEFAULT_CIPHER = "aes128-gcm@openssh.com"
+# TCP congestion control in the bench's namespaces: Linux's default, whatever the host has chosen. On paths
+# with no delay, such as these, bbr paces each sender to the rate it last saw delivered, and client, server
+# and targets, sharing two cores, then wait on its timers: both servers move less, with more spread between
+# rounds, and the cores idle (bench/README.md, "Congestion control"). "host" keeps the host's choice.
+CONGESTION_CONTROL = "cubic"
+HOST_CC = "host"
 OURS_PORT, SSHD_PORT, OURS_TMPFS_PORT = 22, 2222, 2223
 JUMP_USER, JUMP_UID = "benchjump", 64999  # sshd's user, in sshd's private copy of /etc/passwd
 
@@ -196,9 +202,12 @@ class Server:
 class Bench:
     """Everything one benchmark run needs; a context manager that tears it all down."""
 
-    def __init__(self, bastion_src: Path = ROOT, log=print, event_loop: str | None = None) -> None:
+    def __init__(self, bastion_src: Path = ROOT, log=print, event_loop: str | None = None,
+                 congestion_control: str = CONGESTION_CONTROL) -> None:
         self.log = log
         self.event_loop = event_loop
+        self.congestion_control = congestion_control  # in the bench's namespaces; HOST_CC leaves the host's
+        self._allowed_before: str | None = None  # the host's allowed list, while the bench has widened it
         self.bastion_src = bastion_src
         self.bastion_digest = ""
         self.bastion_settings: dict = {}
@@ -235,6 +244,10 @@ class Bench:
         for ns in (tb.gw, tb.lan):  # per-namespace settings: the load figures open many short connections
             tb.run(ns, ["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1",
                         "net.ipv4.ip_local_port_range=1024 65000"], check=True)
+        if self.congestion_control != HOST_CC:
+            self._set_congestion_control(tb, self.congestion_control)
+        self.congestion_control = tb.run(tb.gw, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"],
+                                         check=True).stdout.decode().strip()
         tb.start_targets()  # the testbed's target sshd on 10.99.0.2:22 is the end of `ssh -J ... target`
         self._targets = tb.popen(tb.lan, [sys.executable, TARGETS], stdout=subprocess.DEVNULL,
                                  stderr=(self.workdir / "targets.log").open("wb"))
@@ -285,8 +298,27 @@ class Bench:
             raise TestbedError(f"the bastion in {source} does not import (mid-edit?); use --bastion-src DIR:\n"
                                f"{check.stderr[-1500:]}{check.stdout}")
 
+    def _set_congestion_control(self, tb: Testbed, name: str) -> None:
+        """Every TCP connection in the bench's namespaces uses `name` (see CONGESTION_CONTROL). A namespace may
+        only pick an algorithm the host allows (net.ipv4.tcp_allowed_congestion_control): one it does not is
+        added to that list for the run, and the list is put back on close."""
+        allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+        available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+        if name not in available:
+            raise TestbedError(f"congestion control {name!r} is not available here (available: {available})")
+        before = allowed.read_text().strip()
+        if name not in before.split():
+            self._allowed_before = before
+            allowed.write_text(f"{before} {name}")
+        for ns in (tb.gw, tb.lan):
+            tb.run(ns, ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={name}"], check=True)
+
     def close(self) -> None:
         os.chdir(ROOT)
+        if self._allowed_before is not None:
+            with contextlib.suppress(OSError):
+                Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").write_text(self._allowed_before)
+            self._allowed_before = None
         for name, bastion in self._bastions.items():
             with contextlib.suppress(Exception):
                 bastion.close()

@@ -78,7 +78,7 @@ def profile(args, params) -> int:
     out_dir = (Path(args.json).parent if args.json else Path.cwd()).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = []
-    with Bench(args.bastion_src, event_loop=args.event_loop) as bench:
+    with Bench(args.bastion_src, event_loop=args.event_loop, congestion_control=args.congestion_control) as bench:
         server = bench.ours
         for direction, label in DIRECTIONS.items():
             target = SOURCE_PORT if direction == "down" else SINK_PORT

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bed import KEX, ROOT, SSH, SSHD, Bench, machine_cpu_seconds  # noqa: E402
+from bed import CONGESTION_CONTROL, HOST_CC, KEX, ROOT, SSH, SSHD, Bench, machine_cpu_seconds  # noqa: E402
 from figures import FIGURES, FULL, QUICK, Row  # noqa: E402
 
 console = Console(stderr=True, highlight=False)
@@ -55,6 +55,7 @@ def machine() -> dict:
         "asyncssh": asyncssh.__version__,
         "cryptography": cryptography.__version__,
         "kex": KEX,
+        "host_congestion_control": Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip(),
     }
 
 
@@ -79,7 +80,8 @@ def fmt(value: float | None) -> str:
 
 
 def print_table(rows: list[Row], meta: dict) -> None:
-    table = Table(title=f"bastion vs OpenSSH sshd — {meta['nproc']} cores, {meta['cpu']}, {meta['date']}")
+    table = Table(title=f"bastion vs OpenSSH sshd — {meta['nproc']} cores, {meta['cpu']}, {meta['date']}, "
+                        f"TCP {meta.get('congestion_control', '?')}")
     for name, justify in (("#", "right"), ("measure", "left"), ("direction", "left"), ("unit", "left"),
                           ("ours", "right"), ("sshd", "right"), ("ours/sshd", "right"), ("note", "left")):
         table.add_column(name, justify=justify, overflow="fold")
@@ -97,6 +99,8 @@ def markdown(rows: list[Row], meta: dict, mode: str) -> str:
     lines = [
         f"Machine: {meta['nproc']} cores ({meta['cpu']}), {meta['memory_gib']} GiB, Linux {meta['kernel']}; "
         f"{meta['openssh']}; Python {meta['python']}, asyncssh {meta['asyncssh']}. "
+        f"TCP congestion control in the bench's namespaces: {meta.get('congestion_control', '?')} "
+        f"(the host's: {meta.get('host_congestion_control', '?')}). "
         f"Date: {meta['date']}. Mode: {mode}, {meta['seconds']:.0f} s. Bastion code: {meta.get('bastion_digest', '?')}. "
         f"Other work on the machine during the run: {meta.get('other_work_cpu_share', 0):.0%} of its CPU.",
         "",
@@ -122,6 +126,9 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="profile the bastion with py-spy during bulk -L")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"),
                         help="the bastion's event_loop setting (default: what `init` writes)")
+    parser.add_argument("--congestion-control", default=CONGESTION_CONTROL, metavar="NAME",
+                        help=f"TCP congestion control in the bench's namespaces (default {CONGESTION_CONTROL}, "
+                             f"Linux's default; '{HOST_CC}' keeps the host's)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         console.print("bench/run.py needs root: it creates network namespaces (see /work/shared/TESTBED.md)")
@@ -145,8 +152,9 @@ def main() -> int:
     errors: dict[str, str] = {}
     started = time.monotonic()
     with Bench(args.bastion_src, log=lambda text: console.print(text, markup=False),
-               event_loop=args.event_loop) as bench:
+               event_loop=args.event_loop, congestion_control=args.congestion_control) as bench:
         meta["bastion_digest"] = bench.bastion_digest
+        meta["congestion_control"] = bench.congestion_control
         meta["bastion_settings"] = bench.bastion_settings
         console.print(f"bench in {bench.workdir} ({mode}); namespaces {bench.testbed.gw}, {bench.testbed.lan}")
         for name in names:
