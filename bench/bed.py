@@ -199,6 +199,30 @@ class Server:
         return total, count
 
 
+ALLOWED_CC = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+
+
+def set_congestion_control(tb: Testbed, name: str) -> str | None:
+    """Every new TCP connection in the testbed's namespaces uses `name` (see CONGESTION_CONTROL). A namespace
+    may only pick an algorithm the host allows: one it does not is added to the host's allowed list, and the
+    list as it was is returned, for the caller to write back when done (None: nothing to put back)."""
+    available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    if name not in available:
+        raise TestbedError(f"congestion control {name!r} is not available here (available: {available})")
+    before = ALLOWED_CC.read_text().strip()
+    widened = name not in before.split()
+    if widened:
+        ALLOWED_CC.write_text(f"{before} {name}")
+    try:
+        for ns in (tb.gw, tb.lan):
+            tb.run(ns, ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={name}"], check=True)
+    except BaseException:
+        if widened:
+            ALLOWED_CC.write_text(before)
+        raise
+    return before if widened else None
+
+
 class Bench:
     """Everything one benchmark run needs; a context manager that tears it all down."""
 
@@ -245,7 +269,7 @@ class Bench:
             tb.run(ns, ["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1",
                         "net.ipv4.ip_local_port_range=1024 65000"], check=True)
         if self.congestion_control != HOST_CC:
-            self._set_congestion_control(tb, self.congestion_control)
+            self._allowed_before = set_congestion_control(tb, self.congestion_control)
         self.congestion_control = tb.run(tb.gw, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"],
                                          check=True).stdout.decode().strip()
         tb.start_targets()  # the testbed's target sshd on 10.99.0.2:22 is the end of `ssh -J ... target`
@@ -298,26 +322,11 @@ class Bench:
             raise TestbedError(f"the bastion in {source} does not import (mid-edit?); use --bastion-src DIR:\n"
                                f"{check.stderr[-1500:]}{check.stdout}")
 
-    def _set_congestion_control(self, tb: Testbed, name: str) -> None:
-        """Every TCP connection in the bench's namespaces uses `name` (see CONGESTION_CONTROL). A namespace may
-        only pick an algorithm the host allows (net.ipv4.tcp_allowed_congestion_control): one it does not is
-        added to that list for the run, and the list is put back on close."""
-        allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
-        available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
-        if name not in available:
-            raise TestbedError(f"congestion control {name!r} is not available here (available: {available})")
-        before = allowed.read_text().strip()
-        if name not in before.split():
-            self._allowed_before = before
-            allowed.write_text(f"{before} {name}")
-        for ns in (tb.gw, tb.lan):
-            tb.run(ns, ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={name}"], check=True)
-
     def close(self) -> None:
         os.chdir(ROOT)
         if self._allowed_before is not None:
             with contextlib.suppress(OSError):
-                Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").write_text(self._allowed_before)
+                ALLOWED_CC.write_text(self._allowed_before)
             self._allowed_before = None
         for name, bastion in self._bastions.items():
             with contextlib.suppress(Exception):
