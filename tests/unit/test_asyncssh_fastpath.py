@@ -673,9 +673,7 @@ def _stand_in_channel():
 
 
 class _ClosingSession:
-    """Takes views of channel data, as the relay does, and closes its channel after the first packet."""
-
-    takes_views = True
+    """Closes its channel after the first packet; takes views of channel data, as the relay does, if `views`."""
 
     def __init__(self, chan, views: bool) -> None:
         self.chan, self.takes_views, self.received = chan, views, []
