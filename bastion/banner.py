@@ -11,6 +11,7 @@ import asyncssh
 
 from .db import utc_now
 from .policy import AccessRequest, evaluate
+from .printable import printable
 
 if TYPE_CHECKING:
     from .sshd import GatewayConnection
@@ -63,7 +64,8 @@ class BannerSession(asyncssh.SSHServerSession[str]):
             text = banner_text(self._connection, policy)
         except Exception:  # the banner is a courtesy; a policy read error must not leave the session hanging
             self._connection.log.exception("cannot build banner")
-            text = f"Hello {self._connection.user}. This bastion forwards connections; it runs no commands.\n"
+            user = printable(self._connection.user)
+            text = f"Hello {user}. This bastion forwards connections; it runs no commands.\n"
         self._chan.write(text.replace("\n", "\r\n"))
         self._chan.exit(0)
 
@@ -105,7 +107,9 @@ def banner_text(connection: "GatewayConnection", policy) -> str:
     user_policy = policy.users.get(user)
     if user_policy is not None and user_policy.expires is not None:
         lines.append(f"Your access expires at {user_policy.expires:%Y-%m-%d %H:%M}Z.")
-    return "\n".join(lines) + "\n"
+    # the user name is the client's choice, and rule texts come from a policy file: nothing in them may reach
+    # the user's terminal as a control sequence
+    return "\n".join(printable(line) for line in lines) + "\n"
 
 
 def _rule_lines(rules) -> list[str]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +16,7 @@ from ..db import utc_now
 from ..errors import BastionError
 from ..netguard import TargetError, parse_host
 from ..ssh_config import ClientSetup, known_hosts_lines, render_ssh_config, split_public_name
-from .common import config_of, home_of, human_bytes, open_store, print_json
+from .common import config_of, configure_logging, home_of, human_bytes, open_store, print_json
 
 
 def doctor(ctx: typer.Context, json: bool = typer.Option(False, "--json", help="Print a JSON array.")) -> None:
@@ -142,9 +140,7 @@ def quickstart(
     except BaseException:
         echo_socket.close()
         raise
-    logging.basicConfig(level=demo.config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    configure_logging(demo.config.log_level)
     typer.echo(next_steps(demo, getpass.getuser()))
     try:
         asyncio.run(run_demo(demo.config, echo_socket))

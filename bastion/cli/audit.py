@@ -16,6 +16,7 @@ from ..audit_query import (COLUMNS, follow as follow_events, make_filters, open_
 from ..audit_retention import export as export_chain, prune as prune_chain, verify as verify_chain, verify_export
 from ..db import utc_now
 from ..errors import BastionError
+from ..printable import printable
 from . import audit_output as output
 from .common import config_of, err_console, human_bytes, print_json
 
@@ -236,7 +237,7 @@ def _print_section(title: str, rows: list[dict[str, Any]]) -> None:
     for column in rows[0]:
         rendered.add_column(column, justify="left" if column in ("day", "user", "target", "client_ip") else "right")
     for row in rows:
-        rendered.add_row(*(human_bytes(v) if k == "bytes" else str(v) for k, v in row.items()))
+        rendered.add_row(*(human_bytes(v) if k == "bytes" else output.cell(v) for k, v in row.items()))
     output.show(rendered)
 
 
@@ -263,9 +264,10 @@ def verify(
         what = f"{report.events} events ({span})" + ("" if file else f", {report.rows} rows")
         typer.echo(f"intact: {what}; head {report.head.seq}:{report.head.hash}")
     else:
-        typer.echo(f"BROKEN: {report.problem_count} problem(s); first: {report.problems[0]}")
+        # an export file comes from elsewhere: what a problem quotes from it is shown escaped
+        typer.echo(printable(f"BROKEN: {report.problem_count} problem(s); first: {report.problems[0]}"))
         for problem in report.problems[1:]:
-            typer.echo(f"  {problem}")
+            typer.echo(f"  {printable(problem)}")
         if report.problem_count > len(report.problems):
             typer.echo(f"  ... and {report.problem_count - len(report.problems)} more")
     if not report.intact:

@@ -1,5 +1,9 @@
 """How audit rows are shown: an aligned table in human units on a terminal; JSON, JSON lines or CSV with the
-stored values for programs (streamed, so a million rows never sit in memory)."""
+stored values for programs (streamed, so a million rows never sit in memory).
+
+What a person reads (table cells, `audit follow` lines) passes through `cell`/`printable`: user names, client
+versions and target hosts are the client's choice, and a newline or an escape sequence in one must not reach the
+admin's terminal. Programs get the exact values; JSON and CSV quote them."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any, Iterable
 from rich.console import Console
 from rich.table import Table
 
+from ..printable import printable
 from .common import human_bytes
 
 # what a person wants to see per table; programs get every stored column
@@ -42,6 +47,11 @@ def show(renderable: Any) -> None:
             > console.width:
         console = Console(width=100_000, highlight=False)
     console.print(renderable, markup=False)
+
+
+def cell(value: Any) -> str:
+    """A table cell: the value as text, non-printable characters escaped; None is empty."""
+    return "" if value is None else printable(str(value))
 
 
 def new_table(title: str | None = None) -> Table:
@@ -113,7 +123,7 @@ def print_rows(table: str, rows: Iterable[dict[str, Any]], empty: str, note: str
     count = 0
     for row in rows:
         shown = for_people(table, row)
-        rendered.add_row(*("" if shown.get(c) is None else str(shown.get(c)) for c in columns))
+        rendered.add_row(*(cell(shown.get(c)) for c in columns))
         count += 1
     if not count:
         screen().print(f"({empty})", markup=False)
@@ -164,12 +174,18 @@ def timeline_table(entries: list[dict[str, Any]]) -> Table:
         elif entry["event"] == "session end":
             duration = human_duration(entry["started_at"], entry["time"])
             up, down = human_bytes(entry["bytes_up"]), human_bytes(entry["bytes_down"])
-        rendered.add_row(entry["time"], entry["event"], entry["what"], outcome, duration, up, down)
+        rendered.add_row(*(cell(value) for value in (entry["time"], entry["event"], entry["what"], outcome,
+                                                     duration, up, down)))
     return rendered
 
 
 def follow_line(event: dict[str, Any]) -> str:
-    """One line per event for `audit follow` on a terminal: time, what happened, to whom and where."""
+    """One line per event for `audit follow` on a terminal: time, what happened, to whom and where (one line
+    whatever the client put in its user name or target: see `cell`)."""
+    return printable(_follow_text(event))
+
+
+def _follow_text(event: dict[str, Any]) -> str:
     row, table, kind = event["row"], event["table"], event["kind"]
     if kind == "alarm":
         return f"{event['time']}  {'ALARM':<15}  the audit chain was cut while the server ran: {json.dumps(row)}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -11,10 +12,12 @@ from typing import Any, Iterable, Iterator
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..config import Config, load_config
 from ..control import notify
 from ..errors import BastionError
+from ..printable import PrintableFormatter, printable
 from ..store import Store
 
 console = Console()
@@ -43,6 +46,15 @@ def open_store(ctx: typer.Context) -> Iterator[Store]:
         store.close()
 
 
+def configure_logging(level: str) -> None:
+    """The server's operational log on stderr, one line per record whatever a client put in its name, version
+    or target (see printable.py)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+
+
 def notify_server(ctx: typer.Context, why: str) -> None:
     """Tell a running server to re-check live sessions after a change, and say what it did."""
     note = notify(config_of(ctx).home, why)
@@ -63,7 +75,8 @@ def print_table(rows: Iterable[dict], columns: list[str], title: str | None = No
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        # Text, not str: a cell is shown as it is, never read as rich markup; printable: never as a terminal escape
+        table.add_row(*(Text(printable("" if row.get(c) is None else str(row.get(c)))) for c in columns))
     console.print(table)
 
 

@@ -13,7 +13,7 @@ import typer
 from ..errors import BastionError
 from . import audit, policy, sessions, users
 from . import admin
-from .common import config_of
+from .common import config_of, configure_logging
 
 app = typer.Typer(
     help="bastion: an SSH jump host. Key-only logins, policy-checked tunnels, SQLite audit.\n\n"
@@ -81,10 +81,7 @@ def serve(
 
     os.umask(0o077)
     config = config_of(ctx, listen=listen, workers=workers)
-    logging.basicConfig(
-        level=config.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    configure_logging(config.log_level)
     for path in initialize(config):
         logging.getLogger("bastion").info("created %s", path)
     raise typer.Exit(run(config))
