@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import toml_input
 from .errors import ConfigError
 from .limits import StartupLimit
 from .netguard import DEFAULT_INTERNAL_NETWORKS, IPNetwork, parse_networks
@@ -148,7 +149,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        return tomllib.loads(text)
+        return toml_input.loads(text)  # bounded nesting: a deep file is an error line, not a traceback
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 

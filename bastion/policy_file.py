@@ -28,6 +28,7 @@ import tomllib
 from datetime import datetime, timezone
 from typing import Any, NoReturn
 
+from bastion import toml_input
 from bastion.listen_policy import ListenRule, parse_listen_rule
 from bastion.policy import (
     NAME_HINT,
@@ -60,7 +61,7 @@ class PolicyFileError(ValueError):
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
     """Parse policy TOML `text`; `source` names the file in error messages."""
     try:
-        data = tomllib.loads(text)
+        data = toml_input.loads(text)  # bounded nesting: a deep file is an error line, not a traceback
     except tomllib.TOMLDecodeError as err:
         raise PolicyFileError(_toml_error(str(err), text, source)) from None
     return _FileReader(text, source).policy(data)
