@@ -8,16 +8,21 @@ Two jobs that belong together because both stand between a client's words and `c
   slip past address rules. Everything else that is not a plain hostname is refused.
 * `NetGuard.refusal` says whether an address may be reached at all, before any policy rule is
   looked at: only addresses inside the operator's internal networks, and never loopback,
-  link-local (cloud metadata at 169.254.169.254), multicast, unspecified, broadcast, reserved or
-  the bastion's own addresses -- unless the operator named such a range explicitly.
+  link-local (cloud metadata at 169.254.169.254), the cloud metadata and platform services that
+  live inside private ranges (fd00:ec2::254, 100.100.100.200, ...), multicast, unspecified,
+  broadcast, reserved or the bastion's own addresses -- unless the operator named such a range
+  explicitly.
 
-Pure: no I/O, no DNS, no clock.
+Pure: no I/O, no DNS, no clock. Whether an address is one of this host's own *right now* is a
+question about the host, so the guard asks it through the `is_local` it is given
+(`local_addresses.is_local_address` asks the kernel at the moment of the decision; tests pass a
+plain function).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
@@ -51,9 +56,33 @@ _SELF_RANGES: tuple[tuple[IPNetwork, str], ...] = (
     (IPv4Network("0.0.0.0/8"), "is an unspecified address"),
     (IPv6Network("::/128"), "is an unspecified address"),
 )
+_METADATA = "is a cloud metadata address"
+_PLATFORM = "is a cloud platform service address"
 # Ranges that are only worth naming when some (too wide) internal network contains them.
-# The broadcast address comes before 240/4, which contains it, so the narrower name wins.
+# Narrower ranges come before the ranges that contain them, so the narrower name wins (the
+# broadcast address before 240/4, fd00:ec2::254 before fd00:ec2::/32).
+#
+# The first block: cloud metadata and platform services that are *not* link-local. Most clouds
+# serve metadata at 169.254.169.254 (refused below as link-local), but their IPv6 endpoints sit in
+# fc00::/7 and Alibaba's in 100.64.0.0/10 -- ranges an operator lists as internal as a matter of
+# course. They answer with the instance's credentials, so each is refused unless listed exactly,
+# as a /32 or /128, the same rule as every other special range (its own prefix length).
 _SPECIAL_RANGES: tuple[tuple[IPNetwork, str], ...] = (
+    (IPv6Network("fd00:ec2::254/128"), _METADATA),  # AWS instance metadata (IMDS), Nitro
+    (IPv6Network("fd00:ec2::23/128"), _METADATA),  # AWS EKS Pod Identity agent: hands out credentials
+    (IPv6Network("fd00:ec2::253/128"), _PLATFORM),  # AWS Route 53 resolver
+    (IPv6Network("fd00:ec2::123/128"), _PLATFORM),  # AWS time sync (NTP)
+    (IPv6Network("fd00:ec2::/32"), _PLATFORM),  # AWS's block for the above and whatever comes next
+    (IPv6Network("fd20:ce::254/128"), _METADATA),  # Google Cloud, IPv6-only instances
+    (IPv6Network("fd00:c1::a9fe:a9fe/128"), _METADATA),  # Oracle Cloud
+    (IPv6Network("fd00:42::42/128"), _METADATA),  # Scaleway
+    (IPv6Network("fd00:a9fe:a9fe::1/128"), _METADATA),  # Akamai (Linode)
+    (IPv4Network("100.100.100.200/32"), _METADATA),  # Alibaba Cloud, inside 100.64.0.0/10
+    # Tailscale's resolver (and Taildrive), answered by tailscaled on this host itself; also inside
+    # 100.64.0.0/10, and not an interface address, so the own-address check cannot see it.
+    (IPv4Network("100.100.100.100/32"), "is a host-local service address"),
+    (IPv4Network("168.63.129.16/32"), _PLATFORM),  # Azure WireServer (a public address)
+    (IPv4Network("192.0.0.192/32"), _METADATA),  # Oracle Cloud Classic
     (IPv4Network("169.254.0.0/16"), "is a link-local address"),
     (IPv6Network("fe80::/10"), "is a link-local address"),
     (IPv4Network("224.0.0.0/4"), "is a multicast address"),
@@ -170,22 +199,35 @@ def parse_networks(items: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+IsLocal = Callable[[IPAddress], bool]
+"""Whether an address is assigned to this host now; may raise OSError when it cannot tell."""
+
+
 @dataclass(frozen=True, slots=True)
 class NetGuard:
     """The outer fence: which addresses may be dialed at all, whatever the policy grants.
 
     `refusal` checks, in order:
-    1. own addresses, loopback and unspecified (they reach the bastion itself) -> named reason;
+    1. own addresses in `own_addresses`, loopback and unspecified (they reach the bastion itself)
+       -> named reason;
     2. not inside any internal network -> "is not in an internal network";
-    3. link-local, multicast, broadcast, reserved -> named reason;
-    each of 1 and 3 is lifted only when an internal network that contains the address is no wider
-    than the special range (for own addresses: the exact /32 or /128). So "0.0.0.0/0" as an
+    3. cloud metadata and platform services, link-local, multicast, broadcast, reserved -> named
+       reason;
+    4. `is_local(addr)` says the address is this host's own now -> "is the bastion's own address";
+    each of 1, 3 and 4 is lifted only when an internal network that contains the address is no
+    wider than the special range (for own addresses: the exact /32 or /128). So "0.0.0.0/0" as an
     internal network opens the public internet but not loopback or 169.254.169.254; listing
     "127.0.0.0/8" or "127.0.0.2/32" opens those on purpose.
+
+    `is_local` is asked last, only about an address every other check let through, so a refusal
+    costs no question to the host; an address inside an opened loopback or unspecified range is
+    not asked about (the operator opened it knowing it is this host). When `is_local` raises
+    OSError the address is refused: nobody could tell whether it is this host.
     """
 
     internal_networks: tuple[IPNetwork, ...] = DEFAULT_INTERNAL_NETWORKS
     own_addresses: frozenset[IPAddress] = frozenset()
+    is_local: IsLocal | None = None
 
     def __post_init__(self) -> None:
         # Canonical forms once here so `refusal` compares like with like.
@@ -197,16 +239,27 @@ class NetGuard:
     def refusal(self, addr: IPAddress) -> str | None:
         """Return None when `addr` may be reached, else a short reason starting with the address."""
         addr = canonical_address(addr)
-        if addr in self.own_addresses and not self._opened(addr, addr.max_prefixlen):
+        exact = self._opened(addr, addr.max_prefixlen)
+        if addr in self.own_addresses and not exact:
             return f"{addr} is the bastion's own address"
+        self_range = False  # loopback or unspecified, opened on purpose: known to be this host
         for special, reason in _SELF_RANGES:
-            if _contains(special, addr) and not self._opened(addr, special.prefixlen):
-                return f"{addr} {reason}"
+            if _contains(special, addr):
+                if not self._opened(addr, special.prefixlen):
+                    return f"{addr} {reason}"
+                self_range = True
         if not any(_contains(network, addr) for network in self.internal_networks):
             return f"{addr} is not in an internal network"
         for special, reason in _SPECIAL_RANGES:
             if _contains(special, addr) and not self._opened(addr, special.prefixlen):
                 return f"{addr} {reason}"
+        if self.is_local is not None and not exact and not self_range:
+            try:
+                local = self.is_local(addr)
+            except OSError:
+                return f"{addr} could not be checked against the bastion's own addresses"
+            if local:
+                return f"{addr} is the bastion's own address"
         return None
 
     def _opened(self, addr: IPAddress, prefixlen: int) -> bool:

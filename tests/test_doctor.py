@@ -235,7 +235,7 @@ def test_grants_the_guard_refuses_anyway(home):
                 '"169.254.169.254:80", "db.corp.internal:5432"]\n')
     assert named(check(home), "grants", WARNING) == [
         "users.alice.allow: 8.8.8.0/24:22 is outside the internal networks; the guard refuses it whatever the policy says",
-        "users.alice.allow: 127.0.0.1:22 is the bastion's own address; the guard refuses it whatever the policy says",
+        "users.alice.allow: 127.0.0.1:22 is a loopback address; the guard refuses it whatever the policy says",
         "users.alice.allow: 10.0.0.0/7:22 is partly outside the internal networks; the guard refuses it whatever the "
         "policy says",
         "users.alice.allow: 169.254.169.254:80 is not in an internal network; the guard refuses it whatever the "

@@ -475,3 +475,172 @@ def test_refusal_reasons_start_with_the_canonical_address(address, own):
         assert reason.startswith(f"{canonical_address(address)} ")
     if canonical_address(address) in {canonical_address(a) for a in own}:
         assert reason is not None
+
+
+# ---- cloud metadata and platform services inside private ranges ------------------------------
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        # inside the default internal networks (fc00::/7, 100.64.0.0/10): named and refused
+        ("fd00:ec2::254", "fd00:ec2::254 is a cloud metadata address"),
+        ("FD00:EC2:0::254", "fd00:ec2::254 is a cloud metadata address"),
+        ("fd00:ec2::23", "fd00:ec2::23 is a cloud metadata address"),
+        ("fd00:ec2::253", "fd00:ec2::253 is a cloud platform service address"),
+        ("fd00:ec2::123", "fd00:ec2::123 is a cloud platform service address"),
+        ("fd00:ec2::1", "fd00:ec2::1 is a cloud platform service address"),
+        ("fd00:ec2:ffff::1", "fd00:ec2:ffff::1 is a cloud platform service address"),
+        ("fd20:ce::254", "fd20:ce::254 is a cloud metadata address"),
+        ("fd00:c1::a9fe:a9fe", "fd00:c1::a9fe:a9fe is a cloud metadata address"),
+        ("fd00:42::42", "fd00:42::42 is a cloud metadata address"),
+        ("fd00:a9fe:a9fe::1", "fd00:a9fe:a9fe::1 is a cloud metadata address"),
+        ("100.100.100.200", "100.100.100.200 is a cloud metadata address"),
+        ("::ffff:100.100.100.200", "100.100.100.200 is a cloud metadata address"),
+        ("100.100.100.100", "100.100.100.100 is a host-local service address"),
+        # neighbours stay open: the ranges are the exact addresses (and AWS's /32)
+        ("fd00:ec3::254", None),
+        ("fd20:ce::253", None),
+        ("fd00:c1::a9fe:a9ff", None),
+        ("100.100.100.201", None),
+        ("100.100.100.199", None),
+        # outside the default internal networks they are simply not internal
+        ("168.63.129.16", "168.63.129.16 is not in an internal network"),
+        ("192.0.0.192", "192.0.0.192 is not in an internal network"),
+    ],
+)
+def test_default_guard_refuses_metadata_inside_private_ranges(address, reason):
+    assert DEFAULT.refusal(ip_address(address)) == reason
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("fd00:ec2::254", "fd00:ec2::254 is a cloud metadata address"),
+        ("fd20:ce::254", "fd20:ce::254 is a cloud metadata address"),
+        ("100.100.100.200", "100.100.100.200 is a cloud metadata address"),
+        ("168.63.129.16", "168.63.129.16 is a cloud platform service address"),
+        ("192.0.0.192", "192.0.0.192 is a cloud metadata address"),
+        ("168.63.129.17", None),
+    ],
+)
+def test_wide_internal_networks_do_not_open_metadata(address, reason):
+    assert WIDE.refusal(ip_address(address)) == reason
+
+
+@pytest.mark.parametrize(
+    ("networks", "address", "reason"),
+    [
+        # listed exactly: the operator means it
+        (["fd00:ec2::254/128"], "fd00:ec2::254", None),
+        (["fd20:ce::254/128"], "fd20:ce::254", None),
+        (["100.100.100.200/32"], "100.100.100.200", None),
+        (["168.63.129.16/32"], "168.63.129.16", None),
+        (["fd00::/8", "fd00:ec2::253/128"], "fd00:ec2::253", None),
+        # anything wider is not an exact listing
+        (["fd00:ec2::254/127"], "fd00:ec2::254", "fd00:ec2::254 is a cloud metadata address"),
+        (["fd00:ec2::/32"], "fd00:ec2::254", "fd00:ec2::254 is a cloud metadata address"),
+        (["fd00::/8"], "fd00:ec2::254", "fd00:ec2::254 is a cloud metadata address"),
+        (["100.100.100.0/24"], "100.100.100.200", "100.100.100.200 is a cloud metadata address"),
+        (["100.64.0.0/10"], "100.100.100.100", "100.100.100.100 is a host-local service address"),
+        (["fd00::/8"], "fd00:ec2::1", "fd00:ec2::1 is a cloud platform service address"),
+        # AWS's /32 is opened by a /32 or narrower, its named /128s still only exactly
+        (["fd00:ec2::/32"], "fd00:ec2::1", None),
+        (["fd00:ec2::/64"], "fd00:ec2::1", None),
+        (["fd00:ec2::/64"], "fd00:ec2::123", "fd00:ec2::123 is a cloud platform service address"),
+        # opening a metadata address does not open the link-local range or the rest of the /32
+        (["fd00:ec2::254/128"], "fd00:ec2::1", "fd00:ec2::1 is not in an internal network"),
+        (["fd00:ec2::254/128", "fd00::/8"], "fd00:ec2::1", "fd00:ec2::1 is a cloud platform service address"),
+    ],
+)
+def test_metadata_opens_only_when_listed_exactly(networks, address, reason):
+    guard = NetGuard(internal_networks=parse_networks(networks), own_addresses=OWN)
+    assert guard.refusal(ip_address(address)) == reason
+
+
+# ---- addresses the host has now, not at start -----------------------------------------------
+
+class FakeHost:
+    """What `is_local` answers, changeable while a guard holds it; counts the questions asked."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = {ip_address(a) for a in addresses}
+        self.asked: list = []
+
+    def is_local(self, address) -> bool:
+        self.asked.append(address)
+        return address in self.addresses
+
+
+def test_an_address_added_after_the_guard_was_built_is_refused():
+    host = FakeHost("10.99.0.1")
+    guard = NetGuard(is_local=host.is_local)
+    assert guard.refusal(ip_address("10.99.0.9")) is None
+
+    host.addresses.add(ip_address("10.99.0.9"))  # DHCP, a failover address, docker0 ...
+    assert guard.refusal(ip_address("10.99.0.9")) == "10.99.0.9 is the bastion's own address"
+
+    host.addresses.discard(ip_address("10.99.0.9"))  # ... and gone again: reachable again
+    assert guard.refusal(ip_address("10.99.0.9")) is None
+
+
+@pytest.mark.parametrize(
+    ("networks", "address", "reason"),
+    [
+        (None, "10.99.0.1", "10.99.0.1 is the bastion's own address"),
+        (None, "::ffff:10.99.0.1", "10.99.0.1 is the bastion's own address"),
+        (None, "fd00:99::1", "fd00:99::1 is the bastion's own address"),
+        (None, "10.99.0.2", None),
+        (["10.99.0.1/32"], "10.99.0.1", None),  # listed exactly: opened on purpose
+        (["10.99.0.0/31"], "10.99.0.1", "10.99.0.1 is the bastion's own address"),
+        (["0.0.0.0/0", "::/0"], "10.99.0.1", "10.99.0.1 is the bastion's own address"),
+        (["fd00:99::1/128"], "fd00:99::1", None),
+    ],
+)
+def test_is_local_decides_own_addresses(networks, address, reason):
+    host = FakeHost("10.99.0.1", "fd00:99::1")
+    guard = NetGuard(is_local=host.is_local,
+                     **({} if networks is None else {"internal_networks": parse_networks(networks)}))
+    assert guard.refusal(ip_address(address)) == reason
+
+
+@pytest.mark.parametrize(
+    ("networks", "address"),
+    [
+        (None, "8.8.8.8"),  # not internal
+        (None, "127.0.0.1"),  # loopback
+        (None, "fd00:ec2::254"),  # metadata
+        (["0.0.0.0/0"], "169.254.169.254"),  # link-local
+        (["127.0.0.0/8"], "127.0.0.2"),  # loopback opened on purpose: known to be this host
+        (["10.99.0.9/32"], "10.99.0.9"),  # listed exactly
+    ],
+)
+def test_is_local_is_not_asked_when_the_answer_cannot_matter(networks, address):
+    host = FakeHost("10.99.0.9", "127.0.0.2")
+    guard = NetGuard(is_local=host.is_local,
+                     **({} if networks is None else {"internal_networks": parse_networks(networks)}))
+    guard.refusal(ip_address(address))
+    assert host.asked == []
+
+
+def test_is_local_is_asked_once_about_the_canonical_address():
+    host = FakeHost()
+    NetGuard(is_local=host.is_local).refusal(ip_address("::ffff:10.1.2.3"))
+    assert host.asked == [IPv4Address("10.1.2.3")]
+
+
+def test_an_address_that_cannot_be_checked_is_refused():
+    def broken(address):
+        raise OSError(24, "Too many open files")
+
+    guard = NetGuard(is_local=broken)
+    assert guard.refusal(ip_address("10.1.2.3")) == "10.1.2.3 could not be checked against the bastion's own addresses"
+    assert guard.refusal(ip_address("8.8.8.8")) == "8.8.8.8 is not in an internal network"  # never asked
+
+
+@given(st.ip_addresses(), st.sets(st.ip_addresses(), max_size=3))
+def test_whatever_is_local_now_is_refused_unless_listed_exactly(address, local):
+    host = FakeHost(*map(str, local))
+    host.addresses = {canonical_address(a) for a in host.addresses}
+    guard = NetGuard(internal_networks=parse_networks(["0.0.0.0/0", "::/0"]), is_local=host.is_local)
+    if canonical_address(address) in host.addresses:
+        assert guard.refusal(address) is not None
