@@ -4,12 +4,17 @@ access after a policy or user change). A UNIX socket in the home directory, mode
 Protocol: one JSON object per line each way. Requests: {"op": "sessions"}, {"op": "kill", "session": ID}
 or {"op": "kill", "user": NAME}, {"op": "revalidate", "why": TEXT}. Replies: {"ok": true, ...} or
 {"ok": false, "error": TEXT}.
+
+One server per home: `serve_lock` holds HOME/serve.lock (an flock, which dies with the process) for as long as
+the server runs, so a second `serve` refuses to start instead of taking over the control socket, and a socket
+found at start is known to be a crashed server's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -22,6 +27,7 @@ from .errors import BastionError
 log = logging.getLogger("bastion.control")
 
 SOCKET_NAME = "control.sock"
+LOCK_NAME = "serve.lock"
 _MAX_REQUEST = 64 * 1024
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -29,6 +35,44 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 class NotRunning(BastionError):
     """No server answers on the control socket."""
+
+
+class AlreadyRunning(BastionError):
+    """Another server holds the home's serve lock."""
+
+
+@contextlib.contextmanager
+def serve_lock(home: Path) -> Iterator[None]:
+    """Hold HOME/serve.lock while the body runs: the one server of this home. Raises AlreadyRunning, naming
+    the holder's pid, if another process holds it.
+
+    flock, not a pid file: the kernel releases it when the last descriptor closes, so a server killed with
+    SIGKILL leaves nothing that blocks the next start, and no pid is ever guessed alive. Forked workers
+    inherit the descriptor, so with `serve --workers N` the lock is held until the supervisor and every
+    worker are gone. The pid inside is only for the message."""
+    path = home / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise BastionError(f"{path}: cannot open the serve lock: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(f"{home}: bastion is already running (pid {_lock_holder(fd)}); stop it first, "
+                                 "or serve another --home") from None
+        pid = f"{os.getpid()}\n".encode()
+        os.pwrite(fd, pid, 0)  # then cut: a reader never sees an empty file, at worst the new pid and a tail
+        os.ftruncate(fd, len(pid))
+        yield
+        os.ftruncate(fd, 0)  # a clean stop leaves no pid behind
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    first = os.pread(fd, 64, 0).split(b"\n", 1)[0].strip()
+    return first.decode() if first.isdigit() else "unknown"
 
 
 def socket_path(home: Path, worker: int | None = None) -> Path:
@@ -55,7 +99,8 @@ def _short_path(path: Path) -> Iterator[str]:
 
 
 async def start_control_server(home: Path, handle: Handler, worker: int | None = None) -> asyncio.AbstractServer:
-    """Listen on HOME/control.sock (replacing a stale socket left by a crash), readable by the owner only."""
+    """Listen on HOME/control.sock (replacing a stale socket left by a crash), readable by the owner only.
+    Called under `serve_lock`: no live server owns a socket found here."""
     path = socket_path(home, worker)
     if path.is_socket():
         path.unlink()

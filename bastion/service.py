@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ from .config import Config, load_config, render_config
 from .errors import BastionError, ConfigError
 from .limits import SourcePenalties, StartupLimit
 from .local_addresses import make_guard
-from .control import start_control_server
+from .control import serve_lock, start_control_server
 from .db import utc_now
 from .policy import Policy, next_expiry
 from .context import PolicyCache, ServerContext
@@ -270,23 +271,27 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
 
 
 async def serve(config: Config, drain_seconds: float = 10.0, worker: int | None = None) -> None:
-    """Run until SIGTERM/SIGINT. Prints one 'listening on' line when ready."""
-    gateway = Gateway(config, worker)
-    await gateway.start()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, gateway.request_stop)
-    loop.add_signal_handler(signal.SIGINT, gateway.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, gateway.reload)
-    assert gateway.address is not None
-    host, port = gateway.address
-    who = "" if worker is None else f" (worker {worker}, pid {os.getpid()})"
-    log.info("bastion %s listening on %s:%d%s (home %s, event loop %s)", __version__, host, port, who, config.home,
-             config.event_loop)
-    try:
-        await gateway.run_until_stopped(drain_seconds)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+    """Run until SIGTERM/SIGINT. Prints one 'listening on' line when ready. Refuses to start (AlreadyRunning)
+    while another server runs on the home; worker N of `run` leaves that to its supervisor, which holds the
+    lock for all workers."""
+    # before anything touches the home: a second server would mark the first one's open rows as crashed
+    with serve_lock(config.home) if worker is None else contextlib.nullcontext():
+        gateway = Gateway(config, worker)
+        await gateway.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, gateway.request_stop)
+        loop.add_signal_handler(signal.SIGINT, gateway.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload)
+        assert gateway.address is not None
+        host, port = gateway.address
+        who = "" if worker is None else f" (worker {worker}, pid {os.getpid()})"
+        log.info("bastion %s listening on %s:%d%s (home %s, event loop %s)", __version__, host, port, who,
+                 config.home, config.event_loop)
+        try:
+            await gateway.run_until_stopped(drain_seconds)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
 
 
 def run(config: Config) -> int:
@@ -299,6 +304,12 @@ def run(config: Config) -> int:
         return 0
     if config.listen_port == 0:
         raise ConfigError("--workers needs a fixed port: with port 0 every worker would get its own")
+    with serve_lock(config.home):  # the workers inherit the descriptor: the lock lives while any of them does
+        return _supervise(config, drain)
+
+
+def _supervise(config: Config, drain: float) -> int:
+    """`run` with workers, under the serve lock: recover once, fork, forward signals, exit with the worst code."""
     recovery = AuditLog(config.database)
     recovery.start()  # marks rows a crash left open, before any worker writes
     recovery.stop()
