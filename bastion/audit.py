@@ -30,6 +30,7 @@ log = logging.getLogger("bastion.audit")
 
 _STOP = object()
 _BATCH = 256
+_PROBE_SECONDS = 1.0
 
 
 # What a user is told when the audit log cannot record their session or channel.
@@ -179,7 +180,12 @@ class AuditLog:
     def _write_forever(self) -> None:
         stopping = False
         while not stopping:
-            batch = [self._queue.get()]
+            try:
+                # While the store is failing, try it again every second even with nothing to write: logins are
+                # refused only while `healthy` is False, so it must turn True soon after the store recovers.
+                batch = [self._queue.get(timeout=None if self.healthy else _PROBE_SECONDS)]
+            except queue.Empty:
+                batch = [_Change("", None, {})]  # a no-op: takes the write lock and commits
             while len(batch) < _BATCH:
                 try:
                     batch.append(self._queue.get_nowait())

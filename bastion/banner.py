@@ -59,6 +59,11 @@ class BannerSession(asyncssh.SSHServerSession[str]):
 
     async def _greet(self) -> None:
         assert self._chan is not None
+        if self._connection.session_committed is not None:
+            await self._connection.session_committed  # the login may still be refused
+        if self._connection.session_id is None:
+            self._chan.exit(1)
+            return
         try:
             policy = await self._connection.ctx.policy.current()
             text = banner_text(self._connection, policy)

@@ -48,6 +48,8 @@ class Config:
     keepalive_count_max: int = 4
     max_sessions_per_user: int = 20
     max_channels_per_user: int = 200
+    # A session refused this many requests (channels, listeners) within a minute is disconnected.
+    max_refusals_per_minute: int = 60
     # Processes sharing the port (SO_REUSEPORT), so sessions spread over cores. Limits and penalties
     # are counted per process.
     workers: int = 1
@@ -210,6 +212,8 @@ def render_config(config: Config) -> str:
         f"keepalive_count_max = {config.keepalive_count_max}\n"
         f"max_sessions_per_user = {config.max_sessions_per_user}\n"
         f"max_channels_per_user = {config.max_channels_per_user}\n"
+        "# A session with this many refused channel or listener requests within a minute is disconnected.\n"
+        f"max_refusals_per_minute = {config.max_refusals_per_minute}\n"
         "# Worker processes sharing the port; per-user caps and penalties are counted per worker.\n"
         f"workers = {config.workers}\n"
         '# "uvloop" (faster) or "asyncio" (the standard library\'s loop).\n'

@@ -4,6 +4,7 @@ the live-connection bookkeeping. Passed to each connection through asyncssh's se
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -21,26 +22,37 @@ if TYPE_CHECKING:
 
 class PolicyCache:
     """The policy in force, reloaded from the store when its version changes (checked on each use, in a
-    worker thread, so `policy apply` takes effect at the next channel open without a restart)."""
+    worker thread, so `policy apply` takes effect at the next channel open without a restart).
+
+    Loads run in worker threads and may overlap; one lock makes them take turns, so each load reads the store
+    after the one before it and a slow, older load cannot install a stale policy over a newer one. Only the
+    newest policy reports a change (its re-check and expiry timer), whatever order the threads finish in."""
 
     def __init__(self, store: Store, on_change: Callable[[Policy], None] | None = None):
         self._store = store
+        self._lock = threading.Lock()
         self._version = -1
         self._policy: Policy | None = None
         self._on_change = on_change
 
+    @property
+    def latest(self) -> Policy | None:
+        """The newest policy loaded so far, without asking the store (for a last check before a channel opens)."""
+        return self._policy
+
     def _refresh(self) -> tuple[bool, Policy]:
-        version = self._store.policy_version()
-        if version != self._version or self._policy is None:
-            self._version, self._policy = self._store.load_policy()
-            return True, self._policy
-        return False, self._policy
+        with self._lock:
+            version = self._store.policy_version()
+            if version != self._version or self._policy is None:
+                self._version, self._policy = self._store.load_policy()
+                return True, self._policy
+            return False, self._policy
 
     async def current(self) -> Policy:
         changed, policy = await asyncio.to_thread(self._refresh)
-        if changed and self._on_change is not None:
-            self._on_change(policy)
-        return policy
+        if changed and self._on_change is not None and policy is self._policy:
+            self._on_change(policy)  # only for the newest: an older load that finished late must not reschedule
+        return self._policy or policy
 
 
 @dataclass(slots=True)

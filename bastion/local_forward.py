@@ -16,7 +16,7 @@ import asyncssh
 from .audit import AUDIT_DOWN, AuditUnavailable, ChannelRecord
 from .db import utc_now
 from .netguard import IPAddress, TargetError, canonical_address, parse_host, parse_port
-from .policy import AccessRequest, Decision, evaluate
+from .policy import AccessRequest, Decision, Policy, evaluate
 from .tunnel import Tunnel, connect_target
 
 if TYPE_CHECKING:
@@ -24,16 +24,20 @@ if TYPE_CHECKING:
 
 
 async def open_tunnel(connection: "GatewayConnection", dest_host: str, dest_port: int) -> Tunnel:
-    """Decide and connect one direct-tcpip request; returns the Tunnel or raises ChannelOpenError."""
+    """Decide and connect one direct-tcpip request; returns the Tunnel or raises ChannelOpenError.
+
+    Once allowed, the open is pending: it holds one of the user's channel slots and revocation sees it, from
+    the moment it is decided until the channel is confirmed. Its audit row is committed before the first
+    packet toward the target, and it is checked once more against the newest policy before it opens."""
     ctx = connection.ctx
     if connection.session_committed is not None:
         await connection.session_committed  # the channel row must not land before its session's
     if connection.session_id is None:
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, AUDIT_DOWN)
     opened_at = utc_now()
-    request = None
+    request = policy = None
     try:
-        decision, request = await _decide(connection, dest_host, dest_port, opened_at)
+        decision, request, policy = await _decide(connection, dest_host, dest_port, opened_at)
         target_ip = str(decision.address if decision.address is not None else request.addresses[0])
     except TargetError as exc:
         decision, target_ip = Decision(False, str(exc), None, None), None
@@ -60,35 +64,56 @@ async def open_tunnel(connection: "GatewayConnection", dest_host: str, dest_port
     )
     if not decision.allowed:
         connection.log.info("refused %s:%d: %s", dest_host[:256], dest_port, decision.reason)
-        await _record_or_refuse(connection, record)
+        if connection.refusal_counted():
+            await _record_or_refuse(connection, record)
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, decision.reason)
 
-    assert decision.address is not None
+    assert decision.address is not None and request is not None
     tunnel = Tunnel(on_close=connection.tunnel_closed)
     tunnel.request = request
+    connection.add_tunnel(tunnel)  # no await since the cap check: the slot is taken, revocation sees it
     try:
-        await connect_target(tunnel, decision.address, dest_port, ctx.config.connect_timeout)
+        # No packet leaves toward the target before a row naming it is committed.
+        tunnel.channel_id = await _record_or_refuse(connection, record)
+        if not tunnel.ended:
+            await connect_target(tunnel, decision.address, dest_port, ctx.config.connect_timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         reason = f"cannot connect to {format_target(decision.address, dest_port)}: {describe_os_error(exc)}"
         connection.log.info("%s", reason)
-        await _record_or_refuse(connection, replace(record, reason=reason, closed_at=utc_now()))
+        tunnel.close_reason = reason
+        tunnel.abort()
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, reason) from None
-    try:
-        tunnel.channel_id = await _record_or_refuse(connection, record)
     except BaseException:
         tunnel.abort()
         raise
-    if connection.conn is None:
-        tunnel.abort()
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "SSH connection closed")
-    connection.add_tunnel(tunnel)
+    refusal = _refusal_before_open(connection, tunnel, policy)
+    if refusal is not None:
+        tunnel.abort()  # also cuts a target leg that connected while the tunnel was revoked
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, refusal)
     connection.log.info("tunnel %d to %s:%d (%s)", tunnel.channel_id, dest_host[:256], dest_port, decision.rule)
     return tunnel
 
 
+def _refusal_before_open(connection: "GatewayConnection", tunnel: Tunnel, decided_with: Policy | None) -> str | None:
+    """Why a pending tunnel must not open after all, or None: revoked while it connected, a newer policy
+    loaded since it was decided no longer grants it, or the SSH connection went away."""
+    if tunnel.ended:
+        return tunnel.close_reason or "SSH connection closed"
+    latest = connection.ctx.policy.latest
+    if latest is not None and latest is not decided_with and tunnel.request is not None:
+        decision = evaluate(latest, connection.ctx.guard, replace(tunnel.request, now=utc_now()))
+        if not decision.allowed:
+            tunnel.close_reason = f"revoked: {decision.reason}"
+            return tunnel.close_reason
+    if connection.conn is None:
+        tunnel.close_reason = "SSH connection closed"
+        return tunnel.close_reason
+    return None
+
+
 async def _decide(
     connection: "GatewayConnection", dest_host: str, dest_port: int, now
-) -> tuple[Decision, AccessRequest]:
+) -> tuple[Decision, AccessRequest, Policy]:
     host = parse_host(dest_host)
     port = parse_port(dest_port)
     if isinstance(host, str):
@@ -99,7 +124,7 @@ async def _decide(
         addresses = (host,)
     policy = await connection.ctx.policy.current()
     request = AccessRequest(user=connection.user, host=host, addresses=addresses, port=port, now=now)
-    return evaluate(policy, connection.ctx.guard, request), request
+    return evaluate(policy, connection.ctx.guard, request), request, policy
 
 
 async def _resolve(host: str, port: int, timeout: float) -> tuple[IPAddress, ...]:

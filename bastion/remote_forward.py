@@ -46,6 +46,14 @@ class RemoteListener(asyncssh.SSHListener):
     def recheck(self, policy: Policy, now) -> Decision:
         return evaluate_listen(policy, self.request.with_time(now))
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
+
     def close_with(self, reason: str) -> None:
         self._close_reason = reason
         self.close()
@@ -80,36 +88,48 @@ class RemoteListener(asyncssh.SSHListener):
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # errors are handled inside
 
     async def _forward(self, tunnel: Tunnel) -> None:
-        """Audit the inbound connection, then open a forwarded-tcpip channel back to the client."""
+        """Audit the inbound connection, then open a forwarded-tcpip channel back to the client. It takes one of
+        the user's channel slots from the moment it is decided; the listener closing meanwhile refuses it."""
         transport = tunnel._target
         if transport is None or transport.is_closing():
             return
+        connection = self.connection
         peer = transport.get_extra_info("peername") or ("", 0)
+        limit = connection.ctx.config.max_channels_per_user
+        refusal = None
+        if connection.open_channels_of_user() >= limit:
+            refusal = f"too many open channels for {connection.user} (limit {limit})"
+        now = utc_now()
         record = ChannelRecord(
-            session_id=self.connection.session_id or "",
-            user=self.connection.user,
+            session_id=connection.session_id or "",
+            user=connection.user,
             kind="forwarded-tcpip",
             target_host=self.wire_host,
             target_ip=str(self.request.bind),
             target_port=self.request.port,
-            decision="allow",
+            decision="deny" if refusal else "allow",
             rule=None,
-            reason="inbound connection on a granted listener",
-            opened_at=utc_now(),
+            reason=refusal or "inbound connection on a granted listener",
+            opened_at=now,
+            closed_at=now if refusal else None,
             listener_id=self.listener_id,
             peer_ip=str(peer[0]),
             peer_port=int(peer[1]),
         )
-        conn = self.connection.conn
+        if refusal is None:
+            connection.add_tunnel(tunnel)  # no await since the cap check: the slot is taken
         try:
-            tunnel.channel_id = await self.connection.ctx.audit.record_channel(record)
-            if conn is None:
-                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "session ended")
-            self.connection.add_tunnel(tunnel)
-            await conn.create_connection(lambda: tunnel, self.wire_host, self.request.port, str(peer[0]), int(peer[1]))
+            channel_id = await connection.ctx.audit.record_channel(record)
+            if refusal is not None:
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, refusal)
+            tunnel.channel_id = channel_id
+            if self._closed or tunnel.ended or connection.conn is None:
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"listener closed: {self._close_reason}")
+            await connection.conn.create_connection(lambda: tunnel, self.wire_host, self.request.port, str(peer[0]),
+                                                    int(peer[1]))
         except (asyncssh.ChannelOpenError, AuditUnavailable, OSError) as exc:
-            self.connection.log.info("inbound connection from %s not forwarded: %s", peer[0], exc)
-            tunnel.close_reason = f"not forwarded: {exc}"
+            connection.log.info("inbound connection from %s not forwarded: %s", peer[0], exc)
+            tunnel.close_reason = tunnel.close_reason or f"not forwarded: {exc}"
             tunnel.abort()  # its on_close runs once the TCP side is gone
 
 
@@ -134,6 +154,8 @@ async def open_listener(connection: "GatewayConnection", wire_host: str, wire_po
         listener, failure = await _bind(connection, request, wire_host, policy)
         if listener is None:
             decision = Decision(False, failure, decision.rule, None)
+        else:
+            connection.add_listener(listener)  # pending: a revocation from now on closes it
     record = ListenerRecord(
         session_id=connection.session_id or "",
         user=connection.user,
@@ -146,18 +168,27 @@ async def open_listener(connection: "GatewayConnection", wire_host: str, wire_po
         opened_at=now,
         closed_at=None if decision.allowed else now,
     )
+    if listener is None:
+        connection.log.info("refused remote forward %s:%d: %s", wire_host[:256], wire_port, decision.reason)
+        if not connection.refusal_counted():
+            return False
     try:
         listener_id = await ctx.audit.record_listener(record)
     except AuditUnavailable as exc:
         connection.log.error("%s", exc)
         if listener is not None:
-            listener.server.close()
+            listener.close_with("audit log unavailable")
         return False
     if listener is None:
-        connection.log.info("refused remote forward %s:%d: %s", wire_host[:256], wire_port, decision.reason)
         return False
     listener.listener_id = listener_id
-    connection.add_listener(listener)
+    refusal = _refusal_before_open(connection, listener, policy)
+    if refusal is not None:
+        if listener.closed:  # closed before it had a row to close
+            ctx.audit.close_listener(listener_id, listener.close_reason)
+        else:
+            listener.close_with(refusal)
+        return False
     connection.log.info("listening on %s:%d for the client (%s)", listener.request.bind, listener.request.port,
                         decision.rule)
     return listener
@@ -188,6 +219,21 @@ async def _bind(
             return None, f"cannot listen on {_show(bound.bind)}:{port}: {exc.strerror or exc}"
         return listener, ""
     return None, last_error
+
+
+def _refusal_before_open(connection: "GatewayConnection", listener: RemoteListener, decided_with: Policy) -> str | None:
+    """Why a pending listener must not be announced after all: revoked while its row was written, or a newer
+    policy loaded since it was decided no longer grants it, or the SSH connection went away."""
+    if listener.closed:
+        return listener.close_reason
+    latest = connection.ctx.policy.latest
+    if latest is not None and latest is not decided_with:
+        decision = listener.recheck(latest, utc_now())
+        if not decision.allowed:
+            return f"revoked: {decision.reason}"
+    if connection.conn is None:
+        return "session ended"
+    return None
 
 
 def _port_candidates(ranges: list[tuple[int, int]]) -> list[int]:

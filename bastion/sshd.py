@@ -5,6 +5,7 @@ local_forward.py (ssh -J/-L/-D) and remote_forward.py (ssh -R)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import itertools
 import logging
@@ -57,7 +58,11 @@ class GatewayConnection(asyncssh.SSHServer):
         self.bytes_down = 0
         self.end_reason: str | None = None
         self._keys: dict[str, PublicKey] = {}
+        self._login_policy: Policy | None = None  # as read at the first auth request; re-read at session start
         self._counted_unauthenticated = False
+        self._server_fault = False  # refused for our own failure (audit down): not the source's fault
+        self._session_row_queued = False  # the session row is on its way to the audit log: end it on close
+        self._refusals: collections.deque[float] = collections.deque()  # times of recent refused requests
         self._unused_timer: asyncio.TimerHandle | None = None
         self._session_timer: asyncio.TimerHandle | None = None
         self.session_committed: asyncio.Future | None = None  # the session row; channels wait for it
@@ -117,14 +122,17 @@ class GatewayConnection(asyncssh.SSHServer):
         bytes_down = self.bytes_down + sum(t.bytes_down for t in self.tunnels)
         for tunnel in list(self.tunnels):
             tunnel.abort()
-        if self.session_id is not None:
+        if self.session_id is not None and self._session_row_queued:
             reason = self.end_reason or describe_disconnect(exc, had_tunnels)
             self.ctx.audit.end_session(self.session_id, reason, bytes_up, bytes_down)
             self.log.info("session %s ended: %s", self.session_id, reason)
         self.conn = None
 
     def _penalize(self, exc: Exception | None) -> None:
-        """A connection that never authenticated counts against its source (audited once per penalty)."""
+        """A connection that never authenticated counts against its source (audited once per penalty), unless
+        it was refused for the server's own fault: once the store is back, the next login must work."""
+        if self._server_fault:
+            return
         if isinstance(exc, asyncssh.ConnectionLost) and "Login timeout" in str(exc):
             self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "none", None, "failure",
                                        "login grace time exceeded")
@@ -160,7 +168,7 @@ class GatewayConnection(asyncssh.SSHServer):
         are no longer granted. Returns what was ended, for the operator."""
         if self.session_id is None:
             return []
-        reason = session_revocation(policy, self.user, self.key_fingerprint, fingerprints, now)
+        reason = login_refusal(policy, self.user, self.key_fingerprint, fingerprints, now)
         if reason is not None:
             self.log.info("ending session: %s", reason)
             self.disconnect(reason)
@@ -170,10 +178,9 @@ class GatewayConnection(asyncssh.SSHServer):
             if tunnel.request is None:  # an inbound -R connection: it lives with its listener's session
                 continue
             decision = evaluate(policy, self.ctx.guard, replace(tunnel.request, now=now))
-            if not decision.allowed:
+            if not decision.allowed:  # pending opens too: they are in the set from the moment they are decided
                 self.log.info("closing tunnel %s: %s", tunnel.channel_id, decision.reason)
-                tunnel.close_reason = f"revoked: {decision.reason}"
-                tunnel.close()
+                tunnel.revoke(f"revoked: {decision.reason}")
                 ended.append(f"channel {tunnel.channel_id} ({self.user}): {decision.reason}")
         for listener in list(self.listeners):
             decision = listener.recheck(policy, now)
@@ -187,13 +194,18 @@ class GatewayConnection(asyncssh.SSHServer):
     async def begin_auth(self, username: str) -> bool:
         """Return True: authentication is always required (False would let the client in unchecked).
 
-        The user's keys are loaded here; an unknown user simply has none, so it fails exactly like a
-        known user with an unknown key."""
+        The user's keys and the policy (for the account's expiry) are read here; an unknown user simply has
+        none, so it fails exactly like a known user with an unknown key. Both are read again when the session
+        would begin (`_begin_session`): what changes during the login counts."""
         self.user = username[:256]
         self.log = ConnectionLog(log, {"context": f"conn=c{self.number} user={self.user}"})
-        keys = await asyncio.to_thread(self.ctx.store.user_keys, username)
-        self._keys = {key.fingerprint: key for key in keys}
+        self._keys, self._login_policy = await self._read_identity()
         return True
+
+    async def _read_identity(self) -> tuple[dict[str, PublicKey], Policy]:
+        keys = await asyncio.to_thread(self.ctx.store.user_keys, self.user)
+        policy = await self.ctx.policy.current()
+        return {key.fingerprint: key for key in keys}, policy
 
     def public_key_auth_supported(self) -> bool:
         """Public keys are the only method offered."""
@@ -209,19 +221,25 @@ class GatewayConnection(asyncssh.SSHServer):
         return False
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        """Return True if `key` is one of the user's keys. This only says whether the key would be
-        accepted; the client proves possession afterwards, so success is recorded in auth_completed."""
+        """Return True if `key` is one of the user's keys and the account may log in now. This only says whether
+        the key would be accepted; the client proves possession afterwards, so success is recorded once the
+        session begins (auth_completed, then _begin_session)."""
         fingerprint = key.get_fingerprint("sha256")
         if fingerprint in self._keys:
-            if not self.ctx.audit.healthy:
-                self._refuse_unaudited(fingerprint)
-                return False
-            self.key_fingerprint = fingerprint
-            return True
+            assert self._login_policy is not None
+            reason = login_refusal(self._login_policy, self.user, fingerprint, frozenset(self._keys), utc_now())
+            if reason is None:
+                if not self.ctx.audit.healthy:
+                    self._refuse_unaudited(fingerprint)
+                    return False
+                self.key_fingerprint = fingerprint
+                return True
+        else:
+            reason = "key not accepted"
         self.failed_auths += 1
-        self.ctx.audit.record_auth(
-            self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure", "key not accepted"
-        )
+        self.log.info("key %s refused: %s", fingerprint, reason)
+        self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure",
+                                   reason)
         if self.failed_auths >= self.ctx.config.max_auth_tries and self.conn is not None:
             self.log.info("too many authentication failures (%d)", self.failed_auths)
             self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", None, "failure",
@@ -231,23 +249,18 @@ class GatewayConnection(asyncssh.SSHServer):
 
     def _refuse_unaudited(self, fingerprint: str | None) -> None:
         """Fail closed: nothing may happen that the audit log cannot record. The refusal is itself a write,
-        so it also tells the writer when the store has recovered."""
+        so it also tells the writer when the store has recovered. It is the server's fault, not the client's:
+        it does not count toward the source's penalty."""
+        self._server_fault = True
         self.log.error("refusing login: the audit log cannot be written")
         self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure",
                                    "audit log unavailable")
         self.disconnect(AUDIT_DOWN)
 
-    async def _commit_session(self, record: SessionRecord) -> None:
-        try:
-            await self.ctx.audit.open_session(record)
-        except AuditUnavailable:
-            self.ctx.sessions_by_user.get(self.user, set()).discard(self)
-            self.session_id = None  # there is no row to end
-            self._refuse_unaudited(self.key_fingerprint)
-
     def auth_completed(self) -> None:
-        """The client proved possession of an accepted key: record the login and open the session row,
-        then apply the per-user session cap and the session timers."""
+        """The client proved possession of an accepted key. From here the connection is a session that
+        revocation sees; it begins for real in `_begin_session`, which channels and the banner wait for.
+        The per-user session cap and the session timers apply now."""
         assert self.conn is not None and self.key_fingerprint is not None
         ctx = self.ctx
         self._counted_unauthenticated = False
@@ -256,22 +269,8 @@ class GatewayConnection(asyncssh.SSHServer):
         self.session_id = secrets.token_hex(6)
         self.started_at = utc_now()
         self.log = ConnectionLog(log, {"context": f"conn=c{self.number} user={self.user} session={self.session_id}"})
-        ctx.audit.record_auth(
-            self.user, self.client_ip, self.client_port, "publickey", self.key_fingerprint, "success", "key accepted"
-        )
-        self.session_committed = asyncio.ensure_future(self._commit_session(
-            SessionRecord(
-                id=self.session_id,
-                user=self.user,
-                client_ip=self.client_ip,
-                client_port=self.client_port,
-                key_fingerprint=self.key_fingerprint,
-                client_version=str(self.conn.get_extra_info("client_version") or "")[:256],
-                started_at=self.started_at,
-            )
-        ))
-        self.log.info("logged in from %s:%d with %s", self.client_ip, self.client_port, self.key_fingerprint)
         ctx.sessions_by_user.setdefault(self.user, set()).add(self)
+        self.session_committed = asyncio.ensure_future(self._begin_session())
         limit = ctx.config.max_sessions_per_user
         if len(ctx.sessions_of(self.user)) > limit:
             self.disconnect(f"too many concurrent sessions for {self.user} (limit {limit}); close one or ask your bastion admin")
@@ -282,6 +281,75 @@ class GatewayConnection(asyncssh.SSHServer):
                 ctx.config.max_session_seconds, self.disconnect, "maximum session length reached"
             )
         self._channels_changed()
+
+    async def _begin_session(self) -> None:
+        """Decide the login against the store as it is now, not as it was at the first auth request: a key
+        removed, or a user removed or expired, while the client was authenticating means no session. Then
+        record the login and commit the session row, before any channel may open."""
+        assert self.key_fingerprint is not None
+        try:
+            keys, policy = await self._read_identity()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("cannot read the user's keys and policy")
+            self._forget_session()
+            self.disconnect("internal error while checking the login; ask your bastion admin to check its log")
+            return
+        refusal = login_refusal(policy, self.user, self.key_fingerprint, frozenset(keys), utc_now())
+        if self.conn is None:  # gone while we read: no session to record
+            self._forget_session()
+            return
+        if refusal is not None:
+            self.log.info("login refused: %s during login", refusal)
+            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", self.key_fingerprint,
+                                       "failure", f"{refusal} during login")
+            self._forget_session()
+            self.disconnect(f"login refused: {refusal}")
+            return
+        self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", self.key_fingerprint,
+                                   "success", "key accepted")
+        self.log.info("logged in from %s:%d with %s", self.client_ip, self.client_port, self.key_fingerprint)
+        self._session_row_queued = True
+        try:
+            await self.ctx.audit.open_session(SessionRecord(
+                id=self.session_id or "",
+                user=self.user,
+                client_ip=self.client_ip,
+                client_port=self.client_port,
+                key_fingerprint=self.key_fingerprint,
+                client_version=str(self.conn.get_extra_info("client_version") or "")[:256],
+                started_at=self.started_at,
+            ))
+        except AuditUnavailable:
+            self._forget_session()  # there is no row to end
+            self._refuse_unaudited(self.key_fingerprint)
+
+    def _forget_session(self) -> None:
+        """The session never began: nothing to end in the audit log, nothing for the per-user cap to count."""
+        sessions = self.ctx.sessions_by_user.get(self.user, set())
+        sessions.discard(self)
+        if not sessions:
+            self.ctx.sessions_by_user.pop(self.user, None)
+        self.session_id = None
+        self._session_row_queued = False
+
+    def refusal_counted(self) -> bool:
+        """Count one refused request of this session. Returns False, and disconnects the session, once it has had
+        `max_refusals_per_minute` in the last minute: its end row says why, and the refusals past the limit are
+        not written (one session must not fill the audit disk with refusals)."""
+        limit = self.ctx.config.max_refusals_per_minute
+        now = asyncio.get_running_loop().time()
+        window = self._refusals
+        while window and window[0] <= now - 60:
+            window.popleft()
+        if len(window) >= limit:
+            if self.end_reason is None:
+                self.log.warning("disconnecting: %d refused requests within a minute", limit)
+                self.disconnect(f"too many refused requests ({limit} within a minute)")
+            return False
+        window.append(now)
+        return True
 
     # ---- channels -----------------------------------------------------------------------------
 
@@ -351,11 +419,12 @@ class GatewayConnection(asyncssh.SSHServer):
             )
 
 
-def session_revocation(
+def login_refusal(
     policy: Policy, user: str, fingerprint: str | None, fingerprints: frozenset[str], now
 ) -> str | None:
-    """Why a logged-in session may no longer continue, or None. The key and user checks are about identity,
-    not grants, so they live here; grants are re-checked with evaluate()."""
+    """Why this user and key may not log in, or a logged-in session may no longer continue; None if they may.
+    The key and user checks are about identity, not grants, so they live here; grants are checked with
+    evaluate()."""
     user_policy = policy.users.get(user)
     if user_policy is None:
         return "user removed"

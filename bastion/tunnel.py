@@ -182,10 +182,28 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
             self._chan.close()
 
     def abort(self) -> None:
-        """Drop the target leg of a tunnel whose channel never opened (the SSH connection went away)."""
+        """Drop a tunnel whose channel is not open (refused, revoked while pending, or the SSH connection went
+        away): the target leg is cut, and on_close runs once it is gone (at once if it never connected)."""
         self._chan_closed = True
         if self._target is not None:
             self._target.abort()
+        else:
+            self._target_closed = True
+            self._maybe_finish()
+
+    def revoke(self, reason: str) -> None:
+        """Close for `reason` (a revocation): an open tunnel gracefully, a pending one (not yet confirmed to
+        the client) at once, so that it never opens."""
+        self.close_reason = reason
+        if self._chan is None:
+            self.abort()
+        else:
+            self.close()
+
+    @property
+    def ended(self) -> bool:
+        """The channel side is closed, or was cut before it opened: a pending open must not go on."""
+        return self._chan_closed
 
     def _maybe_finish(self) -> None:
         if not self._finished and self._chan_closed and self._target_closed:
