@@ -28,7 +28,6 @@ Pure: no asyncssh, SQLite, clock or logging. Time arrives on the request.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import TYPE_CHECKING
 import re
 from collections.abc import Mapping
@@ -163,7 +162,7 @@ class TargetRule:
             address = canonical_address(address)
             return self.network.version == address.version and address in self.network
         assert self.name_pattern is not None
-        return isinstance(host, str) and _name_regex(self.name_pattern).fullmatch(host) is not None
+        return isinstance(host, str) and name_matches(self.name_pattern, host)
 
     def expired(self, now: datetime) -> bool:
         return self.expires is not None and now >= self.expires
@@ -273,9 +272,44 @@ def _name_pattern(text: str) -> str:
     return text.rstrip(".").lower()
 
 
-@functools.lru_cache(maxsize=1024)
-def _name_regex(pattern: str) -> re.Pattern[str]:
-    return re.compile("[^.]*".join(re.escape(part) for part in pattern.split("*")))
+def name_matches(pattern: str, name: str) -> bool:
+    """Whether `name` matches the name pattern `pattern`, '*' standing for any run of characters
+    within one label (see `TargetRule`).
+
+    In linear time, whatever the pattern. A regular expression with '[^.]*' per star backtracks
+    through every way of placing the stars: "*a*a*a*a*a*a*a*a*a.corp.test" against a 62-letter
+    label took minutes, on the event loop. Here no placement is ever undone:
+
+    * '*' never crosses a dot, so the name must have as many labels as the pattern, and each label
+      is matched on its own;
+    * within a label the pattern is FIRST*M1*M2*...*LAST: FIRST must start the label and LAST end
+      it, and each middle segment is taken at its leftmost place after the previous one
+      (`str.find`). Leftmost is never worse than any later place -- it leaves the most room for
+      the segments after it -- so if this finds no placement, none exists.
+
+    Each find starts where the previous segment ended, so the finds pass over a label once between
+    them: O(len(label) + len(pattern label)) with CPython's find on typical text, and never more
+    than O(len(label) * len(longest segment)) (labels are at most 63 characters).
+    """
+    pattern_labels = pattern.split(".")
+    labels = name.split(".")
+    return len(pattern_labels) == len(labels) and all(map(_label_matches, pattern_labels, labels))
+
+
+def _label_matches(pattern: str, label: str) -> bool:
+    if "*" not in pattern:
+        return pattern == label
+    first, *middle, last = pattern.split("*")
+    end = len(label) - len(last)
+    if end < len(first) or not label.startswith(first) or not label.endswith(last):
+        return False
+    position = len(first)
+    for segment in middle:
+        found = label.find(segment, position, end)  # must end before LAST begins
+        if found < 0:
+            return False
+        position = found + len(segment)
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,10 @@
 """policy: rule parsing, Policy values and the order of evaluate()."""
 
 import ast
+import fnmatch
+import re
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from ipaddress import IPv4Address, ip_address, ip_network
 from pathlib import Path
@@ -22,6 +26,7 @@ from bastion.policy import (
     UserPolicy,
     evaluate,
     format_time,
+    name_matches,
     parse_ports,
     parse_target_rule,
 )
@@ -424,3 +429,94 @@ def test_policy_module_is_pure():
     assert not imported & {"asyncssh", "sqlite3", "sqlite_utils", "logging", "time", "socket", "os"}
     source = Path(bastion.policy.__file__).read_text()
     assert ".now(" not in source and "utcnow" not in source
+
+
+# ---- name patterns in linear time ---------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("pattern", "name", "expected"),
+    [
+        ("db.corp.test", "db.corp.test", True),
+        ("db.corp.test", "db.corp.tes", False),
+        ("*.corp.test", "pg1.corp.test", True),
+        ("*.corp.test", ".corp.test", True),  # '*' may be empty (parse_host never yields this name)
+        ("*.corp.test", "a.b.corp.test", False),  # never crosses a dot
+        ("*.corp.test", "corp.test", False),
+        ("a*", "a", True),
+        ("*a", "a", True),
+        ("a*a", "a", False),  # first and last may not overlap
+        ("a*a", "aa", True),
+        ("a*b*c", "abc", True),
+        ("a*b*c", "acb", False),
+        ("a*ab*b", "aab", False),
+        ("a*ab*b", "aabb", True),
+        ("*ab*ab*", "abab", True),
+        ("*ab*ab*", "aba", False),
+        ("**", "", True),
+        ("a**b", "ab", True),
+        ("*x*", "axb", True),
+        ("*x*", "ab", False),
+        ("build-*.ci.*.corp", "build-7.ci.eu.corp", True),
+        ("build-*.ci.*.corp", "build-7.ci..corp", True),
+        ("build-*.ci.*.corp", "build-7.ci.eu.west.corp", False),
+    ],
+)
+def test_name_matches(pattern, name, expected):
+    assert name_matches(pattern, name) is expected
+
+
+def star_regex(pattern: str) -> re.Pattern[str]:
+    """The old matcher, kept as the oracle: each '*' a '[^.]*'."""
+    return re.compile("[^.]*".join(re.escape(part) for part in pattern.split("*")))
+
+
+labels = st.text(alphabet="ab*", max_size=6)
+names = st.text(alphabet="ab", max_size=7)
+
+
+@given(st.lists(labels, min_size=1, max_size=3), st.lists(names, min_size=1, max_size=3))
+def test_name_matches_agrees_with_the_star_regex_and_fnmatch(pattern_labels, name_labels):
+    pattern, name = ".".join(pattern_labels), ".".join(name_labels)
+    expected = star_regex(pattern).fullmatch(name) is not None
+    assert name_matches(pattern, name) is expected
+    per_label = len(pattern_labels) == len(name_labels) and all(
+        fnmatch.fnmatchcase(label, glob) for glob, label in zip(pattern_labels, name_labels))
+    assert expected is per_label
+
+
+@given(st.lists(labels, min_size=1, max_size=3), st.data())
+def test_a_name_made_from_a_pattern_matches_it(pattern_labels, data):
+    # fill each star with letters: the result must match (the oracle above rarely draws matches)
+    name = "".join(data.draw(names) if char == "*" else char
+                   for char in ".".join(pattern_labels))
+    assert name_matches(".".join(pattern_labels), name)
+
+
+PATHOLOGICAL_PATTERN = "*a" * 9 + ".corp.test"  # the issue's: over 60 s with the old regex
+PATHOLOGICAL_NAME = "a" * 62 + "b.corp.test"  # one label of 63, a near miss at its end
+
+
+def test_pathological_pattern_returns():
+    # 9 stars took over 60 s on the old regex, and each star about 5-10x more; 32 stars in a
+    # 63-character label is the most a valid pattern can hold. Linear: this just returns.
+    widest = "*a" * 31 + "*" + ".corp.test"
+    assert name_matches(widest, "a" * 62 + "b.corp.test")
+    assert not name_matches("*a" * 31 + "*c.corp.test", "a" * 62 + "b.corp.test")
+    assert not name_matches(PATHOLOGICAL_PATTERN, PATHOLOGICAL_NAME)
+
+
+def test_pathological_grant_does_not_hang_the_decision():
+    """Through the rule the policy holds, in a child process so that a matcher that backtracks
+    fails this test (the child is killed after 60 s) instead of hanging the suite."""
+    code = (
+        "from ipaddress import ip_address\n"
+        "from bastion.policy import parse_target_rule\n"
+        f"rule = parse_target_rule({PATHOLOGICAL_PATTERN + ':22'!r})\n"
+        f"print(rule.matches({PATHOLOGICAL_NAME!r}, ip_address('10.0.0.1'), 22))\n"
+    )
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("matching one name against one pattern ran for over 60 s")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().strip() == "False"
