@@ -13,18 +13,19 @@ language, see the README) checks it without the database.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TextIO
 
 from .audit_chain import (AUDIT_TABLES, CHAIN_TABLE, ChainReport, append, check_events, check_head,
                           read_head, verify_database)
 from .audit_query import open_reader
 from .db import connect, iso
 from .errors import BastionError
+from .safe_files import is_stdout, new_file
 
 EXPORT_FORMAT = "bastion-audit-export"
 _EVENT_FIELDS = ("seq", "time", "kind", "tbl", "row_id", "payload", "prev_hash", "hash")
@@ -120,32 +121,37 @@ def _prune_through(conn: sqlite3.Connection, first: int, through: int, now: str,
 
 
 def export(database: Path, destination: Path, now: datetime) -> dict[str, Any]:
-    """Write the chain to `destination` (atomically: a temporary file, then rename). Returns the trailer."""
+    """Write the chain to `destination`, or to standard output when it is `-`. Returns the trailer.
+
+    A file is new, mode 0600 (it holds every login and target), written whole under a temporary name and only
+    then linked into place: never over an existing file, never through a planted link (safe_files)."""
+    if is_stdout(destination):
+        return _write_export(database, sys.stdout, now)
+    with new_file(Path(destination)) as out:
+        return _write_export(database, out, now)
+
+
+def _write_export(database: Path, out: TextIO, now: datetime) -> dict[str, Any]:
     conn = open_reader(database)
-    temporary = destination.with_name(destination.name + ".part")
     try:
         conn.execute("BEGIN")  # one snapshot: a prune or new rows during the export change nothing in it
         first = conn.execute("SELECT seq, prev_hash FROM audit_events ORDER BY seq LIMIT 1").fetchone()
         count, head_seq, head_hash = 0, 0, None
-        with open(temporary, "w", encoding="utf-8") as out:
-            out.write(json.dumps({
-                "format": EXPORT_FORMAT, "version": 1, "hash": "sha256-chain-v1", "exported_at": iso(now),
-                "source": str(database), "first_seq": first[0] if first else None,
-                "first_prev_hash": first[1] if first else None}) + "\n")
-            cursor = conn.execute(f"SELECT {', '.join(_EVENT_FIELDS)} FROM audit_events ORDER BY seq")
-            for values in cursor:
-                out.write(json.dumps(dict(zip(_EVENT_FIELDS, values)), ensure_ascii=False) + "\n")
-                count, head_seq, head_hash = count + 1, values[0], values[7]
-            trailer = {"end": True, "events": count, "head_seq": head_seq, "head_hash": head_hash}
-            out.write(json.dumps(trailer) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+        out.write(json.dumps({
+            "format": EXPORT_FORMAT, "version": 1, "hash": "sha256-chain-v1", "exported_at": iso(now),
+            "source": str(database), "first_seq": first[0] if first else None,
+            "first_prev_hash": first[1] if first else None}) + "\n")
+        cursor = conn.execute(f"SELECT {', '.join(_EVENT_FIELDS)} FROM audit_events ORDER BY seq")
+        for values in cursor:
+            out.write(json.dumps(dict(zip(_EVENT_FIELDS, values)), ensure_ascii=False) + "\n")
+            count, head_seq, head_hash = count + 1, values[0], values[7]
+        trailer = {"end": True, "events": count, "head_seq": head_seq, "head_hash": head_hash}
+        out.write(json.dumps(trailer) + "\n")
+        out.flush()
         conn.execute("COMMIT")
-        os.replace(temporary, destination)
         return trailer
     finally:
         conn.close()
-        temporary.unlink(missing_ok=True)
 
 
 def verify_export(path: Path) -> ChainReport:

@@ -30,6 +30,7 @@ from .db import utc_now
 from .errors import BastionError
 from .netguard import parse_networks
 from .policy import Policy, UserPolicy, parse_target_rule
+from .safe_files import write_new
 from .service import initialize, serve
 from .ssh_config import ClientSetup, known_hosts_lines, render_ssh_config
 from .store import PublicKey, Store, parse_public_keys
@@ -168,9 +169,7 @@ def prepare(home: Path | None, listen: str | None, key_file: Path | None, user: 
         # The file keeps the default; a --listen applies to this run only, like any flag.
         demo = Config(home=home, listen=DEFAULT_LISTEN,
                       internal_networks=parse_networks(DEMO_INTERNAL_NETWORKS), shutdown_grace_seconds=2)
-        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(CONFIG_HEADER + render_config(demo))
+        write_new(config_path, (CONFIG_HEADER + render_config(demo)).encode())
     config = load_config(home, overrides={"listen": listen}, environ=environ)
     check_loopback_listen(config.listen)
     if config.listen_port == 0:
@@ -188,7 +187,10 @@ def prepare(home: Path | None, listen: str | None, key_file: Path | None, user: 
 
     host_keys = [Path(f"{path}.pub").read_text().strip() for path in config.host_key_paths]
     known_hosts = home / KNOWN_HOSTS_FILE
-    known_hosts.write_text("\n".join(known_hosts_lines(config.listen_host, config.listen_port, host_keys)) + "\n")
+    # The demo's own files, rewritten on every run (the port may change): replaced by rename, never written
+    # through a link someone planted at the name (safe_files).
+    known_hosts_text = "\n".join(known_hosts_lines(config.listen_host, config.listen_port, host_keys)) + "\n"
+    write_new(known_hosts, known_hosts_text.encode(), 0o644, replace=True)
     private_key = key_path.with_suffix("") if key_path.suffix == ".pub" else None
     setup = ClientSetup(
         user=name,
@@ -198,7 +200,8 @@ def prepare(home: Path | None, listen: str | None, key_file: Path | None, user: 
         known_hosts_file=str(known_hosts.resolve()),
     )
     ssh_config = home / SSH_CONFIG_FILE
-    ssh_config.write_text(render_ssh_config(setup, policy, host_keys, utc_now(), "`bastion quickstart`"))
+    ssh_config_text = render_ssh_config(setup, policy, host_keys, utc_now(), "`bastion quickstart`")
+    write_new(ssh_config, ssh_config_text.encode(), 0o644, replace=True)
     return Demo(config=config, user=name, key=keys[0], key_file=key_path, echo_port=echo_port,
                 ssh_config=ssh_config)
 

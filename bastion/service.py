@@ -22,6 +22,7 @@ from .control import serve_lock, start_control_server
 from .db import utc_now
 from .policy import Policy, next_expiry
 from .context import PolicyCache, ServerContext
+from .safe_files import write_new
 from .sshd import GatewayConnection
 from .store import Store
 
@@ -47,7 +48,8 @@ def initialize(config: Config) -> list[str]:
         algorithm, options = HOST_KEY_ALGORITHMS[path.name]
         key = asyncssh.generate_private_key(algorithm, comment="bastion host key", **options)
         _write_private(path, key.export_private_key("openssh"))
-        path.with_name(path.name + ".pub").write_bytes(key.export_public_key("openssh"))
+        # replaced if a stale one is there, never written through a link (safe_files)
+        write_new(path.with_name(path.name + ".pub"), key.export_public_key("openssh"), 0o644, replace=True)
         created.append(str(path))
     new_database = not config.database.exists()
     Store(config.database).close()  # creates and migrates

@@ -15,6 +15,7 @@ from ..config import Config
 from ..db import utc_now
 from ..errors import BastionError
 from ..netguard import TargetError, parse_host
+from ..safe_files import is_stdout, new_file
 from ..ssh_config import ClientSetup, known_hosts_lines, render_ssh_config, split_public_name
 from .common import config_of, configure_logging, home_of, human_bytes, open_store, print_json
 
@@ -57,19 +58,21 @@ def ssh_config(
                                                    help="Pin the bastion's keys in this file instead of "
                                                    "~/.ssh/known_hosts (a path on the user's machine)."),
     known_hosts: bool = typer.Option(False, "--known-hosts", help="Print only the known_hosts lines."),
+    output: Path = typer.Option(Path("-"), "--output", "-o", help="Write to this new file (never over an existing "
+                                "one, never through a link) instead of standard output (-)."),
 ) -> None:
     """Print a ready ~/.ssh/config block for user NAME, with the bastion's known_hosts lines.
 
     `Host bastion`, ProxyJump for every target NAME may reach on port 22, and the bastion's host keys as
     known_hosts lines, so the first connection needs no trust-on-first-use.
 
-    Example: bastion ssh-config alice --host bastion.example.com --identity-file ~/.ssh/id_ed25519
+    Example: bastion ssh-config alice --host bastion.example.com --identity-file ~/.ssh/id_ed25519 -o alice.conf
     """
     config = config_of(ctx)
     host, port = _public_address(config, host, port)
     host_keys = host_public_keys(config)
     if known_hosts:
-        typer.echo("\n".join(known_hosts_lines(host, port, host_keys)))
+        _hand_out("\n".join(known_hosts_lines(host, port, host_keys)) + "\n", output)
         return
     with open_store(ctx) as store:
         _, policy = store.load_policy()
@@ -82,7 +85,17 @@ def ssh_config(
         text = render_ssh_config(setup, policy, host_keys, utc_now())
     except ValueError as exc:
         raise BastionError(str(exc)) from None
-    typer.echo(text, nl=False)
+    _hand_out(text, output)
+
+
+def _hand_out(text: str, output: Path) -> None:
+    """`text` on standard output, or as a new file (0644: a config to hand out, no secret in it)."""
+    if is_stdout(output):
+        typer.echo(text, nl=False)
+        return
+    with new_file(output, 0o644) as handle:
+        handle.write(text)
+    typer.echo(f"wrote {output}")
 
 
 def _public_address(config: Config, host: str | None, port: int | None) -> tuple[str, int]:
@@ -151,19 +164,21 @@ def quickstart(
 
 def backup(
     ctx: typer.Context,
-    dest: Path = typer.Argument(..., help="A new file, or a directory to put bastion-YYYYMMDDTHHMMSSZ.db in."),
+    dest: Path = typer.Argument(..., help="A new file, a directory to put bastion-YYYYMMDDTHHMMSSZ.db in, or - "
+                                          "for standard output."),
 ) -> None:
     """Back up the database (users, keys, policy, audit) while the server runs.
 
-    Uses SQLite's online backup; the copy is written 0600, never over an existing file. Host keys are
-    not included; copy them once.
+    Uses SQLite's online backup; the copy is written 0600, never over an existing file and never through a
+    symbolic link. Host keys are not included; copy them once.
 
-    Example: bastion backup /var/backups/bastion/
+    Example: bastion backup /var/backups/bastion/    |    bastion backup - | ssh vault 'cat > bastion.db'
     """
     config = config_of(ctx)
     result = backup_database(config.database, dest)
-    typer.echo(f"backed up {config.database} to {result.path} ({human_bytes(result.size)}, "
-               f"{result.users} users, {result.audit_rows} audit rows)")
+    where = "standard output" if is_stdout(dest) else result.path
+    typer.echo(f"backed up {config.database} to {where} ({human_bytes(result.size)}, "
+               f"{result.users} users, {result.audit_rows} audit rows)", err=is_stdout(dest))
 
 
 def register(app: typer.Typer) -> None:

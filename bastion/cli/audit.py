@@ -17,6 +17,7 @@ from ..audit_retention import export as export_chain, prune as prune_chain, veri
 from ..db import utc_now
 from ..errors import BastionError
 from ..printable import printable
+from ..safe_files import is_stdout
 from . import audit_output as output
 from .common import config_of, err_console, human_bytes, print_json
 
@@ -297,14 +298,17 @@ def prune(
 @_reported
 def export(
     ctx: typer.Context,
-    file: Path = typer.Argument(..., help="Where to write the export (JSON lines)."),
+    file: Path = typer.Argument(..., help="A new file to write the export to (JSON lines, mode 0600; never "
+                                          "over an existing file), or - for standard output."),
 ) -> None:
     """Write the hash chain to a self-contained file that `verify --file` checks anywhere.
 
     Every change, each with its row's full state, as JSON lines; no database needed to check it.
 
-    Example: bastion audit export /srv/archive/bastion-audit-2026-11.jsonl
+    Example: bastion audit export /srv/archive/bastion-audit-2026-11.jsonl    |    bastion audit export - | gzip
     """
     trailer = export_chain(config_of(ctx).database, file, utc_now())
-    typer.echo(f"exported {trailer['events']} events to {file}; head {trailer['head_seq']}:{trailer['head_hash']}")
+    where = "standard output" if is_stdout(file) else file
+    typer.echo(f"exported {trailer['events']} events to {where}; head {trailer['head_seq']}:{trailer['head_hash']}",
+               err=is_stdout(file))  # with -, standard output is the export alone
 
