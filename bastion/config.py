@@ -34,6 +34,9 @@ class Config:
     max_auth_tries: int = 6
     connect_timeout: float = 10.0
     resolve_timeout: float = 5.0
+    # zlib@openssh.com after login. Off: it rarely pays on a jump host, and inflating costs the server CPU
+    # (when on, each packet is bounded by the packet limit, see zlib_limit.py).
+    compression: bool = False
     # On SIGTERM, open tunnels get this long to finish before connections are closed.
     shutdown_grace_seconds: float = 10.0
     # Before authentication (like sshd's MaxStartups and PerSourcePenalties).
@@ -95,6 +98,8 @@ def split_listen(text: str) -> tuple[str, int]:
 _FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "home"}
 _SECONDS = {name for name, f in _FIELDS.items() if f.type == "float"}
 _COUNTS = {name for name, f in _FIELDS.items() if f.type == "int"}
+_FLAGS = {name for name, f in _FIELDS.items() if f.type == "bool"}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 _ZERO_MEANS_OFF = {"shutdown_grace_seconds", "unused_timeout_seconds", "max_session_seconds", "keepalive_interval"}
 
 
@@ -112,6 +117,12 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 raise ValueError("must be a string HOST:PORT")
             split_listen(value)
             return value
+        if name in _FLAGS:
+            if isinstance(value, bool):
+                return value
+            if str(value).strip().lower() in _TRUE + _FALSE:
+                return str(value).strip().lower() in _TRUE
+            raise ValueError("must be true or false")
         if name in _SECONDS:
             if isinstance(value, bool):
                 raise ValueError("must be a number of seconds")
@@ -194,6 +205,8 @@ def render_config(config: Config) -> str:
         f"max_auth_tries = {config.max_auth_tries}\n"
         f"connect_timeout = {config.connect_timeout:g}\n"
         f"resolve_timeout = {config.resolve_timeout:g}\n"
+        "# zlib@openssh.com compression after login (each packet bounded by the packet limit).\n"
+        f"compression = {'true' if config.compression else 'false'}\n"
         f"shutdown_grace_seconds = {config.shutdown_grace_seconds:g}\n"
         f'log_level = "{config.log_level}"\n'
         f'public_name = "{config.public_name}"\n'

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from typing import Any, NoReturn
 
 from bastion import toml_input
+from bastion.algorithms import describe_key, weak_key_reason
 from bastion.listen_policy import ListenRule, parse_listen_rule
 from bastion.policy import (
     NAME_HINT,
@@ -56,6 +57,10 @@ _TIME_HINT = "a TOML date-time with a timezone such as 2027-01-31T00:00:00Z"
 
 class PolicyFileError(ValueError):
     """A policy file or stored policy is invalid; the message starts with "FILE:LINE:"."""
+
+
+class WeakKeyError(PolicyError):
+    """A well-formed key too weak to log in with (algorithms.weak_key_reason)."""
 
 
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
@@ -104,6 +109,9 @@ def check_key_line(line: str) -> str:
     length = int.from_bytes(blob[:4], "big")
     if blob[4:4 + length] != key_type.encode():
         raise PolicyError(f"{key_type} key data does not start with its type; is it truncated?")
+    weakness = weak_key_reason(blob)
+    if weakness:
+        raise WeakKeyError(f"{describe_key(blob, parts[2] if len(parts) > 2 else '')}: {weakness}")
     return line
 
 
@@ -351,8 +359,9 @@ class _FileReader:
             try:
                 check_key_line(line)
             except PolicyError as err:
-                self._fail(f"{path}: key {number}: {err}; expected a line from an id_*.pub file",
-                           *where, "keys", line[:60])
+                hint = ("use an Ed25519 key (ssh-keygen -t ed25519)" if isinstance(err, WeakKeyError)
+                        else "expected a line from an id_*.pub file")
+                self._fail(f"{path}: key {number}: {err}; {hint}", *where, "keys", line[:60])
         return tuple(value)
 
     def _fail(self, message: str, *needles: str) -> NoReturn:

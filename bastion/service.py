@@ -12,7 +12,7 @@ from pathlib import Path
 
 import asyncssh
 
-from . import __version__, asyncssh_fastpath, event_loop, quickack
+from . import __version__, algorithms, asyncssh_fastpath, event_loop, kex_guess, quickack, zlib_limit
 from .audit import AuditLog
 from .config import Config, load_config, render_config
 from .errors import BastionError, ConfigError
@@ -22,7 +22,6 @@ from .control import serve_lock, start_control_server
 from .db import utc_now
 from .policy import Policy, next_expiry
 from .context import PolicyCache, ServerContext
-from .safe_files import write_new
 from .sshd import GatewayConnection
 from .store import Store
 
@@ -48,8 +47,7 @@ def initialize(config: Config) -> list[str]:
         algorithm, options = HOST_KEY_ALGORITHMS[path.name]
         key = asyncssh.generate_private_key(algorithm, comment="bastion host key", **options)
         _write_private(path, key.export_private_key("openssh"))
-        # replaced if a stale one is there, never written through a link (safe_files)
-        write_new(path.with_name(path.name + ".pub"), key.export_public_key("openssh"), 0o644, replace=True)
+        path.with_name(path.name + ".pub").write_bytes(key.export_public_key("openssh"))
         created.append(str(path))
     new_database = not config.database.exists()
     Store(config.database).close()  # creates and migrates
@@ -110,6 +108,9 @@ class Gateway:
     async def start(self) -> None:
         asyncssh_fastpath.apply()
         quickack.apply()
+        kex_guess.apply()  # RFC 4253's rule for a guessed kex packet (dropbear's dbclient guesses)
+        zlib_limit.apply()  # when compression is on, no packet inflates beyond the packet limit
+        algorithms.apply()  # user-auth signatures held to the server's signature_algs (no ssh-rsa/SHA-1)
         host_keys = load_host_keys(self.config)
         self.audit.start(recover=self.worker is None)  # with workers, the supervisor recovered once
         try:
@@ -127,7 +128,10 @@ class Gateway:
             lambda: GatewayConnection(self.context),
             self.config.listen_host,
             self.config.listen_port,
-            server_host_keys=host_keys,
+            # Host keys as pairs that sign with ssh-ed25519 and rsa-sha2-* only, and explicit lists: nothing
+            # weaker than OpenSSH 9.x (algorithms.py).
+            server_host_keys=algorithms.host_key_pairs(host_keys),
+            **algorithms.server_options(compression=self.config.compression),
             server_version=f"bastion_{__version__}",
             login_timeout=self.config.login_grace_seconds,
             password_auth=False,

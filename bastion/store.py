@@ -26,8 +26,11 @@ class PublicKey:
 
 
 def parse_public_keys(text: str, source: str = "key") -> list[PublicKey]:
-    """Every key line of an OpenSSH public key file; blank and '#' lines are skipped."""
+    """Every key line of an OpenSSH public key file; blank and '#' lines are skipped. A key too weak to log
+    in with (DSA, RSA under 2048 bits: algorithms.weak_key_reason) is an error naming it."""
     import asyncssh  # here, not at the top: the CLI should not pay for it on every command
+
+    from .algorithms import describe_key, weak_key_reason
 
     keys = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -38,6 +41,10 @@ def parse_public_keys(text: str, source: str = "key") -> list[PublicKey]:
             key = asyncssh.import_public_key(line)
         except (asyncssh.KeyImportError, ValueError) as exc:
             raise StoreError(f"{source}:{number}: not an OpenSSH public key ({exc})") from None
+        weakness = weak_key_reason(key)
+        if weakness:
+            raise StoreError(f"{source}:{number}: {describe_key(key.public_data, key.get_comment() or '')}: "
+                             f"{weakness}")
         keys.append(
             PublicKey(
                 fingerprint=key.get_fingerprint("sha256"),
