@@ -5,7 +5,7 @@ newline in one of them forges a log line ("...\\n2026-01-01 INFO bastion.sshd: [
 in...") and an escape sequence ("\\x1b[2J") is run by the terminal of the admin reading `bastion audit
 channels`. So every line meant for a person (log records, tables, `audit follow`, the banner) goes through
 `printable`; output meant for programs (JSON, JSON lines, CSV) keeps the exact stored value, which its own
-quoting makes safe.
+quoting makes safe (JSON text through `json_escaped`, so not even a C1 control or U+2028 is left raw).
 
 Escapes look like Python's: "\\n", "\\t", "\\x1b", "\\u2028", "\\U000e0001" (what `repr` writes, without the
 quotes). Backslashes themselves are left alone, so text that already is a repr (a `%r` in a log message)
@@ -27,6 +27,24 @@ def printable(text: str) -> str:
     if text.isprintable():  # the common case, checked in C
         return text
     return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def json_escaped(text: str) -> str:
+    """JSON text written with `ensure_ascii=False` (readable names), with the non-printable characters json
+    leaves raw (DEL, C1 controls such as CSI U+009B, U+2028, format characters) written as \\uXXXX escapes: the
+    same JSON value, but nothing in it acts on a terminal or splits a line for a reader that honours U+2028 or
+    NEL. A raw newline in JSON text is structure (indentation), never string content, and stays."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() or char == "\n" else _json_escape(char) for char in text)
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # outside the BMP: a UTF-16 surrogate pair, as JSON spells it
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def _escape(char: str) -> str:

@@ -3,7 +3,8 @@ stored values for programs (streamed, so a million rows never sit in memory).
 
 What a person reads (table cells, `audit follow` lines) passes through `cell`/`printable`: user names, client
 versions and target hosts are the client's choice, and a newline or an escape sequence in one must not reach the
-admin's terminal. Programs get the exact values; JSON and CSV quote them."""
+admin's terminal. Programs get the exact values; JSON and CSV quote them (JSON escapes every non-printable
+character: `json_escaped`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Iterable
 from rich.console import Console
 from rich.table import Table
 
-from ..printable import printable
+from ..printable import json_escaped, printable
 from .common import human_bytes
 
 # what a person wants to see per table; programs get every stored column
@@ -138,14 +139,14 @@ def write_json(rows: Iterable[Any]) -> None:
     out = sys.stdout
     first = True
     for row in rows:
-        out.write(("[\n  " if first else ",\n  ") + json.dumps(row, default=str, ensure_ascii=False))
+        out.write(("[\n  " if first else ",\n  ") + json_escaped(json.dumps(row, default=str, ensure_ascii=False)))
         first = False
     out.write("[]\n" if first else "\n]\n")
 
 
 def write_jsonl(rows: Iterable[Any]) -> None:
     for row in rows:
-        sys.stdout.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
+        sys.stdout.write(json_escaped(json.dumps(row, default=str, ensure_ascii=False)) + "\n")
         sys.stdout.flush()
 
 

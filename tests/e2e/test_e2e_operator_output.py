@@ -78,7 +78,9 @@ def test_client_strings_are_escaped_for_people_and_exact_for_programs(testbed, s
     assert "paramiko\\x1b]0;owned\\x07\\x1b[2J" in timeline
     assert_shown_safely(timeline, "audit show")
 
-    # 5. programs get the exact values
+    # 5. programs get the exact values, JSON-escaped: the JSON text itself holds nothing raw either
+    raw_json = bastion.cli("audit", "channels", "--json").stdout.decode()
+    assert all(line.isprintable() for line in raw_json.split("\n")) and "\\u2028" in raw_json
     assert [row["target_host"] for row in bastion.audit("channels", in_process=False)] == [EVIL_HOST]
     assert session["client_version"] == f"SSH-2.0-{EVIL_VERSION}"
     followed = bastion.cli("audit", "follow", "--since", "1h", "--table", "channels", "--limit", "1",

@@ -4,12 +4,13 @@ server's log formatter keeps every record on its own line."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import pytest
 from hypothesis import given, strategies as st
 
-from bastion.printable import PrintableFormatter, printable
+from bastion.printable import PrintableFormatter, json_escaped, printable
 
 
 @pytest.mark.parametrize("text, shown", [
@@ -39,6 +40,23 @@ def test_printable_output_is_always_printable_and_printable_text_unchanged(text)
     if text.isprintable():
         assert shown == text
     assert printable(shown) == shown  # escaping twice changes nothing more
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+                           max_leaves=12)
+
+
+@given(JSON_VALUES, st.sampled_from([None, 2]))
+def test_json_escaped_is_the_same_value_with_nothing_raw(value, indent):
+    text = json_escaped(json.dumps(value, ensure_ascii=False, indent=indent))
+    assert json.loads(text) == value
+    assert all(line.isprintable() for line in text.split("\n"))
+
+
+def test_json_escaped_keeps_readable_names_and_escapes_what_json_leaves_raw():
+    text = json_escaped(json.dumps({"host": "évian\x9b2J\u2028\x7f\U000e0001"}, ensure_ascii=False))
+    assert text == '{"host": "évian\\u009b2J\\u2028\\u007f\\udb40\\udc01"}'
 
 
 def test_formatter_keeps_each_record_on_one_line_and_escapes_tracebacks():
