@@ -98,7 +98,8 @@ def server_options(compression: bool) -> dict[str, Any]:
 
 
 def host_key_pairs(keys: Sequence[asyncssh.SSHKey]) -> list[asyncssh.SSHKeyPair]:
-    """The host keys as key pairs that sign only with HOST_KEY_ALGORITHMS.
+    """The host keys as key pairs that sign only with HOST_KEY_ALGORITHMS; ConfigError for a host key that
+    is too weak (the user-key rule) or cannot sign with any of them.
 
     A server's host-key algorithms are not an option of asyncssh's server (`server_host_key_algs` is the
     client's): it offers every algorithm each loaded key pair lists in `host_key_algorithms`, for an RSA
@@ -106,11 +107,18 @@ def host_key_pairs(keys: Sequence[asyncssh.SSHKey]) -> list[asyncssh.SSHKeyPair]
     `sig_algorithms` goes with it so that nothing signs with SHA-1 by default either."""
     import asyncssh
 
+    from .errors import ConfigError
+
     pairs = []
-    for pair in asyncssh.load_keypairs(list(keys)):
+    for key, pair in zip(keys, asyncssh.load_keypairs(list(keys))):
+        where = f"{key.get_filename().decode() if key.get_filename() else 'host key'}"
+        weakness = weak_key_reason(pair.key_public_data)
+        if weakness:
+            raise ConfigError(f"{where}: host key {describe_key(pair.key_public_data)}: {weakness}")
         allowed = tuple(alg for alg in pair.host_key_algorithms if alg.decode() in HOST_KEY_ALGORITHMS)
         if not allowed:
-            raise ValueError(f"host key {pair.get_algorithm()} cannot sign with any of {', '.join(HOST_KEY_ALGORITHMS)}")
+            raise ConfigError(f"{where}: host key {describe_key(pair.key_public_data)} cannot sign with any of "
+                              f"{', '.join(HOST_KEY_ALGORITHMS)}")
         pair.host_key_algorithms = allowed
         pair.sig_algorithms = allowed
         pairs.append(pair)

@@ -111,7 +111,9 @@ class Gateway:
         kex_guess.apply()  # RFC 4253's rule for a guessed kex packet (dropbear's dbclient guesses)
         zlib_limit.apply()  # when compression is on, no packet inflates beyond the packet limit
         algorithms.apply()  # user-auth signatures held to the server's signature_algs (no ssh-rsa/SHA-1)
-        host_keys = load_host_keys(self.config)
+        # Host keys as pairs that sign with ssh-ed25519 and rsa-sha2-* only (algorithms.py); a weak one is
+        # refused here, before anything is started.
+        host_keys = algorithms.host_key_pairs(load_host_keys(self.config))
         self.audit.start(recover=self.worker is None)  # with workers, the supervisor recovered once
         try:
             self._server = await self._listen(host_keys)
@@ -123,14 +125,13 @@ class Gateway:
         self._control = await start_control_server(self.config.home, self.handle_control, self.worker)
         await self.context.policy.current()  # loads the policy and schedules the first expiry
 
-    async def _listen(self, host_keys: list[asyncssh.SSHKey]) -> asyncio.AbstractServer:
+    async def _listen(self, host_keys: list[asyncssh.SSHKeyPair]) -> asyncio.AbstractServer:
         return await asyncssh.create_server(
             lambda: GatewayConnection(self.context),
             self.config.listen_host,
             self.config.listen_port,
-            # Host keys as pairs that sign with ssh-ed25519 and rsa-sha2-* only, and explicit lists: nothing
-            # weaker than OpenSSH 9.x (algorithms.py).
-            server_host_keys=algorithms.host_key_pairs(host_keys),
+            server_host_keys=host_keys,
+            # explicit lists: nothing weaker than OpenSSH 9.x (algorithms.py)
             **algorithms.server_options(compression=self.config.compression),
             server_version=f"bastion_{__version__}",
             login_timeout=self.config.login_grace_seconds,

@@ -72,8 +72,16 @@ def test_host_keys_sign_without_sha1():
     pairs = algorithms.host_key_pairs([ed25519, rsa])
     assert [pair.host_key_algorithms for pair in pairs] == [(b"ssh-ed25519",), (b"rsa-sha2-256", b"rsa-sha2-512")]
     assert b"ssh-rsa" not in pairs[1].sig_algorithms
-    with pytest.raises(ValueError, match="cannot sign"):
+    with pytest.raises(ConfigError, match="cannot sign"):
         algorithms.host_key_pairs([asyncssh.generate_private_key("ecdsa-sha2-nistp256")])
+
+
+def test_a_weak_host_key_is_refused_naming_its_file(tmp_path):
+    line, fingerprint = keygen(tmp_path, "rsa", 1024)
+    key = asyncssh.read_private_key(tmp_path / "id_rsa_1024")
+    with pytest.raises(ConfigError) as refused:
+        algorithms.host_key_pairs([key])
+    assert str(refused.value).startswith(f"{tmp_path / 'id_rsa_1024'}: host key ssh-rsa {fingerprint}: RSA keys need")
 
 
 def test_server_options_offer_nothing_weaker_than_openssh():
