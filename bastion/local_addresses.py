@@ -62,6 +62,10 @@ def is_local_address(address: IPAddress) -> bool:
     address = canonical_address(address)
     if address.is_multicast:
         return False  # a group, not a host: TCP cannot connect to it (and IPv4 bind() accepts it)
+    if address.is_loopback:
+        # bind() accepts all of 127.0.0.0/8, but only the addresses on `lo` are where the bastion's own
+        # services listen (127.0.0.1, ::1); an operator who opened loopback may mean 127.0.0.2
+        return address in interface_addresses()
     if address.version == 6 and address.is_link_local:
         # It means something only on one link, and bind() wants to know which (EINVAL without
         # one): ask on every interface.

@@ -220,8 +220,8 @@ class NetGuard:
     "127.0.0.0/8" or "127.0.0.2/32" opens those on purpose.
 
     `is_local` is asked last, only about an address every other check let through, so a refusal
-    costs no question to the host; an address inside an opened loopback or unspecified range is
-    not asked about (the operator opened it knowing it is this host). When `is_local` raises
+    costs no question to the host. Opening a loopback range does not open the bastion's own
+    addresses inside it (127.0.0.1): only listing one exactly does. When `is_local` raises
     OSError the address is refused: nobody could tell whether it is this host.
     """
 
@@ -242,18 +242,15 @@ class NetGuard:
         exact = self._opened(addr, addr.max_prefixlen)
         if addr in self.own_addresses and not exact:
             return f"{addr} is the bastion's own address"
-        self_range = False  # loopback or unspecified, opened on purpose: known to be this host
         for special, reason in _SELF_RANGES:
-            if _contains(special, addr):
-                if not self._opened(addr, special.prefixlen):
-                    return f"{addr} {reason}"
-                self_range = True
+            if _contains(special, addr) and not self._opened(addr, special.prefixlen):
+                return f"{addr} {reason}"
         if not any(_contains(network, addr) for network in self.internal_networks):
             return f"{addr} is not in an internal network"
         for special, reason in _SPECIAL_RANGES:
             if _contains(special, addr) and not self._opened(addr, special.prefixlen):
                 return f"{addr} {reason}"
-        if self.is_local is not None and not exact and not self_range:
+        if self.is_local is not None and not exact:
             try:
                 local = self.is_local(addr)
             except OSError:

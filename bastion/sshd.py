@@ -17,6 +17,7 @@ from typing import Any
 import asyncssh
 
 from . import asyncssh_fastpath
+from .algorithms import weak_key_reason
 from .audit import AUDIT_DOWN, AuditUnavailable, SessionRecord
 from .banner import BannerSession
 from .db import utc_now
@@ -227,7 +228,8 @@ class GatewayConnection(asyncssh.SSHServer):
         fingerprint = key.get_fingerprint("sha256")
         if fingerprint in self._keys:
             assert self._login_policy is not None
-            reason = login_refusal(self._login_policy, self.user, fingerprint, frozenset(self._keys), utc_now())
+            reason = weak_key_reason(key) or login_refusal(self._login_policy, self.user, fingerprint,
+                                                           frozenset(self._keys), utc_now())
             if reason is None:
                 if not self.ctx.audit.healthy:
                     self._refuse_unaudited(fingerprint)

@@ -610,7 +610,6 @@ def test_is_local_decides_own_addresses(networks, address, reason):
         (None, "127.0.0.1"),  # loopback
         (None, "fd00:ec2::254"),  # metadata
         (["0.0.0.0/0"], "169.254.169.254"),  # link-local
-        (["127.0.0.0/8"], "127.0.0.2"),  # loopback opened on purpose: known to be this host
         (["10.99.0.9/32"], "10.99.0.9"),  # listed exactly
     ],
 )
@@ -620,6 +619,15 @@ def test_is_local_is_not_asked_when_the_answer_cannot_matter(networks, address):
                      **({} if networks is None else {"internal_networks": parse_networks(networks)}))
     guard.refusal(ip_address(address))
     assert host.asked == []
+
+
+def test_opening_loopback_does_not_open_the_bastions_own_loopback_address():
+    host = FakeHost("127.0.0.1", "::1")
+    guard = NetGuard(is_local=host.is_local, internal_networks=parse_networks(["127.0.0.0/8"]))
+    assert guard.refusal(ip_address("127.0.0.1")) == "127.0.0.1 is the bastion's own address"
+    assert guard.refusal(ip_address("127.0.0.2")) is None
+    exact = NetGuard(is_local=host.is_local, internal_networks=parse_networks(["127.0.0.1/32"]))
+    assert exact.refusal(ip_address("127.0.0.1")) is None
 
 
 def test_is_local_is_asked_once_about_the_canonical_address():
