@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -231,8 +232,12 @@ class Gateway:
         except BastionError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
-        if config.listen != self.config.listen:
-            log.warning("listen address changes need a restart; keeping %s", self.config.listen)
+        # The listener was made with these; a new value takes effect at the next start, not now.
+        for key in ("listen", "compression", "workers", "event_loop"):
+            running = getattr(self.config, key)
+            if getattr(config, key) != running:
+                log.warning("%s changes need a restart; keeping %s", key, running)
+                config = dataclasses.replace(config, **{key: running})
         self.config = config
         self.context.config = config
         self.context.guard = make_guard(config)

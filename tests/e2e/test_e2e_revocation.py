@@ -126,3 +126,13 @@ def test_sighup_reloads_config_and_refuses_a_broken_one(bastion, ssh):
     bastion.send_signal(signal.SIGHUP)
     wait_until(lambda: "reload refused" in bastion.log(), 5, "broken reload refused")
     assert ssh.stdio_forward(LAN_ADDR, ECHO_PORT, input=b"still up\n").stdout == b"still up\n"
+
+
+def test_sighup_keeps_what_only_a_restart_changes(bastion, ssh):
+    bastion.set_config(compression=True, connect_timeout=3)
+    bastion.send_signal(signal.SIGHUP)
+    wait_until(lambda: "configuration reloaded" in bastion.log(), 5, "reload logged")
+    assert "compression changes need a restart; keeping False" in bastion.log()
+    result = ssh.run("-vvv", "-o", "Compression=yes", "-W", f"{LAN_ADDR}:{ECHO_PORT}", "bastion", input=b"x\n")
+    assert result.stdout == b"x\n"
+    assert result.stderr.count(b"compression: none") == 2, result.stderr  # client->server and server->client
