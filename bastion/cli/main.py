@@ -77,11 +77,15 @@ def serve(
 
     Example: bastion --home ./demo serve --listen 127.0.0.1:2222 --workers 2
     """
+    from ..control import serve_lock
     from ..service import initialize, run
 
     os.umask(0o077)
     config = config_of(ctx, listen=listen, workers=workers)
     configure_logging(config.log_level)
+    if config.home.is_dir():
+        with serve_lock(config.home):  # refuse before initialize() may migrate a live server's database
+            pass
     for path in initialize(config):
         logging.getLogger("bastion").info("created %s", path)
     raise typer.Exit(run(config))

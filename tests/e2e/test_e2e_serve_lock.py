@@ -60,3 +60,12 @@ def test_with_workers_the_supervisor_holds_the_lock_for_all_of_them(bastion):
     assert f"already running (pid {bastion.proc.pid})" in refused.stderr.decode()
     assert live_users(bastion) == []  # both workers still answer
     assert bastion.stop(signal.SIGTERM, timeout=20) == 0
+
+
+def test_a_refused_serve_touches_nothing_in_the_home(bastion):
+    # initialize() would write a missing config.toml (and migrate the database): it must not run at all
+    (bastion.home / "config.toml").rename(bastion.home.parent / "config.toml.aside")
+    refused = second_serve(bastion)
+    assert refused.returncode != 0 and b"already running" in refused.stderr
+    assert not (bastion.home / "config.toml").exists(), "the refused serve initialized the live home"
+    (bastion.home.parent / "config.toml.aside").rename(bastion.home / "config.toml")
