@@ -2,7 +2,11 @@
 
 We own it instead of asyncssh's built-in forwarder so that close semantics are ours:
 - connect to the target before the channel is confirmed (see `connect_target`);
-- backpressure both ways: when one side's write buffer is full, stop reading from the other;
+- backpressure both ways: when one side's write buffer is full, stop reading from the other. Toward the
+  client that is two buffers: the channel's (bounded by the window, which the client chooses, up to 4 GiB)
+  and the SSH connection's transport, which every channel of the connection writes to. A target is read
+  only while both are below their high-water marks (`SendGate`), so what the bastion holds for a client
+  that stops reading is bounded whatever window it announced;
 - half-close: EOF from either side is passed on as EOF, and the tunnel closes once both sides
   have sent EOF, or as soon as either side goes away for good;
 - nothing the target sends before the channel is confirmed is lost: it is held (and reading paused
@@ -17,6 +21,7 @@ We own it instead of asyncssh's built-in forwarder so that close semantics are o
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import socket
 from typing import Callable
 
@@ -31,6 +36,90 @@ from .netguard import IPAddress
 # are left alone: arming costs a system call, and an interactive sshd sets TCP_NODELAY itself.
 HANDSHAKE_READS = 32
 SMALL_READ = 16 * 1024
+
+# What the SSH connection's transport may hold before its tunnels stop reading their targets, and where they
+# start again. Far below any window a client may announce; above what one read from a target adds (256 KiB
+# at most, on either loop), so that a connection whose client reads at full speed always has the next
+# read's worth queued behind what the kernel holds (bench/run.py's bulk figures, A/B: within noise). A
+# connection holds at most SEND_HIGH_WATER plus one read per tunnel that was reading when it went over.
+SEND_HIGH_WATER = 512 * 1024
+SEND_LOW_WATER = 128 * 1024
+
+
+class SendGate:
+    """The target legs of one SSH connection that wait for its transport's write buffer to drain.
+
+    asyncssh ignores its transport's flow control (SSHConnection.pause_writing and resume_writing do
+    nothing), so a channel whose client announced a large window writes into that buffer without limit.
+    A tunnel checks the buffer's size after each write of a target's read, and waits here above the
+    high-water mark; the transport's resume_writing, at the low-water mark, sends the waiting ones back to
+    reading. Level, not edge: the transport has been told our marks, so a buffer above the high-water mark
+    means the transport is paused and will call resume_writing, whatever happened before the gate existed."""
+
+    __slots__ = ("transport", "waiting", "held")
+
+    def __init__(self, transport: asyncio.WriteTransport):
+        self.transport = transport
+        self.waiting: list[Tunnel] = []
+        self.held = False  # a tunnel has waited here: the buffer was above the mark (see HeapTrim)
+        transport.set_write_buffer_limits(SEND_HIGH_WATER, SEND_LOW_WATER)
+
+    @classmethod
+    def of(cls, conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection) -> "SendGate | None":
+        """The connection's gate, made by its first tunnel; None if the connection has no transport any more."""
+        gate = conn.__dict__.get("_bastion_send_gate")
+        if gate is None:
+            transport = conn._transport  # asyncssh keeps it private; the fast path writes to it too
+            if transport is None:
+                return None
+            gate = conn._bastion_send_gate = cls(transport)
+            # the transport calls its protocol's resume_writing: the connection itself, or, after login
+            # with the fast path, its _InPlaceReader, which calls the connection's; both find this
+            conn.resume_writing = gate.resume_writing
+        return gate
+
+    def full(self) -> bool:
+        return self.transport.get_write_buffer_size() > SEND_HIGH_WATER
+
+    def resume_writing(self) -> None:
+        """The transport drained to the low-water mark: the waiting tunnels read their targets again."""
+        waiting, self.waiting = self.waiting, []
+        for tunnel in waiting:
+            tunnel._waiting = False
+            tunnel._resume_target()
+
+
+class HeapTrim:
+    """Hands freed heap memory back to the system a moment after a tunnel whose connection held a full
+    buffer has closed.
+
+    What a transport buffered is a heap of 32 KiB packets; glibc keeps the pages once they are freed, so
+    the process stays as large as its busiest moment (40 stalled connections: +31 MiB while held, +13 MiB
+    still resident after they all left; with malloc_trim, +0.5 MiB). A trim walks the heap (a few ms at
+    that size), so it runs at most once per TRIM_DELAY, and only after tunnels that were held. One per
+    process: the heap is."""
+
+    TRIM_DELAY = 1.0
+
+    def __init__(self) -> None:
+        self._pending = False
+        try:
+            self._trim = ctypes.CDLL(None).malloc_trim  # glibc only; elsewhere nothing is trimmed
+        except (OSError, AttributeError):
+            self._trim = None
+
+    def soon(self) -> None:
+        if self._pending or self._trim is None:
+            return
+        self._pending = True
+        asyncio.get_running_loop().call_later(self.TRIM_DELAY, self._run)
+
+    def _run(self) -> None:
+        self._pending = False
+        self._trim(0)
+
+
+heap_trim = HeapTrim()
 
 
 class Tunnel(asyncssh.SSHTCPSession[bytes]):
@@ -52,6 +141,9 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self._target: asyncio.Transport | None = None
         self._early: list[bytes] = []  # target data that arrived before the channel was confirmed
+        self._gate: SendGate | None = None  # the SSH connection's, once the channel is confirmed
+        self._chan_full = False  # the channel's send buffer is above its high-water mark (window exhausted)
+        self._waiting = False  # in the gate's list: the connection's transport is above its high-water mark
         self._up: list[bytes | memoryview] = []  # client data of the current read, written when it is done
         self._resuming = False  # while the channel hands over client data it held while the target was full
         self._client_eof = False
@@ -65,6 +157,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         """The channel is confirmed; data may flow. Reading from the target starts only now."""
         self._chan = chan
+        self._gate = SendGate.of(chan.get_connection())
         assert self._target is not None
         for data in self._early:
             chan.write(data)
@@ -74,7 +167,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         elif self._target_eof:
             chan.write_eof()
         else:
-            self._target.resume_reading()
+            self._resume_target()
 
     def data_received(self, data: bytes | memoryview, datatype: asyncssh.DataType) -> None:
         self.bytes_up += len(data)
@@ -124,13 +217,34 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         return True
 
     def pause_writing(self) -> None:
-        """The channel's send buffer is full: stop reading from the target."""
+        """The channel's send buffer is full (the client's window is used up): stop reading from the target."""
+        self._chan_full = True
         if self._target is not None:
             self._target.pause_reading()
 
     def resume_writing(self) -> None:
-        if self._target is not None and not self._target.is_closing():
-            self._target.resume_reading()
+        """The channel's send buffer drained: read from the target again, if the connection's has room too."""
+        self._chan_full = False
+        self._resume_target()
+
+    def _resume_target(self) -> None:
+        """Read from the target, unless the channel's or the connection's send buffer is above its mark."""
+        target = self._target
+        if target is None or target.is_closing() or self._chan_full or self._waiting:
+            return
+        gate = self._gate
+        if gate is not None and gate.full():
+            self._wait(gate)
+        else:
+            target.resume_reading()
+
+    def _wait(self, gate: SendGate) -> None:
+        """Stop reading the target until the SSH connection's transport drains (SendGate.resume_writing)."""
+        self._waiting = True
+        gate.held = True
+        gate.waiting.append(self)
+        assert self._target is not None
+        self._target.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The channel is closed (client closed, connection lost, or we closed it)."""
@@ -151,6 +265,11 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         self.bytes_down += len(data)
         if self._chan is not None:
             self._chan.write(data)
+            # one C call per read from the target: the connection's buffer is what grows when the client
+            # announced a large window and stopped reading
+            gate = self._gate
+            if gate is not None and gate.full() and not self._waiting:
+                self._wait(gate)
         elif not self._chan_closed:  # not confirmed yet: hold it, and hold off the target
             self._early.append(data)
             assert self._target is not None
@@ -209,6 +328,8 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         if not self._finished and self._chan_closed and self._target_closed:
             self._finished = True
             self._on_close(self)
+            if self._gate is not None and self._gate.held:
+                heap_trim.soon()
 
 
 class _TargetProtocol(asyncio.Protocol):

@@ -637,8 +637,9 @@ class Bastion:
 
     # the server process
 
-    def start(self, timeout: float = 10.0) -> None:
-        """`bastion serve` in gw; returns once it printed "listening on"."""
+    def start(self, timeout: float = 10.0, env: dict[str, str] | None = None) -> None:
+        """`bastion serve` in gw (`env`: extra variables, e.g. BASTION_ASYNCSSH_TUNING=0); returns once it
+        printed "listening on"."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self._ready.clear()
         with self._log_lock:
@@ -646,6 +647,7 @@ class Bastion:
         self.proc = self.testbed.popen(
             self.testbed.gw,
             [sys.executable, "-m", "bastion", "--home", self.home, "serve", "--listen", self.listen],
+            env=clean_env(env),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
