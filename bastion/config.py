@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 from . import toml_input
 from .errors import ConfigError
-from .limits import StartupLimit
-from .netguard import DEFAULT_INTERNAL_NETWORKS, IPNetwork, parse_networks
+from .policy.limits import StartupLimit
+from .policy.netguard import DEFAULT_INTERNAL_NETWORKS, IPNetwork, parse_networks
 
 DEFAULT_HOME = Path("/var/lib/bastion")
 CONFIG_FILE = "config.toml"
@@ -35,8 +35,11 @@ class Config:
     connect_timeout: float = 10.0
     resolve_timeout: float = 5.0
     # zlib@openssh.com after login. Off: it rarely pays on a jump host, and inflating costs the server CPU
-    # (when on, each packet is bounded by the packet limit, see zlib_limit.py).
+    # (when on, each packet is bounded by the packet limit, see transport/zlib_limit.py).
     compression: bool = False
+    # The AES-GCM/ChaCha20 packet path in transport/fastpath.py; off runs asyncssh as shipped (as any asyncssh
+    # other than the version it was written for does anyway). See README, Benchmarks.
+    fast_path: bool = True
     # On SIGTERM, open tunnels get this long to finish before connections are closed.
     shutdown_grace_seconds: float = 10.0
     # Before authentication (like sshd's MaxStartups and PerSourcePenalties).
@@ -207,6 +210,8 @@ def render_config(config: Config) -> str:
         f"resolve_timeout = {config.resolve_timeout:g}\n"
         "# zlib@openssh.com compression after login (each packet bounded by the packet limit).\n"
         f"compression = {'true' if config.compression else 'false'}\n"
+        "# The faster packet path for asyncssh's AES-GCM and ChaCha20 (off: asyncssh as shipped).\n"
+        f"fast_path = {'true' if config.fast_path else 'false'}\n"
         f"shutdown_grace_seconds = {config.shutdown_grace_seconds:g}\n"
         f'log_level = "{config.log_level}"\n'
         f'public_name = "{config.public_name}"\n'

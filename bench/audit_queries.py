@@ -4,7 +4,7 @@
     .venv/bin/python bench/audit_queries.py --channels 100000 --sessions 10000 --db /tmp/small.db
 
 Fills an SQLite file through the real schema (with a valid hash chain: one event per row, as `adopt` would
-write it), then times each filtered query shape through the same code the CLI uses (`audit_query.select` on a
+write it), then times each filtered query shape through the same code the CLI uses (`bastion.audit.query.select` on a
 read-only connection): the median of several warm runs and the first run. Also times `verify` over the whole
 chain, and the writer's throughput (record_channel + close_channel through AuditLog, on a fresh database).
 Prints a table, then the same numbers as JSON.
@@ -25,12 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bastion.audit import AuditLog, ChannelRecord  # noqa: E402
-from bastion.audit_chain import Head, canonical, event_hash  # noqa: E402
-from bastion.audit_filters import ip_key  # noqa: E402
-from bastion.audit_query import make_filters, open_reader, select, session_record, stats, timeline  # noqa: E402
-from bastion.audit_retention import verify  # noqa: E402
-from bastion.db import connect, iso, migrate  # noqa: E402
+from bastion.audit.writer import AuditLog, ChannelRecord  # noqa: E402
+from bastion.audit.chain import Head, canonical, event_hash  # noqa: E402
+from bastion.audit.filters import ip_key  # noqa: E402
+from bastion.audit.query import make_filters, open_reader, select, session_record, stats, timeline  # noqa: E402
+from bastion.audit.retention import verify  # noqa: E402
+from bastion.store.schema import connect, migrate  # noqa: E402
+from bastion.clock import iso  # noqa: E402
 
 import sqlite_utils  # noqa: E402
 

@@ -37,10 +37,10 @@ def main() -> None:
     args = parser.parse_args()
     SIZE, PER_READ = args.size, args.per_read
     sys.path.insert(0, str(args.src))
-    from bastion import asyncssh_fastpath
+    from bastion.transport import fastpath as asyncssh_fastpath
 
     if not asyncssh_fastpath.apply():
-        sys.exit("the fast path is not installed (BASTION_ASYNCSSH_TUNING=0, or another asyncssh)")
+        sys.exit("the fast path is not installed (BASTION_FAST_PATH=false, or another asyncssh)")
     count = PER_READ * READS
     receive, aes_open = _receive(asyncssh_fastpath, args.repeat)
     send, aes_seal = _send(args.repeat)

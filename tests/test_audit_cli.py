@@ -15,11 +15,11 @@ import threading
 import pytest
 from typer.testing import CliRunner
 
-from bastion.audit import AuditLog, ChannelRecord, ListenerRecord, SessionRecord
+from bastion.audit.writer import AuditLog, ChannelRecord, ListenerRecord, SessionRecord
 from bastion.cli.audit import app as audit_app
 from bastion.cli.main import app
-from bastion.db import utc_now
-from bastion.store import Store
+from bastion.clock import utc_now
+from bastion.store.sqlite import Store
 
 
 def write_session(path, session_id, user, refused_host="169.254.169.254", end=True):

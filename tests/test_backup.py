@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bastion.backup import backup_database
+from bastion.ops.backup import backup_database
 from bastion.cli.main import app
-from bastion.db import connect
+from bastion.store.schema import connect
 from bastion.errors import StoreError
-from bastion.store import Store, parse_public_keys
+from bastion.store.sqlite import Store, parse_public_keys
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINENcl9aqFLzSvX7n9cWleGiAZplTIboPtLtlNjcQGAz alice@example"
 

@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from bastion.cli.main import app
-from bastion.netguard import DEFAULT_INTERNAL_NETWORKS
-from bastion.policy_file import load_policy_file
+from bastion.policy.netguard import DEFAULT_INTERNAL_NETWORKS
+from bastion.ops.policy_files import load_policy_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

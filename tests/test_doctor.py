@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from bastion.cli.main import app
 from bastion.config import Config
-from bastion.doctor import (
+from bastion.ops.doctor import (
     OK,
     PROBLEM,
     WARNING,
@@ -30,9 +30,9 @@ from bastion.doctor import (
     port_finding,
     run_checks,
 )
-from bastion.policy_file import parse_policy
-from bastion.service import initialize
-from bastion.store import Store, parse_public_keys
+from bastion.policy.file import parse_policy
+from bastion.service.home import initialize
+from bastion.store.sqlite import Store, parse_public_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINENcl9aqFLzSvX7n9cWleGiAZplTIboPtLtlNjcQGAz alice@example"

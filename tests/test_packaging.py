@@ -17,7 +17,7 @@ def test_wheel_installs_a_working_cli(tmp_path):
     )
     [wheel] = wheels.glob("bastion-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("bastion/sshd.py", "bastion/cli/main.py", "bastion/policy.py"):
+    for module in ("bastion/gateway/connection.py", "bastion/cli/main.py", "bastion/policy/model.py"):
         assert module in names
     [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "bastion = bastion.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

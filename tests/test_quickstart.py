@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from bastion.cli.main import app
 from bastion.config import Config
 from bastion.errors import BastionError
-from bastion.quickstart import MARKER, demo_user_name
-from bastion.service import initialize
+from bastion.ops.quickstart import MARKER, demo_user_name
+from bastion.service.home import initialize
 
 ROOT = Path(__file__).resolve().parent.parent
 SSH = shutil.which("ssh")

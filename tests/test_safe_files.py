@@ -20,10 +20,10 @@ from bastion import safe_files
 from bastion.cli.main import main
 from bastion.config import Config
 from bastion.errors import BastionError
-from bastion.quickstart import prepare
+from bastion.ops.quickstart import prepare
 from bastion.safe_files import FileExists, new_file, write_new
-from bastion.service import initialize
-from bastion.store import Store, parse_public_keys
+from bastion.service.home import initialize
+from bastion.store.sqlite import Store, parse_public_keys
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINENcl9aqFLzSvX7n9cWleGiAZplTIboPtLtlNjcQGAz alice@example"
 VICTIM_TEXT = "root:x:0:0:the victim's own content\n"

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from bastion.cli.main import app
 from bastion.config import Config
-from bastion.policy_file import parse_policy
-from bastion.service import initialize
-from bastion.ssh_config import (
+from bastion.policy.file import parse_policy
+from bastion.service.home import initialize
+from bastion.ops.ssh_config import (
     ClientSetup,
     ipv4_patterns,
     ipv6_patterns,
@@ -30,7 +30,7 @@ from bastion.ssh_config import (
     render_ssh_config,
     split_public_name,
 )
-from bastion.store import Store, parse_public_keys
+from bastion.store.sqlite import Store, parse_public_keys
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 SSH = shutil.which("ssh")

@@ -638,7 +638,7 @@ class Bastion:
     # the server process
 
     def start(self, timeout: float = 10.0, env: dict[str, str] | None = None) -> None:
-        """`bastion serve` in gw (`env`: extra variables, e.g. BASTION_ASYNCSSH_TUNING=0); returns once it
+        """`bastion serve` in gw (`env`: extra variables, e.g. BASTION_FAST_PATH=false); returns once it
         printed "listening on"."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self._ready.clear()

@@ -1,5 +1,5 @@
 """`bastion doctor`, `ssh-config`, `quickstart` and `backup`: installing, checking and handing out a bastion.
-Thin adapters over doctor.py, ssh_config.py, quickstart.py and backup.py; `register(app)` adds them."""
+Thin adapters over ops/ (doctor, ssh_config, quickstart, backup); `register(app)` adds them."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from typing import Optional
 
 import typer
 
-from ..backup import backup_database
+from ..ops.backup import backup_database
 from ..config import Config
-from ..db import utc_now
+from ..clock import utc_now
 from ..errors import BastionError
-from ..netguard import TargetError, parse_host
+from ..policy.netguard import TargetError, parse_host
 from ..safe_files import is_stdout, new_file
-from ..ssh_config import ClientSetup, known_hosts_lines, render_ssh_config, split_public_name
+from ..service.home import host_public_keys
+from ..ops.ssh_config import ClientSetup, known_hosts_lines, render_ssh_config, split_public_name
 from .common import config_of, configure_logging, home_of, human_bytes, open_store, print_json
 
 
@@ -29,7 +30,7 @@ def doctor(ctx: typer.Context, json: bool = typer.Option(False, "--json", help="
 
     Example: bastion --home /var/lib/bastion doctor
     """
-    from ..doctor import PROBLEM, run_checks, summary  # imported here: only doctor pays for its checks
+    from ..ops.doctor import PROBLEM, run_checks, summary  # imported here: only doctor pays for its checks
 
     findings = run_checks(home_of(ctx))
     if json:
@@ -111,25 +112,6 @@ def _public_address(config: Config, host: str | None, port: int | None) -> tuple
     return str(parsed), port or named_port or config.listen_port
 
 
-def host_public_keys(config: Config) -> list[str]:
-    """The bastion's public host keys, "TYPE BASE64", from the .pub files `init` wrote (or the private keys)."""
-    import asyncssh
-
-    keys = []
-    for path in config.host_key_paths:
-        public = Path(f"{path}.pub")
-        try:
-            if public.exists():
-                keys.append(" ".join(public.read_text().split()[:2]))
-            elif path.exists():
-                keys.append(asyncssh.read_private_key(path).export_public_key("openssh").decode().strip())
-        except (OSError, asyncssh.KeyImportError) as exc:
-            raise BastionError(f"{path}: cannot read the host key: {exc}") from None
-    if not keys:
-        raise BastionError(f"{config.home}: no host key; run `bastion --home {config.home} init`")
-    return keys
-
-
 def quickstart(
     ctx: typer.Context,
     key: Optional[Path] = typer.Option(None, "--key", help="Your public key (default: ~/.ssh/id_ed25519.pub, "
@@ -145,7 +127,7 @@ def quickstart(
 
     Example: bastion quickstart --key ~/.ssh/id_ed25519.pub
     """
-    from ..quickstart import next_steps, open_echo_socket, prepare, run_demo  # loads the server
+    from ..ops.quickstart import next_steps, open_echo_socket, prepare, run_demo  # loads the server
 
     echo_socket = open_echo_socket()
     try:

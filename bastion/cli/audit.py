@@ -10,11 +10,11 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from ..audit_filters import TABLES, FilterError, Filters, parse_age, where_clause
-from ..audit_query import (COLUMNS, follow as follow_events, make_filters, open_reader, select, session_record,
+from ..audit.filters import TABLES, FilterError, Filters, parse_age, where_clause
+from ..audit.query import (COLUMNS, follow as follow_events, make_filters, open_reader, select, session_record,
                            start_seq, stats as audit_stats, timeline)
-from ..audit_retention import export as export_chain, prune as prune_chain, verify as verify_chain, verify_export
-from ..db import utc_now
+from ..audit.retention import export as export_chain, prune as prune_chain, verify as verify_chain, verify_export
+from ..clock import utc_now
 from ..errors import BastionError
 from ..printable import printable
 from ..safe_files import is_stdout

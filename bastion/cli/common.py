@@ -15,10 +15,10 @@ from rich.table import Table
 from rich.text import Text
 
 from ..config import Config, load_config
-from ..control import notify
+from ..service.control import notify
 from ..errors import BastionError
 from ..printable import PrintableFormatter, printable
-from ..store import Store
+from ..store.sqlite import Store
 
 console = Console()
 err_console = Console(stderr=True)

@@ -53,7 +53,7 @@ def init(
 
     Example: bastion --home /var/lib/bastion init --listen 0.0.0.0:22
     """
-    from ..service import initialize
+    from ..service.home import initialize
 
     os.umask(0o077)  # everything the server creates (keys, database, WAL, socket) is the owner's alone
     config = config_of(ctx, listen=listen)
@@ -77,8 +77,9 @@ def serve(
 
     Example: bastion --home ./demo serve --listen 127.0.0.1:2222 --workers 2
     """
-    from ..control import serve_lock
-    from ..service import initialize, run
+    from ..service.control import serve_lock
+    from ..service.home import initialize
+    from ..service.lifecycle import run
 
     os.umask(0o077)
     config = config_of(ctx, listen=listen, workers=workers)

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import json as jsonlib
-import socket
+import asyncio
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..db import utc_now
+from ..clock import utc_now
 from ..errors import BastionError
-from ..netguard import TargetError, parse_host, parse_port
-from ..policy import AccessRequest, evaluate
-from ..policy_file import PolicyFileError, load_policy_file, policy_to_dict
-from ..local_addresses import make_guard
+from ..policy.netguard import TargetError, parse_host, parse_port
+from ..policy.model import AccessRequest
+from ..policy.decide import evaluate
+from ..ops.policy_files import load_policy_file
+from ..policy.file import PolicyFileError, policy_to_dict, to_toml
+from ..gateway.local_addresses import make_guard
+from ..gateway.resolve import resolve
 from .common import config_of, notify_server, open_store, print_json
 
 app = typer.Typer(help="Apply, show and check the access policy.", no_args_is_help=True)
@@ -86,12 +88,10 @@ def check(
         typer.echo(f"refused: {exc}")
         raise typer.Exit(1)
     if isinstance(target, str):
-        try:
-            infos = socket.getaddrinfo(target, checked_port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            typer.echo(f"refused: cannot resolve {target}: {exc}")
+        addresses = asyncio.run(resolve(target, checked_port, config.resolve_timeout))
+        if not addresses:
+            typer.echo(f"refused: cannot resolve {target}")
             raise typer.Exit(1)
-        addresses = tuple(dict.fromkeys(parse_host(info[4][0].split("%")[0]) for info in infos))
     else:
         addresses = (target,)
     decision = evaluate(
@@ -105,27 +105,3 @@ def check(
         return
     typer.echo(f"refused: {decision.reason}" + (f" (rule {decision.rule})" if decision.rule else ""))
     raise typer.Exit(1)
-
-
-def to_toml(data: dict) -> str:
-    """The policy dict as TOML: [users.NAME] / [groups.NAME] tables of strings, lists and inline tables."""
-    lines: list[str] = []
-    for section in ("groups", "users"):
-        for name, entry in data.get(section, {}).items():
-            lines.append(f"[{section}.{name}]")
-            for key, value in entry.items():
-                if value is None or value == [] or value == ():
-                    continue
-                lines.append(f"{key} = {_toml_value(key, value)}")
-            lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(key: str, value) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(key, item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(k, v)}" for k, v in value.items() if v is not None) + "}"
-    if key == "expires" and isinstance(value, str):
-        return value  # an ISO datetime is a bare TOML datetime
-    return jsonlib.dumps(value)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..control import request
+from ..service.control import request
 from ..errors import BastionError
 from .common import config_of, human_bytes, print_json, print_table
 

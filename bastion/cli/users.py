@@ -8,7 +8,7 @@ from typing import List
 import typer
 
 from ..errors import BastionError
-from ..store import parse_public_keys
+from ..store.sqlite import parse_public_keys
 from .common import notify_server, open_store, print_json, print_table
 
 app = typer.Typer(help="Add, list and remove users and their public keys.", no_args_is_help=True)

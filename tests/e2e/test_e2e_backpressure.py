@@ -74,7 +74,7 @@ def started(bastion):
         if (event_loop, fast_path) != ("uvloop", True):
             bastion.stop()
             bastion.set_config(event_loop=event_loop)
-            bastion.start(env=None if fast_path else {"BASTION_ASYNCSSH_TUNING": "0"})
+            bastion.start(env=None if fast_path else {"BASTION_FAST_PATH": "false"})
         return bastion
     return start
 

@@ -2,7 +2,7 @@
 
 dbclient sends a guessed first key-exchange packet for curve25519-sha256; the bastion prefers
 mlkem768x25519-sha256, so by RFC 4253 §7 the guess is wrong, dbclient sends the packet again, and the
-bastion must have ignored the guess (bastion/kex_guess.py). Before that, every dbclient connect ended with
+bastion must have ignored the guess (bastion/transport/kex_guess.py). Before that, every dbclient connect ended with
 "Disconnect received". Host keys are checked: dbclient reads the known_hosts of the HOME it is given.
 """
 

@@ -23,7 +23,7 @@ import pytest
 
 from testbed import GW_ADDR, PREFIX_LEN, SSH_PORT, _in_netns, netns_socket, run
 
-from bastion.local_addresses import is_local_address
+from bastion.gateway.local_addresses import is_local_address
 
 pytestmark = pytest.mark.netns
 

@@ -1,6 +1,6 @@
 """Scenarios: PuTTY's plink through the bastion: `-nc`, `-L`, and plink as OpenSSH's ProxyCommand (issue #18).
 
-The bastion negotiates only OpenSSH-9.x-grade algorithms (bastion/algorithms.py). PuTTY is the client that
+The bastion negotiates only OpenSSH-9.x-grade algorithms (bastion/transport/algorithms.py). PuTTY is the client that
 Windows users bring, with its own algorithm preferences, its own key format (.ppk, made here by puttygen from
 alice's OpenSSH key) and its own host-key store. Its store is not used: `-hostkey` pins the bastion's Ed25519
 key, so plink negotiates that key and checks it, and `-batch` turns any prompt into a failure.

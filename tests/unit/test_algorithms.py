@@ -1,4 +1,4 @@
-"""What the server offers and which user keys are strong enough (bastion/algorithms.py), on real ssh-keygen keys.
+"""What the server offers and which user keys are strong enough (bastion/transport/algorithms.py), on real ssh-keygen keys.
 
 The negotiation itself is measured against sshd with ssh-audit in tests/test_algorithms_loopback.py.
 """
@@ -11,11 +11,11 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from bastion import algorithms
+from bastion.transport import algorithms
 from bastion.config import Config, load_config, render_config
 from bastion.errors import ConfigError, StoreError
-from bastion.policy_file import PolicyFileError, parse_policy
-from bastion.store import parse_public_keys
+from bastion.policy.file import PolicyFileError, parse_policy
+from bastion.store.sqlite import parse_public_keys
 
 STRONG = [("ed25519", None), ("ecdsa", None), ("rsa", 2048), ("rsa", 3072)]
 WEAK = [("rsa", 1024, "RSA keys need at least 2048 bits; this one has 1024"), ("dsa", None, "DSA keys are refused")]

@@ -24,7 +24,7 @@ from asyncssh import connection
 from asyncssh.constants import MSG_CHANNEL_DATA
 from asyncssh.packet import String, UInt32
 
-from bastion import asyncssh_fastpath
+from bastion.transport import fastpath as asyncssh_fastpath
 
 SIZE = 6 * 1024 * 1024
 CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",

@@ -6,11 +6,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bastion.audit import AuditLog, AuditUnavailable, ChannelRecord, ListenerRecord, SessionRecord
-from bastion.audit_filters import Filters
-from bastion.audit_query import open_reader, parse_moment, query, select
+from bastion.audit.writer import AuditLog, AuditUnavailable, ChannelRecord, ListenerRecord, SessionRecord
+from bastion.audit.filters import Filters
+from bastion.audit.query import open_reader, parse_moment, query, select
 from bastion.errors import BastionError
-from bastion.store import Store
+from bastion.store.sqlite import Store
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bastion.audit import AuditLog, ChannelRecord, SessionRecord
-from bastion.audit_chain import GENESIS, event_hash
-from bastion.audit_retention import AuditTampered, export, prune, verify, verify_export
-from bastion.db import MIGRATIONS, connect
-from bastion.store import Store
+from bastion.audit.writer import AuditLog, ChannelRecord, SessionRecord
+from bastion.audit.chain import GENESIS, event_hash
+from bastion.audit.retention import AuditTampered, export, prune, verify, verify_export
+from bastion.store.schema import MIGRATIONS, connect
+from bastion.store.sqlite import Store
 from fakes import Clock
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)

@@ -5,10 +5,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bastion.audit import AuditLog, ChannelRecord, ListenerRecord, SessionRecord
-from bastion.audit_filters import FilterError, Filters, ip_key, parse_age, parse_client, parse_target
-from bastion.audit_query import make_filters, open_reader, query, session_record, stats, timeline
-from bastion.store import Store
+from bastion.audit.writer import AuditLog, ChannelRecord, ListenerRecord, SessionRecord
+from bastion.audit.filters import FilterError, Filters, ip_key, parse_age, parse_client, parse_target
+from bastion.audit.query import make_filters, open_reader, query, session_record, stats, timeline
+from bastion.store.sqlite import Store
 from fakes import Clock
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)

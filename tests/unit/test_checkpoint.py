@@ -8,10 +8,10 @@ import sqlite3
 import time
 from datetime import UTC, datetime
 
-from bastion.audit import AuditLog, ChannelRecord, SessionRecord
-from bastion.checkpoint import Checkpointer
-from bastion.db import connect
-from bastion.store import Store
+from bastion.audit.writer import AuditLog, ChannelRecord, SessionRecord
+from bastion.audit.checkpoint import Checkpointer
+from bastion.store.schema import connect
+from bastion.store.sqlite import Store
 
 
 def rows_in_database_file(path, table):

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from bastion.control import NotRunning, request, socket_path, start_control_server
+from bastion.service.control import NotRunning, request, socket_path, start_control_server
 
 
 def serve_in_thread(home, handle):

@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from bastion import event_loop
+from bastion.service import event_loop
 from bastion.config import Config, load_config, render_config
 
 

@@ -1,4 +1,4 @@
-"""RFC 4253 §7's rule for a guessed first kex packet (bastion/kex_guess.py): the table of cases, and a real
+"""RFC 4253 §7's rule for a guessed first kex packet (bastion/transport/kex_guess.py): the table of cases, and a real
 dropbear dbclient, which sends such a guess, logging in to an asyncssh server on loopback."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from asyncssh.constants import MSG_KEXINIT
 from asyncssh.packet import Boolean, Byte, NameList, UInt32
 
-from bastion import kex_guess
+from bastion.transport import kex_guess
 
 # What dropbear 2022.83's dbclient and the bastion put first (and a little more) in their KEXINITs.
 DROPBEAR_KEX = [b"curve25519-sha256", b"curve25519-sha256@libssh.org", b"diffie-hellman-group14-sha256"]

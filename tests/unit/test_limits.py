@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from bastion.limits import SourcePenalties, StartupLimit, source_of
+from bastion.policy.limits import SourcePenalties, StartupLimit, source_of
 
 
 def test_startup_limit_parse_and_drop_curve():

@@ -6,16 +6,12 @@ from ipaddress import ip_address
 import pytest
 from hypothesis import given, strategies as st
 
-from bastion.listen_policy import (
-    ListenRequest,
-    evaluate_listen,
-    listen_ranges,
-    parse_bind_address,
-    parse_listen_rule,
-)
-from bastion.netguard import TargetError
-from bastion.policy import PolicyError, next_expiry
-from bastion.policy_file import parse_policy, policy_from_dict, policy_to_dict
+from bastion.policy.model import ListenRequest, parse_bind_address, parse_listen_rule
+from bastion.policy.decide import evaluate_listen, listen_ranges
+from bastion.policy.netguard import TargetError
+from bastion.policy.model import PolicyError
+from bastion.policy.decide import next_expiry
+from bastion.policy.file import parse_policy, policy_from_dict, policy_to_dict
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from bastion.netguard import (
+from bastion.policy.netguard import (
     DEFAULT_INTERNAL_NETWORKS,
     NetGuard,
     TargetError,

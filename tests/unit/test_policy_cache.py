@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from bastion.context import PolicyCache
-from bastion.store import Store
+from bastion.gateway.context import PolicyCache
+from bastion.store.sqlite import Store
 
 
 class SlowFirstLoad(Store):

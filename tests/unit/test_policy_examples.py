@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from bastion.netguard import NetGuard, parse_host
-from bastion.policy import AccessRequest, evaluate
-from bastion.policy_file import check_key_line, load_policy_file, policy_from_dict, policy_to_dict
+from bastion.policy.netguard import NetGuard, parse_host
+from bastion.policy.model import AccessRequest
+from bastion.policy.decide import evaluate
+from bastion.ops.policy_files import load_policy_file
+from bastion.policy.file import check_key_line, policy_from_dict, policy_to_dict
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 FILES = sorted(POLICIES.glob("*.toml"))

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bastion.policy import GroupPolicy, Policy, PolicyError, TargetRule, UserPolicy, parse_target_rule
-from bastion.policy_file import (
+from bastion.policy.model import GroupPolicy, Policy, PolicyError, TargetRule, UserPolicy, parse_target_rule
+from bastion.ops.policy_files import load_policy_file
+from bastion.policy.file import (
     PolicyFileError,
     check_key_line,
-    load_policy_file,
     parse_policy,
     policy_from_dict,
     policy_to_dict,

@@ -1,4 +1,4 @@
-"""Quick ACKs are armed on every read while a client logs in, and never after (see bastion/quickack.py).
+"""Quick ACKs are armed on every read while a client logs in, and never after (see bastion/transport/quickack.py).
 
 A real asyncssh server with public-key login on loopback, a real asyncssh client; `arm` is wrapped to record
 what state the connection was in at each call. The latency it saves is measured in the benchmark, not here.
@@ -12,7 +12,9 @@ import socket
 import asyncssh
 import pytest
 
-from bastion import asyncssh_fastpath, quickack
+from bastion.transport import fastpath as asyncssh_fastpath
+
+from bastion.transport import quickack
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux-only")
 
@@ -92,7 +94,7 @@ def test_apply_twice_wraps_once():
 def test_target_leg_acks_small_reads_of_the_handshake_only(monkeypatch):
     """A real TCP connection to a loopback 'target' through the relay's protocol: among the first
     HANDSHAKE_READS reads the small ones are ACKed at once, large ones are not, and later reads never are."""
-    from bastion import tunnel
+    from bastion.gateway import relay as tunnel
 
     armed: list[int] = []
     monkeypatch.setattr(quickack, "arm", lambda sock: armed.append(sock.getsockname()[1]))

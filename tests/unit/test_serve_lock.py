@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bastion.control import AlreadyRunning, serve_lock
+from bastion.service.control import AlreadyRunning, serve_lock
 from bastion.errors import BastionError
 
-TAKE_LOCK = "import sys; from pathlib import Path; from bastion.control import serve_lock\n" \
+TAKE_LOCK = "import sys; from pathlib import Path; from bastion.service.control import serve_lock\n" \
             "with serve_lock(Path(sys.argv[1])):\n    print('locked', flush=True); sys.stdin.read()\n"
 
 

@@ -5,8 +5,8 @@ import subprocess
 import pytest
 
 from bastion.errors import StoreError
-from bastion.policy_file import parse_policy
-from bastion.store import Store, parse_public_keys
+from bastion.policy.file import parse_policy
+from bastion.store.sqlite import Store, parse_public_keys
 
 
 @pytest.fixture

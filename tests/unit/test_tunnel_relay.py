@@ -1,4 +1,4 @@
-"""bastion's relay (tunnel.py) on a real asyncssh server: what one read of the SSH connection brings for the
+"""bastion's relay (gateway/relay.py) on a real asyncssh server: what one read of the SSH connection brings for the
 target goes out in one write, in order, and the client's EOF follows the last byte.
 
 The server runs in a background loop on loopback with the fast path installed and hands each direct-tcpip
@@ -17,8 +17,10 @@ import threading
 import asyncssh
 import pytest
 
-from bastion import asyncssh_fastpath, tunnel
-from bastion.tunnel import Tunnel, connect_target
+from bastion.transport import fastpath as asyncssh_fastpath
+
+from bastion.gateway import relay as tunnel
+from bastion.gateway.relay import Tunnel, connect_target
 
 # Not periodic: data overwritten by later data at the same place in a reused buffer must not look the same.
 UP = random.Random(1).randbytes(6 * 1024 * 1024)

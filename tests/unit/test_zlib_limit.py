@@ -1,4 +1,4 @@
-"""A zlib@openssh.com packet inflates to at most the packet limit (bastion/zlib_limit.py), on asyncssh's own
+"""A zlib@openssh.com packet inflates to at most the packet limit (bastion/transport/zlib_limit.py), on asyncssh's own
 compressor and decompressor: a full-size packet passes and the stream goes on; one byte more is an error."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from asyncssh.compression import get_compressor, get_decompressor
 from asyncssh.misc import CompressionError
 
-from bastion import zlib_limit
+from bastion.transport import zlib_limit
 
 LIMIT = zlib_limit.MAX_PAYLOAD
 

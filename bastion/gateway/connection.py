@@ -1,0 +1,431 @@
+"""asyncssh glue: one `GatewayConnection` per SSH connection, translating callbacks into policy
+questions, audit rows and tunnels. Who may reach what is decided in policy/decide.py; channel work is in
+direct_tcpip.py (ssh -J/-L/-D) and remote_forward.py (ssh -R)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import itertools
+import logging
+import random
+import secrets
+from dataclasses import replace
+from typing import Any
+
+import asyncssh
+
+from .. import transport
+from ..policy.keys import weak_key_reason
+from ..audit.writer import AUDIT_DOWN, AuditUnavailable, SessionRecord
+from .banner import BannerSession
+from ..clock import utc_now
+from .direct_tcpip import open_tunnel
+from ..policy.netguard import canonical_address
+from ..policy.model import Policy
+from ..policy.decide import evaluate, login_refusal, session_cap_refusal
+from .remote_forward import open_listener
+from .context import ServerContext
+from ..store.interface import PublicKey
+from .relay import Tunnel
+
+log = logging.getLogger("bastion.sshd")
+
+_connection_numbers = itertools.count(1)
+
+
+class ConnectionLog(logging.LoggerAdapter):
+    def process(self, msg: str, kwargs: Any) -> tuple[str, Any]:
+        return f"[{self.extra['context']}] {msg}", kwargs
+
+
+class GatewayConnection(asyncssh.SSHServer):
+    """One SSH connection: limits, authentication, the session channel, tunnels and listeners."""
+
+    def __init__(self, context: ServerContext):
+        self.ctx = context
+        self.number = next(_connection_numbers)
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.client_ip = ""
+        self.client_port = 0
+        self.user = ""
+        self.session_id: str | None = None
+        self.started_at = None
+        self.key_fingerprint: str | None = None
+        self.failed_auths = 0
+        self.tunnels: set[Tunnel] = set()
+        self.listeners: set = set()
+        self.bytes_up = 0  # of closed tunnels; open ones count their own
+        self.bytes_down = 0
+        self.end_reason: str | None = None
+        self._keys: dict[str, PublicKey] = {}
+        self._login_policy: Policy | None = None  # as read at the first auth request; re-read at session start
+        self._counted_unauthenticated = False
+        self._server_fault = False  # refused for our own failure (audit down): not the source's fault
+        self._session_row_queued = False  # the session row is on its way to the audit log: end it on close
+        self._refusals: collections.deque[float] = collections.deque()  # times of recent refused requests
+        self._unused_timer: asyncio.TimerHandle | None = None
+        self._session_timer: asyncio.TimerHandle | None = None
+        self.session_committed: asyncio.Future | None = None  # the session row; channels wait for it
+        self.log = ConnectionLog(log, {"context": f"conn=c{self.number}"})
+
+    # ---- connection ---------------------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        """Apply the pre-authentication limits: penalized sources and the startup limit are dropped."""
+        self.conn = conn
+        peer = conn.get_extra_info("peername") or ("0.0.0.0", 0)
+        self.client_ip = str(canonical_address(ipaddress.ip_address(peer[0].split("%", 1)[0])))
+        self.client_port = int(peer[1])
+        now = asyncio.get_running_loop().time()
+        ctx = self.ctx
+        if ctx.penalties.refused_until(self.client_ip, now) is not None:
+            self.log.debug("dropped: source %s is penalized", self.client_ip)
+            conn.abort()
+            return
+        if ctx.startup_limit.should_drop(ctx.unauthenticated, random.random()):
+            if not ctx.dropping:
+                ctx.dropping = True
+                log.warning("startup limit %s reached: dropping new unauthenticated connections",
+                            ctx.startup_limit)
+                ctx.audit.record_auth("", self.client_ip, self.client_port, "none", None, "failure",
+                                      f"startup limit {ctx.startup_limit} reached; dropping connections")
+            conn.abort()
+            return
+        if ctx.unauthenticated < ctx.startup_limit.start:
+            ctx.dropping = False
+        ctx.unauthenticated += 1
+        self._counted_unauthenticated = True
+        ctx.connections.add(self)
+        ctx.no_connections.clear()
+        transport.receive_in_place(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The connection is gone: close its tunnels, end its session row, count a failed source."""
+        self.ctx.connections.discard(self)
+        if not self.ctx.connections:
+            self.ctx.no_connections.set()
+        if self.session_id is not None:
+            sessions = self.ctx.sessions_by_user.get(self.user, set())
+            sessions.discard(self)
+            if not sessions:
+                self.ctx.sessions_by_user.pop(self.user, None)
+        for timer in (self._unused_timer, self._session_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._counted_unauthenticated:
+            self._counted_unauthenticated = False
+            self.ctx.unauthenticated -= 1
+            self._penalize(exc)
+        had_tunnels = bool(self.tunnels)
+        # Count the open tunnels' bytes now: their own close callbacks come later than this row.
+        bytes_up = self.bytes_up + sum(t.bytes_up for t in self.tunnels)
+        bytes_down = self.bytes_down + sum(t.bytes_down for t in self.tunnels)
+        for tunnel in list(self.tunnels):
+            tunnel.abort()
+        if self.session_id is not None and self._session_row_queued:
+            reason = self.end_reason or describe_disconnect(exc, had_tunnels)
+            self.ctx.audit.end_session(self.session_id, reason, bytes_up, bytes_down)
+            self.log.info("session %s ended: %s", self.session_id, reason)
+        self.conn = None
+
+    def _penalize(self, exc: Exception | None) -> None:
+        """A connection that never authenticated counts against its source (audited once per penalty), unless
+        it was refused for the server's own fault: once the store is back, the next login must work."""
+        if self._server_fault:
+            return
+        if isinstance(exc, asyncssh.ConnectionLost) and "Login timeout" in str(exc):
+            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "none", None, "failure",
+                                       "login grace time exceeded")
+        length = self.ctx.penalties.failed(self.client_ip, asyncio.get_running_loop().time())
+        if length is not None:
+            reason = f"source refused for {length:g}s after repeated failed connections"
+            self.log.warning("%s: %s", self.client_ip, reason)
+            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "none", None, "failure", reason)
+
+    def disconnect(self, reason: str) -> None:
+        """Close the connection from our side, telling the client why."""
+        self.end_reason = self.end_reason or reason
+        if self.conn is not None:
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
+
+    def describe(self) -> dict[str, Any]:
+        """A live view for `bastion sessions list`."""
+        return {
+            "id": self.session_id,
+            "user": self.user,
+            "client_ip": self.client_ip,
+            "client_port": self.client_port,
+            "started_at": self.started_at,
+            "channels": len(self.tunnels),
+            "listeners": len(self.listeners),
+            "bytes_up": self.bytes_up + sum(t.bytes_up for t in self.tunnels),
+            "bytes_down": self.bytes_down + sum(t.bytes_down for t in self.tunnels),
+        }
+
+    def revalidate(self, policy: Policy, fingerprints: frozenset[str], now) -> list[str]:
+        """Re-check a live session against the access now in force (after a policy or user change, or an
+        expiry). Ends the session if its user or key is gone or expired; closes tunnels and listeners that
+        are no longer granted. Returns what was ended, for the operator."""
+        if self.session_id is None:
+            return []
+        reason = login_refusal(policy, self.user, self.key_fingerprint, fingerprints, now)
+        if reason is not None:
+            self.log.info("ending session: %s", reason)
+            self.disconnect(reason)
+            return [f"session {self.session_id} ({self.user}): {reason}"]
+        ended = []
+        for tunnel in list(self.tunnels):
+            if tunnel.request is None:  # an inbound -R connection: it lives with its listener's session
+                continue
+            decision = evaluate(policy, self.ctx.guard, replace(tunnel.request, now=now))
+            if not decision.allowed:  # pending opens too: they are in the set from the moment they are decided
+                self.log.info("closing tunnel %s: %s", tunnel.channel_id, decision.reason)
+                tunnel.revoke(f"revoked: {decision.reason}")
+                ended.append(f"channel {tunnel.channel_id} ({self.user}): {decision.reason}")
+        for listener in list(self.listeners):
+            decision = listener.recheck(policy, now)
+            if not decision.allowed:
+                listener.close_with(f"revoked: {decision.reason}")
+                ended.append(f"listener {listener.listener_id} ({self.user}): {decision.reason}")
+        return ended
+
+    # ---- authentication -----------------------------------------------------------------------
+
+    async def begin_auth(self, username: str) -> bool:
+        """Return True: authentication is always required (False would let the client in unchecked).
+
+        The user's keys and the policy (for the account's expiry) are read here; an unknown user simply has
+        none, so it fails exactly like a known user with an unknown key. Both are read again when the session
+        would begin (`_begin_session`): what changes during the login counts."""
+        self.user = username[:256]
+        self.log = ConnectionLog(log, {"context": f"conn=c{self.number} user={self.user}"})
+        self._keys, self._login_policy = await self._read_identity()
+        return True
+
+    async def _read_identity(self) -> tuple[dict[str, PublicKey], Policy]:
+        keys = await asyncio.to_thread(self.ctx.store.user_keys, self.user)
+        policy = await self.ctx.policy.current()
+        return {key.fingerprint: key for key in keys}, policy
+
+    def public_key_auth_supported(self) -> bool:
+        """Public keys are the only method offered."""
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def host_based_auth_supported(self) -> bool:
+        return False
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """Return True if `key` is one of the user's keys and the account may log in now. This only says whether
+        the key would be accepted; the client proves possession afterwards, so success is recorded once the
+        session begins (auth_completed, then _begin_session)."""
+        fingerprint = key.get_fingerprint("sha256")
+        if fingerprint in self._keys:
+            assert self._login_policy is not None
+            reason = weak_key_reason(key) or login_refusal(self._login_policy, self.user, fingerprint,
+                                                           frozenset(self._keys), utc_now())
+            if reason is None:
+                if not self.ctx.audit.healthy:
+                    self._refuse_unaudited(fingerprint)
+                    return False
+                self.key_fingerprint = fingerprint
+                return True
+        else:
+            reason = "key not accepted"
+        self.failed_auths += 1
+        self.log.info("key %s refused: %s", fingerprint, reason)
+        self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure",
+                                   reason)
+        if self.failed_auths >= self.ctx.config.max_auth_tries and self.conn is not None:
+            self.log.info("too many authentication failures (%d)", self.failed_auths)
+            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", None, "failure",
+                                       "too many authentication failures")
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures")
+        return False
+
+    def _refuse_unaudited(self, fingerprint: str | None) -> None:
+        """Fail closed: nothing may happen that the audit log cannot record. The refusal is itself a write,
+        so it also tells the writer when the store has recovered. It is the server's fault, not the client's:
+        it does not count toward the source's penalty."""
+        self._server_fault = True
+        self.log.error("refusing login: the audit log cannot be written")
+        self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure",
+                                   "audit log unavailable")
+        self.disconnect(AUDIT_DOWN)
+
+    def auth_completed(self) -> None:
+        """The client proved possession of an accepted key. From here the connection is a session that
+        revocation sees; it begins for real in `_begin_session`, which channels and the banner wait for.
+        The per-user session cap and the session timers apply now."""
+        assert self.conn is not None and self.key_fingerprint is not None
+        ctx = self.ctx
+        self._counted_unauthenticated = False
+        ctx.unauthenticated -= 1
+        ctx.penalties.succeeded(self.client_ip)
+        self.session_id = secrets.token_hex(6)
+        self.started_at = utc_now()
+        self.log = ConnectionLog(log, {"context": f"conn=c{self.number} user={self.user} session={self.session_id}"})
+        ctx.sessions_by_user.setdefault(self.user, set()).add(self)
+        self.session_committed = asyncio.ensure_future(self._begin_session())
+        refusal = session_cap_refusal(self.user, len(ctx.sessions_of(self.user)), ctx.config.max_sessions_per_user)
+        if refusal is not None:
+            self.disconnect(refusal.reason)
+            return
+        loop = asyncio.get_running_loop()
+        if ctx.config.max_session_seconds:
+            self._session_timer = loop.call_later(
+                ctx.config.max_session_seconds, self.disconnect, "maximum session length reached"
+            )
+        self._channels_changed()
+
+    async def _begin_session(self) -> None:
+        """Decide the login against the store as it is now, not as it was at the first auth request: a key
+        removed, or a user removed or expired, while the client was authenticating means no session. Then
+        record the login and commit the session row, before any channel may open."""
+        assert self.key_fingerprint is not None
+        try:
+            keys, policy = await self._read_identity()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("cannot read the user's keys and policy")
+            self._forget_session()
+            self.disconnect("internal error while checking the login; ask your bastion admin to check its log")
+            return
+        refusal = login_refusal(policy, self.user, self.key_fingerprint, frozenset(keys), utc_now())
+        if self.conn is None:  # gone while we read: no session to record
+            self._forget_session()
+            return
+        if refusal is not None:
+            self.log.info("login refused: %s during login", refusal)
+            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", self.key_fingerprint,
+                                       "failure", f"{refusal} during login")
+            self._forget_session()
+            self.disconnect(f"login refused: {refusal}")
+            return
+        self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", self.key_fingerprint,
+                                   "success", "key accepted")
+        self.log.info("logged in from %s:%d with %s", self.client_ip, self.client_port, self.key_fingerprint)
+        self._session_row_queued = True
+        try:
+            await self.ctx.audit.open_session(SessionRecord(
+                id=self.session_id or "",
+                user=self.user,
+                client_ip=self.client_ip,
+                client_port=self.client_port,
+                key_fingerprint=self.key_fingerprint,
+                client_version=str(self.conn.get_extra_info("client_version") or "")[:256],
+                started_at=self.started_at,
+            ))
+        except AuditUnavailable:
+            self._forget_session()  # there is no row to end
+            self._refuse_unaudited(self.key_fingerprint)
+
+    def _forget_session(self) -> None:
+        """The session never began: nothing to end in the audit log, nothing for the per-user cap to count."""
+        sessions = self.ctx.sessions_by_user.get(self.user, set())
+        sessions.discard(self)
+        if not sessions:
+            self.ctx.sessions_by_user.pop(self.user, None)
+        self.session_id = None
+        self._session_row_queued = False
+
+    def refusal_counted(self) -> bool:
+        """Count one refused request of this session. Returns False, and disconnects the session, once it has had
+        `max_refusals_per_minute` in the last minute: its end row says why, and the refusals past the limit are
+        not written (one session must not fill the audit disk with refusals)."""
+        limit = self.ctx.config.max_refusals_per_minute
+        now = asyncio.get_running_loop().time()
+        window = self._refusals
+        while window and window[0] <= now - 60:
+            window.popleft()
+        if len(window) >= limit:
+            if self.end_reason is None:
+                self.log.warning("disconnecting: %d refused requests within a minute", limit)
+                self.disconnect(f"too many refused requests ({limit} within a minute)")
+            return False
+        window.append(now)
+        return True
+
+    # ---- channels -----------------------------------------------------------------------------
+
+    def session_requested(self) -> asyncssh.SSHServerSession:
+        """A shell gets a short text about the user's access; commands and subsystems are refused."""
+        return BannerSession(self)
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        """direct-tcpip (ssh -J / -W / -L / -D): returns a coroutine that asyncssh awaits before confirming
+        the channel. It resolves to the Tunnel, or raises ChannelOpenError (administratively prohibited for
+        a refusal, connect failed for an unreachable target)."""
+        return open_tunnel(self, dest_host, dest_port)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        """tcpip-forward (ssh -R): returns a coroutine that asyncssh awaits; it resolves to our own listener
+        (granted and bound) or False (refused; the client reports the forward failed)."""
+        return open_listener(self, listen_host, listen_port)
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        """Forwarding to UNIX sockets on the bastion is never allowed."""
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        return False
+
+    def open_channels_of_user(self) -> int:
+        return sum(len(c.tunnels) for c in self.ctx.sessions_of(self.user))
+
+    def add_tunnel(self, tunnel: Tunnel) -> None:
+        self.tunnels.add(tunnel)
+        self.ctx.tunnels.add(tunnel)
+        self.ctx.no_tunnels.clear()
+        self._channels_changed()
+
+    def add_listener(self, listener: Any) -> None:
+        self.listeners.add(listener)
+        self._channels_changed()
+
+    def remove_listener(self, listener: Any) -> None:
+        self.listeners.discard(listener)
+        self._channels_changed()
+
+    def tunnel_closed(self, tunnel: Tunnel) -> None:
+        self.tunnels.discard(tunnel)
+        self.ctx.tunnels.discard(tunnel)
+        if not self.ctx.tunnels:
+            self.ctx.no_tunnels.set()
+        self.bytes_up += tunnel.bytes_up
+        self.bytes_down += tunnel.bytes_down
+        if tunnel.channel_id is not None:
+            self.ctx.audit.close_channel(tunnel.channel_id, tunnel.bytes_up, tunnel.bytes_down,
+                                         reason=tunnel.close_reason)
+        self._channels_changed()
+
+    def _channels_changed(self) -> None:
+        """Arm the unused-session timer while nothing is open; disarm it while something is."""
+        timeout = self.ctx.config.unused_timeout_seconds
+        if not timeout or self.session_id is None or self.conn is None:
+            return
+        busy = bool(self.tunnels or self.listeners)
+        if busy and self._unused_timer is not None:
+            self._unused_timer.cancel()
+            self._unused_timer = None
+        elif not busy and self._unused_timer is None:
+            self._unused_timer = asyncio.get_running_loop().call_later(
+                timeout, self.disconnect, f"no open channel for {timeout:g}s"
+            )
+
+
+def describe_disconnect(exc: Exception | None, had_tunnels: bool) -> str:
+    """A client that closes TCP with no tunnel open (ssh -W does) has disconnected, not been lost."""
+    if exc is None or (isinstance(exc, asyncssh.DisconnectError) and exc.code == asyncssh.DISC_BY_APPLICATION):
+        return "client disconnected"
+    if isinstance(exc, asyncssh.ConnectionLost):
+        return "connection lost with tunnels open" if had_tunnels else "client disconnected"
+    return f"connection lost: {exc}"

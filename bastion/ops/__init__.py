@@ -1,0 +1,1 @@
+"""Admin tasks built on the library: doctor, quickstart, ssh-config, backup."""

@@ -1,0 +1,1 @@
+"""Who may reach what: the rule model, the pure decisions, the network guard, limits, policy files."""

@@ -1,0 +1,398 @@
+"""Policy files (TOML) and their JSON form, to and from `Policy` values.
+
+A file is checked whole before anything is used: one error rejects it, with a message of the
+form "FILE:LINE: what is wrong; expected what", so an operator can fix it without reading code.
+
+    [groups.ops]
+    allow = ["10.20.0.0/16:22", "*.db.corp.internal:5432", "[fd00:1::/64]:22,443"]
+
+    [users.alice]
+    keys = ["ssh-ed25519 AAAA... alice@laptop"]        # optional; absent = keep stored keys
+    groups = ["ops"]
+    allow = ["10.1.2.3:22,8000-8100", {target = "10.9.9.9:22", expires = 2026-12-01T18:00:00Z}]
+    deny = ["10.20.0.9"]                                # a deny without ports covers every port
+    expires = 2027-01-31T00:00:00Z                      # optional, must carry a timezone
+
+tomllib reports no positions for values, so semantic errors find their line by searching the
+text for the table, key and value in turn; a good guess is worth more than no line at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import binascii
+import re
+import tomllib
+from datetime import datetime, timezone
+from typing import Any, NoReturn
+
+from .. import toml_input
+from .keys import describe_key, weak_key_reason
+from .model import (
+    ListenRule,
+    parse_listen_rule,
+    NAME_HINT,
+    GroupPolicy,
+    Policy,
+    PolicyError,
+    TargetRule,
+    UserPolicy,
+    format_time,
+    parse_target_rule,
+    valid_name,
+)
+
+KEY_TYPES = frozenset({
+    "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
+})
+USER_KEYS = ("keys", "groups", "allow", "deny", "listen", "expires")
+GROUP_KEYS = ("allow", "deny", "listen")
+RULE_KEYS = ("target", "expires")
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+_RULE_HINT = '; expected HOST[:PORTS] such as "10.1.2.3:22", "*.corp.internal:22,443" or "[fd00::/64]:22"'
+_TIME_HINT = "a TOML date-time with a timezone such as 2027-01-31T00:00:00Z"
+
+
+class PolicyFileError(ValueError):
+    """A policy file or stored policy is invalid; the message starts with "FILE:LINE:"."""
+
+
+class WeakKeyError(PolicyError):
+    """A well-formed key too weak to log in with (algorithms.weak_key_reason)."""
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    """Parse policy TOML `text`; `source` names the file in error messages."""
+    try:
+        data = toml_input.loads(text)  # bounded nesting: a deep file is an error line, not a traceback
+    except tomllib.TOMLDecodeError as err:
+        raise PolicyFileError(_toml_error(str(err), text, source)) from None
+    return _FileReader(text, source).policy(data)
+
+
+def parse_policy_bytes(raw: bytes, source: str) -> Policy:
+    """Parse a policy file's bytes; `source` names it in errors (a file's path)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise PolicyFileError(f"{source}:{line}: not UTF-8 text; expected a UTF-8 TOML file") from None
+    return parse_policy(text, source)
+
+
+def check_key_line(line: str) -> str:
+    """Return an OpenSSH public key line "TYPE BASE64 [comment]" unchanged, or raise PolicyError.
+
+    The base64 blob must decode and start with its own type name, which catches keys pasted
+    with the wrong type or truncated in the middle -- before the user finds out at login.
+    """
+    if not isinstance(line, str) or not line.isprintable() or not line.isascii():
+        raise PolicyError("a key must be one printable ASCII line")
+    parts = line.split(maxsplit=2)
+    if len(parts) < 2:
+        raise PolicyError("a key must look like 'TYPE BASE64 [comment]'")
+    key_type, blob_text = parts[0], parts[1]
+    if key_type not in KEY_TYPES:
+        raise PolicyError(f"key type {key_type[:40]!r} is not one of {', '.join(sorted(KEY_TYPES))}")
+    try:
+        blob = base64.b64decode(blob_text, validate=True)
+    except (binascii.Error, ValueError):
+        raise PolicyError(f"{key_type} key is not valid base64") from None
+    length = int.from_bytes(blob[:4], "big")
+    if blob[4:4 + length] != key_type.encode():
+        raise PolicyError(f"{key_type} key data does not start with its type; is it truncated?")
+    weakness = weak_key_reason(blob)
+    if weakness:
+        raise WeakKeyError(f"{describe_key(blob, parts[2] if len(parts) > 2 else '')}: {weakness}")
+    return line
+
+
+def policy_to_dict(policy: Policy) -> dict[str, Any]:
+    """The JSON-serializable form used by `policy show --json` and the store."""
+    return {
+        "users": {name: {
+            "groups": list(user.groups),
+            "allow": [_rule_to_json(rule) for rule in user.allow],
+            "deny": [_rule_to_json(rule) for rule in user.deny],
+            "listen": [_rule_to_json(rule) for rule in user.listen],
+            "expires": None if user.expires is None else format_time(user.expires),
+            "keys": None if user.keys is None else list(user.keys),
+        } for name, user in policy.users.items()},
+        "groups": {name: {
+            "allow": [_rule_to_json(rule) for rule in group.allow],
+            "deny": [_rule_to_json(rule) for rule in group.deny],
+            "listen": [_rule_to_json(rule) for rule in group.listen],
+        } for name, group in policy.groups.items()},
+    }
+
+
+def policy_from_dict(data: dict[str, Any]) -> Policy:
+    """The inverse of `policy_to_dict`; absent keys take their defaults. Raises PolicyFileError."""
+    try:
+        return Policy(
+            users={name: _user_from_json(name, user)
+                   for name, user in _mapping(data.get("users", {}), "users").items()},
+            groups={name: _group_from_json(name, group)
+                    for name, group in _mapping(data.get("groups", {}), "groups").items()},
+        )
+    except (PolicyError, TypeError, AttributeError) as err:
+        raise PolicyFileError(f"<stored policy>: {err}") from None
+    except KeyError as err:
+        raise PolicyFileError(f"<stored policy>: missing key {err}") from None
+
+
+def _rule_to_json(rule: TargetRule) -> str | dict[str, str]:
+    if rule.expires is None:
+        return rule.text
+    return {"target": rule.text, "expires": format_time(rule.expires)}
+
+
+def _user_from_json(name: str, data: dict[str, Any]) -> UserPolicy:
+    _check_name("user", name)
+    data = _mapping(data, f"users.{name}")
+    keys = data.get("keys")
+    return UserPolicy(
+        name=name,
+        groups=tuple(_check_name("group", g) for g in data.get("groups", ())),
+        allow=tuple(_rule_from_json(r, deny=False) for r in data.get("allow", ())),
+        deny=tuple(_rule_from_json(r, deny=True) for r in data.get("deny", ())),
+        listen=tuple(_listen_from_json(r) for r in data.get("listen", ())),
+        expires=_time_from_json(data.get("expires")),
+        keys=None if keys is None else tuple(check_key_line(k) for k in keys),
+    )
+
+
+def _group_from_json(name: str, data: dict[str, Any]) -> GroupPolicy:
+    _check_name("group", name)
+    data = _mapping(data, f"groups.{name}")
+    return GroupPolicy(
+        name=name,
+        allow=tuple(_rule_from_json(r, deny=False) for r in data.get("allow", ())),
+        deny=tuple(_rule_from_json(r, deny=True) for r in data.get("deny", ())),
+        listen=tuple(_listen_from_json(r) for r in data.get("listen", ())),
+    )
+
+
+def _listen_from_json(item: str | dict[str, Any]) -> ListenRule:
+    if isinstance(item, str):
+        return parse_listen_rule(item)
+    item = _mapping(item, "listen rule")
+    return _with_expiry(parse_listen_rule(item["target"]), _time_from_json(item.get("expires")))
+
+
+def _rule_from_json(item: str | dict[str, Any], *, deny: bool) -> TargetRule:
+    if isinstance(item, str):
+        return parse_target_rule(item, any_port_when_omitted=deny)
+    item = _mapping(item, "rule")
+    rule = parse_target_rule(item["target"], any_port_when_omitted=deny)
+    return _with_expiry(rule, _time_from_json(item.get("expires")))
+
+
+def _time_from_json(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise PolicyError(f"time {text!r} is not ISO 8601") from None
+    if moment.tzinfo is None:
+        raise PolicyError(f"time {text!r} has no timezone")
+    return moment.astimezone(timezone.utc)
+
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PolicyError(f"{what} must be a table")
+    return value
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not valid_name(name):
+        raise PolicyError(f"{kind} name {str(name)[:40]!r} is not valid; expected {NAME_HINT}")
+    return name
+
+
+def _with_expiry(rule: TargetRule | ListenRule, expires: datetime | None) -> TargetRule | ListenRule:
+    return dataclasses.replace(rule, expires=expires)
+
+
+def _toml_error(message: str, text: str, source: str) -> str:
+    """Turn tomllib's "Invalid value (at line 3, column 9)" into "FILE:3: Invalid value ..."."""
+    match = _TOML_POSITION.search(message)
+    if match:
+        line, what = match.group(1), f"{message[:match.start()]} at column {match.group(2)}"
+    else:  # "(at end of document)"
+        line, what = str(text.count("\n") + 1), message
+    return f"{source}:{line}: {what}; expected valid TOML"
+
+
+class _FileReader:
+    """Checks the parsed TOML tables and raises PolicyFileError with a line for the first fault."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self._text = text
+        self._source = source
+
+    def policy(self, data: dict[str, Any]) -> Policy:
+        for key in data:
+            if key not in ("users", "groups"):
+                self._fail(f"unknown top-level key {key!r}; expected [users.NAME] or "
+                           "[groups.NAME] tables", key)
+        users = self._tables(data.get("users", {}), "users")
+        groups = self._tables(data.get("groups", {}), "groups")
+        return Policy(
+            users={name: self._user(name, table) for name, table in users.items()},
+            groups={name: self._group(name, table) for name, table in groups.items()},
+        )
+
+    def _tables(self, value: Any, kind: str) -> dict[str, dict[str, Any]]:
+        if not isinstance(value, dict):
+            self._fail(f"{kind} must be a table of [{kind}.NAME] tables", kind)
+        for name, table in value.items():
+            if not valid_name(name):
+                self._fail(f"{kind[:-1]} name {name[:40]!r} is not valid; expected {NAME_HINT}",
+                           kind, name)
+            if not isinstance(table, dict):
+                self._fail(f"{kind}.{name} must be a table, e.g. [{kind}.{name}]", kind, name)
+        return value
+
+    def _user(self, name: str, table: dict[str, Any]) -> UserPolicy:
+        where = ("users", name)
+        self._known_keys(table, USER_KEYS, where)
+        return UserPolicy(
+            name=name,
+            groups=self._groups_list(table.get("groups", []), where),
+            allow=self._rules(table.get("allow", []), where, "allow"),
+            deny=self._rules(table.get("deny", []), where, "deny"),
+            listen=self._rules(table.get("listen", []), where, "listen"),
+            expires=self._time(table["expires"], f"users.{name}.expires", *where, "expires")
+            if "expires" in table else None,
+            keys=self._keys(table["keys"], where) if "keys" in table else None,
+        )
+
+    def _group(self, name: str, table: dict[str, Any]) -> GroupPolicy:
+        where = ("groups", name)
+        self._known_keys(table, GROUP_KEYS, where)
+        return GroupPolicy(
+            name=name,
+            allow=self._rules(table.get("allow", []), where, "allow"),
+            deny=self._rules(table.get("deny", []), where, "deny"),
+            listen=self._rules(table.get("listen", []), where, "listen"),
+        )
+
+    def _known_keys(self, table: dict[str, Any], allowed: tuple[str, ...],
+                    where: tuple[str, str]) -> None:
+        for key in table:
+            if key not in allowed:
+                self._fail(f"{'.'.join(where)} has unknown key {key[:40]!r}; allowed keys are "
+                           f"{', '.join(allowed)}", *where, key)
+
+    def _groups_list(self, value: Any, where: tuple[str, str]) -> tuple[str, ...]:
+        path = f"{'.'.join(where)}.groups"
+        if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
+            self._fail(f"{path} must be a list of group names", *where, "groups")
+        for group in value:
+            if not valid_name(group):
+                self._fail(f"{path}: group name {group[:40]!r} is not valid; expected {NAME_HINT}",
+                           *where, "groups", group)
+        return tuple(value)
+
+    def _rules(self, value: Any, where: tuple[str, str], kind: str) -> tuple[TargetRule, ...]:
+        path = f"{'.'.join(where)}.{kind}"
+        if not isinstance(value, list):
+            self._fail(f"{path} must be a list of strings or {{target, expires}} tables",
+                       *where, kind)
+        rules = []
+        for item in value:
+            if isinstance(item, dict):
+                rules.append(self._rule_table(item, path, where, kind))
+            elif isinstance(item, str):
+                rules.append(self._rule(item, path, where, kind))
+            else:
+                self._fail(f"{path} must be a list of strings or {{target, expires}} tables",
+                           *where, kind)
+        return tuple(rules)
+
+    def _rule_table(self, item: dict[str, Any], path: str, where: tuple[str, str],
+                    kind: str) -> TargetRule:
+        for key in item:
+            if key not in RULE_KEYS:
+                self._fail(f"{path}: a rule table has unknown key {key[:40]!r}; allowed keys are "
+                           f"{', '.join(RULE_KEYS)}", *where, kind, key)
+        target = item.get("target")
+        if not isinstance(target, str):
+            self._fail(f"{path}: a rule table needs target = \"HOST[:PORTS]\"", *where, kind)
+        rule = self._rule(target, path, where, kind)
+        if "expires" not in item:
+            return rule
+        return _with_expiry(rule, self._time(item["expires"], f"{path}: {target!r} expires",
+                                             *where, kind, target, "expires"))
+
+    def _rule(self, text: str, path: str, where: tuple[str, str], kind: str) -> TargetRule:
+        try:
+            if kind == "listen":
+                return parse_listen_rule(text)
+            return parse_target_rule(text, any_port_when_omitted=(kind == "deny"))
+        except PolicyError as err:
+            hint = "" if "expected" in str(err) else _RULE_HINT
+            self._fail(f"{path}: {err}{hint}", *where, kind, text)
+
+    def _time(self, value: Any, path: str, *needles: str) -> datetime:
+        if isinstance(value, datetime) and value.tzinfo is not None:
+            return value.astimezone(timezone.utc)
+        problem = "has no timezone" if isinstance(value, datetime) else "is not a date-time"
+        self._fail(f"{path} {problem}; expected {_TIME_HINT}", *needles)
+
+    def _keys(self, value: Any, where: tuple[str, str]) -> tuple[str, ...]:
+        path = f"{'.'.join(where)}.keys"
+        if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+            self._fail(f"{path} must be a list of OpenSSH public key lines", *where, "keys")
+        for number, line in enumerate(value, 1):
+            try:
+                check_key_line(line)
+            except PolicyError as err:
+                hint = ("use an Ed25519 key (ssh-keygen -t ed25519)" if isinstance(err, WeakKeyError)
+                        else "expected a line from an id_*.pub file")
+                self._fail(f"{path}: key {number}: {err}; {hint}", *where, "keys", line[:60])
+        return tuple(value)
+
+    def _fail(self, message: str, *needles: str) -> NoReturn:
+        raise PolicyFileError(f"{self._source}:{self._line_of(needles)}: {message}")
+
+    def _line_of(self, needles: tuple[str, ...]) -> int:
+        """The line of the last of `needles` found, each searched after the previous one."""
+        position = found = 0
+        for needle in needles:
+            match = re.compile(rf"(?<![\w-]){re.escape(needle)}(?![\w-])").search(
+                self._text, position)
+            if match is None:
+                continue  # e.g. a value written with escapes; keep the line found so far
+            position = found = match.start()
+        return self._text.count("\n", 0, found) + 1
+
+
+def to_toml(data: dict) -> str:
+    """The policy dict as TOML: [users.NAME] / [groups.NAME] tables of strings, lists and inline tables."""
+    lines: list[str] = []
+    for section in ("groups", "users"):
+        for name, entry in data.get(section, {}).items():
+            lines.append(f"[{section}.{name}]")
+            for key, value in entry.items():
+                if value is None or value == [] or value == ():
+                    continue
+                lines.append(f"{key} = {_toml_value(key, value)}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(key: str, value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(key, item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(k, v)}" for k, v in value.items() if v is not None) + "}"
+    if key == "expires" and isinstance(value, str):
+        return value  # an ISO datetime is a bare TOML datetime
+    return json.dumps(value)

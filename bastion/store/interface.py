@@ -1,0 +1,36 @@
+"""What the running gateway reads from the store, as an interface: the users' keys, and the policy with its version.
+The SQLite backend (sqlite.py) implements it; a second backend (PostgreSQL, for a fleet) can implement the same
+without touching gateway/ or policy/. Administration (adding users, applying policy) is the backend's own API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..policy.model import Policy
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKey:
+    fingerprint: str  # SHA256:...
+    key_type: str
+    public_key: str  # "TYPE BASE64", no comment
+    comment: str
+
+
+class AccessStore(Protocol):
+    """Read by the server, from worker threads (implementations must be thread-safe)."""
+
+    def user_keys(self, name: str) -> list[PublicKey]:
+        """The user's public keys now; [] for an unknown user."""
+        ...
+
+    def policy_version(self) -> int:
+        """A number that changes whenever users, keys or the policy change (a cheap 'is mine stale?')."""
+        ...
+
+    def load_policy(self) -> tuple[int, Policy]:
+        """The policy and the version it belongs to, read together."""
+        ...
+
+    def close(self) -> None: ...
