@@ -1,4 +1,4 @@
-"""The benchmark bed: the sealed namespaces of tests/testbed.py, the targets, both servers and the client side.
+"""The benchmark bed: the sealed namespaces of the testbed package, the targets, both servers and the client side.
 
     gw  10.99.0.1   bastion :22 (home on disk), bastion :2223 (home on /dev/shm, audit figure only),
                     OpenSSH sshd :2222 as a jump host, every client (ssh, the drivers in clients.py)
@@ -31,8 +31,8 @@ from typing import Iterator
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from testbed import (  # noqa: E402  (the shared testbed of tests/testbed.py: imported, never edited)
+sys.path.insert(0, str(ROOT))  # the testbed package at the repository's root, shared with the tests
+from testbed import (  # noqa: E402
     GW_ADDR,
     LAN_ADDR,
     SSH,
@@ -44,6 +44,7 @@ from testbed import (  # noqa: E402  (the shared testbed of tests/testbed.py: im
     clean_env,
     free_port,
     generate_key,
+    start_targets,
     stop_process,
     wait_listening,
 )
@@ -272,7 +273,7 @@ class Bench:
             self._allowed_before = set_congestion_control(tb, self.congestion_control)
         self.congestion_control = tb.run(tb.gw, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"],
                                          check=True).stdout.decode().strip()
-        tb.start_targets()  # the testbed's target sshd on 10.99.0.2:22 is the end of `ssh -J ... target`
+        start_targets(tb)  # the testbed's target sshd on 10.99.0.2:22 is the end of `ssh -J ... target`
         self._targets = tb.popen(tb.lan, [sys.executable, TARGETS], stdout=subprocess.DEVNULL,
                                  stderr=(self.workdir / "targets.log").open("wb"))
         for port in (SOURCE_PORT, SINK_PORT, ECHO_PORT, HELLO_PORT):

@@ -6,7 +6,6 @@ reason below, and the loopback tests still run.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,22 +17,13 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("bastion", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("bastion")
 
-from testbed import DEFAULT_POLICY, SSH, SSHD, Bastion, Key, SshClient, Testbed, generate_key
+from testbed import DEFAULT_POLICY, Bastion, Key, SshClient, Testbed, generate_key, netns_unavailable, start_targets
 
 BASTIONS = pytest.StashKey[list[Bastion]]()
 
 
-def _netns_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root: creates network namespaces with `ip netns` (run the suite as root, as CI does)"
-    missing = [tool for tool in ("ip", SSH, SSHD, "ssh-keygen") if shutil.which(tool) is None]
-    if missing:
-        return f"needs {', '.join(missing)} (iproute2 and openssh-server/client)"
-    return None
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reason = _netns_unavailable()
+    reason = netns_unavailable()
     if reason is None:
         return
     skip = pytest.mark.skip(reason=reason)
@@ -55,11 +45,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 @pytest.fixture(scope="session")
 def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
     """Namespaces bt-gw-XXXX / bt-lan-XXXX with sshd, echo, HTTP and close-first targets running in lan."""
-    reason = _netns_unavailable()
+    reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
     with Testbed(tmp_path_factory.mktemp("testbed")).create() as bed:
-        bed.start_targets()
+        start_targets(bed)
         yield bed
 
 

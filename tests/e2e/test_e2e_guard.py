@@ -21,7 +21,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from testbed import GW_ADDR, PREFIX_LEN, SSH_PORT, _in_netns, netns_socket, run
+from testbed import GW_ADDR, PREFIX_LEN, SSH_PORT, in_netns, netns_socket, run
 
 from bastion.gateway.local_addresses import is_local_address
 
@@ -149,7 +149,7 @@ def set_nonlocal_bind(namespace: str, value: int) -> None:
 
 
 def local_in(namespace: str, *addresses: str) -> list[bool]:
-    return _in_netns(namespace, lambda: [is_local_address(ip_address(a)) for a in addresses])
+    return in_netns(namespace, lambda: [is_local_address(ip_address(a)) for a in addresses])
 
 
 def binds_in(namespace: str, address: str) -> bool:
@@ -161,7 +161,7 @@ def binds_in(namespace: str, address: str) -> bool:
             except OSError:
                 return False
             return True
-    return _in_netns(namespace, attempt)
+    return in_netns(namespace, attempt)
 
 
 @pytest.mark.parametrize("nonlocal_bind", [0, 1])
