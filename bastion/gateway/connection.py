@@ -5,13 +5,11 @@ direct_tcpip.py (ssh -J/-L/-D) and remote_forward.py (ssh -R)."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import ipaddress
 import itertools
 import logging
 import random
 import secrets
-from dataclasses import replace
 from typing import Any
 
 import asyncssh
@@ -24,11 +22,11 @@ from ..clock import utc_now
 from .direct_tcpip import open_tunnel
 from ..policy.netguard import canonical_address
 from ..policy.model import Policy
-from ..policy.decide import evaluate, login_refusal, session_cap_refusal
+from ..policy.decide import login_refusal, session_cap_refusal
 from .remote_forward import open_listener
 from .context import ServerContext
+from .session import SessionChannels
 from ..store.interface import PublicKey
-from .relay import Tunnel
 
 log = logging.getLogger("bastion.sshd")
 
@@ -40,34 +38,21 @@ class ConnectionLog(logging.LoggerAdapter):
         return f"[{self.extra['context']}] {msg}", kwargs
 
 
-class GatewayConnection(asyncssh.SSHServer):
-    """One SSH connection: limits, authentication, the session channel, tunnels and listeners."""
+class GatewayConnection(SessionChannels, asyncssh.SSHServer):
+    """asyncssh's callbacks for one SSH connection: the limits before login, authentication, and the channel
+    requests, handed to direct_tcpip, remote_forward and banner. The session's state and its channels are
+    SessionChannels' (session.py)."""
 
     def __init__(self, context: ServerContext):
-        self.ctx = context
+        super().__init__(context)
         self.number = next(_connection_numbers)
-        self.conn: asyncssh.SSHServerConnection | None = None
-        self.client_ip = ""
-        self.client_port = 0
-        self.user = ""
-        self.session_id: str | None = None
-        self.started_at = None
-        self.key_fingerprint: str | None = None
         self.failed_auths = 0
-        self.tunnels: set[Tunnel] = set()
-        self.listeners: set = set()
-        self.bytes_up = 0  # of closed tunnels; open ones count their own
-        self.bytes_down = 0
-        self.end_reason: str | None = None
         self._keys: dict[str, PublicKey] = {}
         self._login_policy: Policy | None = None  # as read at the first auth request; re-read at session start
         self._counted_unauthenticated = False
         self._server_fault = False  # refused for our own failure (audit down): not the source's fault
         self._session_row_queued = False  # the session row is on its way to the audit log: end it on close
-        self._refusals: collections.deque[float] = collections.deque()  # times of recent refused requests
-        self._unused_timer: asyncio.TimerHandle | None = None
         self._session_timer: asyncio.TimerHandle | None = None
-        self.session_committed: asyncio.Future | None = None  # the session row; channels wait for it
         self.log = ConnectionLog(log, {"context": f"conn=c{self.number}"})
 
     # ---- connection ---------------------------------------------------------------------------
@@ -149,47 +134,6 @@ class GatewayConnection(asyncssh.SSHServer):
         self.end_reason = self.end_reason or reason
         if self.conn is not None:
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
-
-    def describe(self) -> dict[str, Any]:
-        """A live view for `bastion sessions list`."""
-        return {
-            "id": self.session_id,
-            "user": self.user,
-            "client_ip": self.client_ip,
-            "client_port": self.client_port,
-            "started_at": self.started_at,
-            "channels": len(self.tunnels),
-            "listeners": len(self.listeners),
-            "bytes_up": self.bytes_up + sum(t.bytes_up for t in self.tunnels),
-            "bytes_down": self.bytes_down + sum(t.bytes_down for t in self.tunnels),
-        }
-
-    def revalidate(self, policy: Policy, fingerprints: frozenset[str], now) -> list[str]:
-        """Re-check a live session against the access now in force (after a policy or user change, or an
-        expiry). Ends the session if its user or key is gone or expired; closes tunnels and listeners that
-        are no longer granted. Returns what was ended, for the operator."""
-        if self.session_id is None:
-            return []
-        reason = login_refusal(policy, self.user, self.key_fingerprint, fingerprints, now)
-        if reason is not None:
-            self.log.info("ending session: %s", reason)
-            self.disconnect(reason)
-            return [f"session {self.session_id} ({self.user}): {reason}"]
-        ended = []
-        for tunnel in list(self.tunnels):
-            if tunnel.request is None:  # an inbound -R connection: it lives with its listener's session
-                continue
-            decision = evaluate(policy, self.ctx.guard, replace(tunnel.request, now=now))
-            if not decision.allowed:  # pending opens too: they are in the set from the moment they are decided
-                self.log.info("closing tunnel %s: %s", tunnel.channel_id, decision.reason)
-                tunnel.revoke(f"revoked: {decision.reason}")
-                ended.append(f"channel {tunnel.channel_id} ({self.user}): {decision.reason}")
-        for listener in list(self.listeners):
-            decision = listener.recheck(policy, now)
-            if not decision.allowed:
-                listener.close_with(f"revoked: {decision.reason}")
-                ended.append(f"listener {listener.listener_id} ({self.user}): {decision.reason}")
-        return ended
 
     # ---- authentication -----------------------------------------------------------------------
 
@@ -337,23 +281,6 @@ class GatewayConnection(asyncssh.SSHServer):
         self.session_id = None
         self._session_row_queued = False
 
-    def refusal_counted(self) -> bool:
-        """Count one refused request of this session. Returns False, and disconnects the session, once it has had
-        `max_refusals_per_minute` in the last minute: its end row says why, and the refusals past the limit are
-        not written (one session must not fill the audit disk with refusals)."""
-        limit = self.ctx.config.max_refusals_per_minute
-        now = asyncio.get_running_loop().time()
-        window = self._refusals
-        while window and window[0] <= now - 60:
-            window.popleft()
-        if len(window) >= limit:
-            if self.end_reason is None:
-                self.log.warning("disconnecting: %d refused requests within a minute", limit)
-                self.disconnect(f"too many refused requests ({limit} within a minute)")
-            return False
-        window.append(now)
-        return True
-
     # ---- channels -----------------------------------------------------------------------------
 
     def session_requested(self) -> asyncssh.SSHServerSession:
@@ -378,48 +305,6 @@ class GatewayConnection(asyncssh.SSHServer):
     def unix_server_requested(self, listen_path: str) -> bool:
         return False
 
-    def open_channels_of_user(self) -> int:
-        return sum(len(c.tunnels) for c in self.ctx.sessions_of(self.user))
-
-    def add_tunnel(self, tunnel: Tunnel) -> None:
-        self.tunnels.add(tunnel)
-        self.ctx.tunnels.add(tunnel)
-        self.ctx.no_tunnels.clear()
-        self._channels_changed()
-
-    def add_listener(self, listener: Any) -> None:
-        self.listeners.add(listener)
-        self._channels_changed()
-
-    def remove_listener(self, listener: Any) -> None:
-        self.listeners.discard(listener)
-        self._channels_changed()
-
-    def tunnel_closed(self, tunnel: Tunnel) -> None:
-        self.tunnels.discard(tunnel)
-        self.ctx.tunnels.discard(tunnel)
-        if not self.ctx.tunnels:
-            self.ctx.no_tunnels.set()
-        self.bytes_up += tunnel.bytes_up
-        self.bytes_down += tunnel.bytes_down
-        if tunnel.channel_id is not None:
-            self.ctx.audit.close_channel(tunnel.channel_id, tunnel.bytes_up, tunnel.bytes_down,
-                                         reason=tunnel.close_reason)
-        self._channels_changed()
-
-    def _channels_changed(self) -> None:
-        """Arm the unused-session timer while nothing is open; disarm it while something is."""
-        timeout = self.ctx.config.unused_timeout_seconds
-        if not timeout or self.session_id is None or self.conn is None:
-            return
-        busy = bool(self.tunnels or self.listeners)
-        if busy and self._unused_timer is not None:
-            self._unused_timer.cancel()
-            self._unused_timer = None
-        elif not busy and self._unused_timer is None:
-            self._unused_timer = asyncio.get_running_loop().call_later(
-                timeout, self.disconnect, f"no open channel for {timeout:g}s"
-            )
 
 
 def describe_disconnect(exc: Exception | None, had_tunnels: bool) -> str:
