@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "packet_path.py"
+SCRIPT = Path(__file__).resolve().with_name("packet_path.py")
 
 
 def test_packet_path_bench_runs_and_reports_both_paths():

@@ -1,14 +1,9 @@
 """The bench's ratios (bench/figures.py): where rounds pair up, the row's ratio is the median of the per-round
 ratios, so a round the whole machine ran slow in does not move it."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-from figures import Row, paired  # noqa: E402
+from figures import Row, paired
 
 
 def test_a_round_that_slowed_both_servers_cancels_in_the_paired_ratio():

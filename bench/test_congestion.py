@@ -1,16 +1,12 @@
 """The bench's TCP congestion control (bench/bed.py): its namespaces get the algorithm asked for, and the
 host's allowed list, widened for that when it must be, is put back as it was."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
+from bed import ALLOWED_CC, set_congestion_control
 from testbed import Testbed, TestbedError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from bed import ALLOWED_CC, set_congestion_control  # noqa: E402
 
 AVAILABLE = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
 
