@@ -1,7 +1,11 @@
 """Shared fixtures: the sealed network testbed (session), keys (session), and a fresh bastion per test.
 
+The tiers and the rule for which one a test goes in are in tests/README.md (unit/ pure and fast, integration/
+the CLI and loopback servers, e2e/ the namespaces, load/ opt-in). The testbed itself is the `testbed` package
+at the repository's root, shared with bench/ (pyproject's `pythonpath = ["."]` puts the root on sys.path).
+
 Tests marked `netns` need root (they create network namespaces); without it they are skipped with the
-reason below, and the loopback tests still run.
+reason `netns_unavailable()` gives, and the loopback tests still run.
 """
 
 from __future__ import annotations
