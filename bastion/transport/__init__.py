@@ -4,8 +4,9 @@ The rest of bastion talks to asyncssh through its public API plus the calls here
 process before the server starts, `status()` for the startup line and `doctor`, `server_options()` and
 `host_key_pairs()` for the listener, and three per-connection hooks the gateway uses on the byte path
 (`receive_in_place`, `after_read`, `quick_ack`). What each patch does and why is in its own module:
-fastpath (the AES-GCM/ChaCha20 packet path, pinned to the asyncssh version it was written for), quickack,
-kex_guess, zlib_limit and algorithms.
+the fast path (the AES-GCM/ChaCha20 packet path: pins, send, receive, in_place, keepalive, aead, keys; pinned to
+the asyncssh version it was written for), quickack, kex_guess, zlib_limit and algorithms. Nothing outside
+transport/ imports those modules (tests/unit/test_import_contract.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import algorithms, fastpath, kex_guess, quickack, zlib_limit
+from . import algorithms, kex_guess, pins, quickack, zlib_limit
 from .algorithms import host_key_pairs, server_options
-from .fastpath import after_read, receive_in_place
+from .in_place import receive_in_place
+from .receive import after_read
 
 __all__ = ["TransportStatus", "after_read", "host_key_pairs", "install", "quick_ack", "receive_in_place",
            "server_options", "status", "watch_send_buffer"]
@@ -62,13 +64,13 @@ def _fast_path_status(wanted: bool, install: bool = True) -> TransportStatus:
     version = asyncssh.__version__
     if not wanted:
         return TransportStatus(False, "fast_path = false", version)
-    changed = fastpath.changed_functions()
+    changed = pins.changed_functions()
     if changed:
         return TransportStatus(False, f"asyncssh differs from the version it was written for in {len(changed)} "
                                       f"functions ({' '.join(changed[:3])}{' …' if len(changed) > 3 else ''})",
                                version)
     if install:
-        fastpath.apply()
+        pins.apply()
     return TransportStatus(True, "", version)
 
 

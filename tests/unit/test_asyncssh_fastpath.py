@@ -4,6 +4,10 @@ The server is a real asyncssh server on loopback with the fast path installed; t
 (which shares the patched code) and paramiko (which does not: an independent check of the wire format).
 A proxy between them can re-cut the byte stream into random pieces, so packet headers and bodies are split
 across reads at every possible place.
+
+The path is the one the switch asks for, read as the server reads it (BASTION_FAST_PATH): .ci/run runs the
+tests marked `both_paths` a second time with it false, on asyncssh as shipped. Tests of the fast path's own
+workings skip, saying why, when it is off or cannot be installed (an asyncssh other than the pinned one).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 import asyncssh
 import paramiko
@@ -24,7 +27,9 @@ from asyncssh import connection
 from asyncssh.constants import MSG_CHANNEL_DATA
 from asyncssh.packet import String, UInt32
 
-from bastion.transport import fastpath as asyncssh_fastpath
+from bastion import transport
+from bastion.config import load_config
+from bastion.transport import in_place, pins, send
 
 SIZE = 6 * 1024 * 1024
 CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
@@ -42,24 +47,46 @@ UP = _payload(b"up")  # client -> target
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fast_path():
-    if asyncssh.__version__ not in asyncssh_fastpath.VERIFIED_VERSIONS:
-        pytest.skip(f"asyncssh {asyncssh.__version__} is not a version the fast path was checked against")
-    assert asyncssh_fastpath.apply()
+def transport_path(tmp_path_factory) -> transport.TransportStatus:
+    """The fast path if the switch is on (as the server reads it) and it can be installed, else asyncssh as
+    shipped."""
+    return transport.install(fast_path=load_config(home=tmp_path_factory.mktemp("home")).fast_path)
 
 
+@pytest.fixture
+def fast_path(transport_path):
+    """For tests of the fast path's own workings: skipped, with the reason, where it is not installed."""
+    if not transport_path.fast_path:
+        pytest.skip(f"tests the fast path itself: {transport_path.describe()}")
+
+
+fast_path_only = pytest.mark.usefixtures("fast_path")
+
+
+@fast_path_only
 def test_installed_asyncssh_matches_the_pinned_sources():
-    assert asyncssh_fastpath.changed_functions() == []
+    assert pins.changed_functions() == []
 
 
+@fast_path_only
 def test_a_changed_asyncssh_function_is_detected(monkeypatch):
-    monkeypatch.setitem(asyncssh_fastpath._EXPECTED_SOURCE, "connection.SSHConnection._recv_packet", "0" * 16)
-    assert asyncssh_fastpath.changed_functions() == ["connection.SSHConnection._recv_packet"]
+    monkeypatch.setitem(pins._EXPECTED_SOURCE, "connection.SSHConnection._recv_packet", "0" * 16)
+    assert pins.changed_functions() == ["connection.SSHConnection._recv_packet"]
+
+
+@pytest.mark.skipif(transport.status().fast_path, reason="the installed asyncssh is the one the fast path is "
+                                                          "pinned to")
+def test_another_asyncssh_runs_as_shipped():
+    """Where the fast path cannot be installed (an asyncssh other than the pinned one), asking for it
+    replaces nothing of asyncssh, and the status says why."""
+    status = transport.install(fast_path=True)
+    assert not status.fast_path and "differs from the version it was written for" in status.reason
+    assert not hasattr(connection.SSHConnection.send_packet, "_bastion_original")
 
 
 class _Server(asyncssh.SSHServer):
     def connection_made(self, conn):
-        assert asyncssh_fastpath.receive_in_place(conn)  # as bastion's server connections do
+        transport.receive_in_place(conn)  # as bastion's server connections do (no-op without the fast path)
 
     def begin_auth(self, username):
         return False  # no auth: these tests are about the transport
@@ -230,11 +257,13 @@ def _run(client, cipher: str, recut: bool, rekey_bytes: int | None = None):
     assert up_digest == hashlib.sha256(UP).digest()
 
 
+@pytest.mark.both_paths
 @pytest.mark.parametrize("cipher", CIPHERS)
 def test_asyncssh_client_both_directions(cipher):
     _run(_through_asyncssh, cipher, recut=False)
 
 
+@pytest.mark.both_paths
 @pytest.mark.parametrize("cipher", PARAMIKO_CIPHERS)
 def test_paramiko_client_both_directions(cipher):
     _run(_through_paramiko, cipher, recut=False)
@@ -245,11 +274,13 @@ def test_reads_cut_at_every_boundary(cipher):
     _run(_through_paramiko, cipher, recut=True)
 
 
+@pytest.mark.both_paths
 @pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"])
 def test_rekeying_while_data_flows(cipher):
     _run(_through_asyncssh, cipher, recut=True, rekey_bytes=1_000_000)
 
 
+@pytest.mark.both_paths
 @pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"])
 def test_the_server_rekeys_after_every_rekey_bytes_it_sends(monkeypatch, cipher):
     """Channel data sealed in bulk still counts toward the rekey limit: the server starts a key exchange
@@ -268,6 +299,7 @@ def test_the_server_rekeys_after_every_rekey_bytes_it_sends(monkeypatch, cipher)
     assert all(sent < 1_000_000 + 40_000 for sent in started), started  # at most a packet past the limit
 
 
+@fast_path_only
 def test_the_server_reads_in_place(monkeypatch):
     """After login, a server connection's socket reads into its own buffer: no bytes object per read for
     asyncssh's data_received to append."""
@@ -284,11 +316,12 @@ def test_the_server_reads_in_place(monkeypatch):
     assert 0 < sum(handed) < 16384, handed  # the handshake and login (see _login_scratch), and nothing after
 
 
+@fast_path_only
 @pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr"])
 def test_reading_in_place_with_little_room(monkeypatch, cipher):
     """With room for 1000 bytes per read, every 32 KiB packet arrives in pieces: the buffer moves what is not
     parsed yet to the front, and grows for a packet larger than it, without losing or reordering a byte."""
-    monkeypatch.setattr(asyncssh_fastpath, "_RECV_ROOM", 1000)
+    monkeypatch.setattr(in_place, "_RECV_ROOM", 1000)
     if cipher in PARAMIKO_CIPHERS:
         _run(_through_paramiko, cipher, recut=True)
     _run(_through_asyncssh, cipher, recut=True, rekey_bytes=1_000_000)
@@ -333,33 +366,35 @@ class _InPlaceConn:
         self._inpos = upto
 
 
+@fast_path_only
 def test_data_handed_to_an_in_place_buffer_is_appended(monkeypatch):
     """data_received on a connection that reads in place (not a path bastion's reads take, but asyncssh's
     own callers may): the bytes land after what is there, the buffer moves and grows, nothing is lost."""
-    monkeypatch.setattr(asyncssh_fastpath, "_RECV_ROOM", 1000)
+    monkeypatch.setattr(in_place, "_RECV_ROOM", 1000)
     conn = _InPlaceConn()
-    assert asyncssh_fastpath._room(conn, 1000) is not None  # maps the first buffer, as the first read does
+    assert in_place._room(conn, 1000) is not None  # maps the first buffer, as the first read does
     sent = random.Random(3).randbytes(20000)
     for start in range(0, len(sent), 3000):  # pieces larger than the buffer's room
-        asyncssh_fastpath._data_received(conn, sent[start:start + 3000])
+        in_place._data_received(conn, sent[start:start + 3000])
     assert type(conn._inpbuf) is not bytes
     assert conn.parsed + bytes(conn._inpbuf[conn._inpos:conn._inpend]) == sent
 
 
+@fast_path_only
 @pytest.mark.parametrize("failing", ["every mapping", "a larger mapping"])
 def test_no_memory_for_a_receive_buffer_falls_back_to_bytes(monkeypatch, failing):
     """Out of memory or of mappings (vm.max_map_count), a connection reads as asyncssh does: nothing lost."""
-    real_mmap = asyncssh_fastpath.mmap.mmap
+    real_mmap = in_place.mmap.mmap
     refused = []
 
     def mmap_or_refuse(fileno, length):
-        if failing == "every mapping" or length > 2 * asyncssh_fastpath._RECV_ROOM:
+        if failing == "every mapping" or length > 2 * in_place._RECV_ROOM:
             refused.append(length)
             raise OSError(12, "Cannot allocate memory")
         return real_mmap(fileno, length)
 
-    monkeypatch.setattr(asyncssh_fastpath.mmap, "mmap", mmap_or_refuse)
-    monkeypatch.setattr(asyncssh_fastpath, "_RECV_ROOM", 1000)  # a 32 KiB packet needs a larger buffer
+    monkeypatch.setattr(in_place.mmap, "mmap", mmap_or_refuse)
+    monkeypatch.setattr(in_place, "_RECV_ROOM", 1000)  # a 32 KiB packet needs a larger buffer
     _run(_through_paramiko, "aes128-gcm@openssh.com", recut=True)
     assert refused
 
@@ -379,6 +414,7 @@ def server_writes(monkeypatch) -> list[int]:
     return writes
 
 
+@fast_path_only
 @pytest.mark.parametrize("cipher, per_data_packet", [("aes128-gcm@openssh.com", 1), ("aes256-cbc", 2)])
 def test_ignore_packet_only_with_cbc(server_writes, cipher, per_data_packet):
     """asyncssh puts an empty IGNORE before every packet; we keep that only where it helps (CBC)."""
@@ -386,32 +422,6 @@ def test_ignore_packet_only_with_cbc(server_writes, cipher, per_data_packet):
     writes = server_writes[0]
     data_packets = len(DOWN) // 32768
     assert data_packets * per_data_packet <= writes < data_packets * per_data_packet * 1.1 + 60, writes
-
-
-@pytest.mark.parametrize("cipher_name", ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                                         "chacha20-poly1305@openssh.com"])
-@pytest.mark.parametrize("size", [12, 4000, 32768 + 12])
-def test_sealed_packets_are_what_asyncssh_would_send(cipher_name, size):
-    """Same keys, sequence number and plaintext: our sealing gives asyncssh's bytes, and asyncssh opens ours."""
-    from asyncssh.encryption import get_encryption, get_encryption_params
-
-    key_size, iv_size, _, _, _, _ = get_encryption_params(cipher_name.encode())
-    key, iv = bytes(range(key_size)), bytes(range(100, 100 + iv_size))
-    ours, theirs, opener = (get_encryption(cipher_name.encode(), key, iv) for _ in range(3))
-    body = _payload(cipher_name.encode(), size)
-    header = len(body).to_bytes(4, "big")
-    for seq in (0, 1, 0xFFFFFFFF):
-        if "gcm" in cipher_name:
-            sealed = asyncssh_fastpath._gcm_seal(ours._cipher, header, body)
-        else:
-            sealed = asyncssh_fastpath._chacha_seal(ours._cipher, seq, header, body)
-        packet, mac = theirs.encrypt_packet(seq, header, body)
-        assert bytes(sealed) == packet + mac
-        first, rest, tag = bytes(sealed[:16]), bytes(sealed[16:-16]), bytes(sealed[-16:])
-        assert opener.decrypt_packet(seq, first, rest, 4, tag) == body
-    if "chacha" in cipher_name and asyncssh_fastpath._RESETTABLE:
-        # one ChaCha20 context per key, moved from packet to packet (setting one up costs more than 16 KiB)
-        assert {"_bastion_stream", "_bastion_header_stream"} <= set(vars(ours._cipher))
 
 
 class _FreezableProxy:
@@ -594,6 +604,7 @@ class _SourceServer(_Server):
 
 @pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"])
 @pytest.mark.parametrize("recut, rekey_bytes", [(False, None), (True, None), (False, 1_000_000)])
+@fast_path_only
 def test_uvloop_gathers_a_flush_into_one_writev(server_writes, cipher, recut, rekey_bytes):
     """On uvloop a channel flush of many packets goes out in one writelines, not one write per packet."""
     uvloop = pytest.importorskip("uvloop")
@@ -658,18 +669,74 @@ def test_stdout_and_stderr_interleaved_behind_a_small_window(cipher):
     assert stderr == UP[:70_000]
 
 
-def _packet_path():
-    bench = str(Path(__file__).resolve().parents[2] / "bench")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-    import packet_path
+# Stand-ins for a connection and a channel holding just the state the fast path reads, for tests that drive
+# its functions without a socket (as bench/packet_path.py does; tests do not import bench/).
 
-    return packet_path
+STAND_IN_SIZE = 32768  # channel data per packet
+_STAND_IN_CIPHER = b"aes128-gcm@openssh.com"
+_STAND_IN_KEY, _STAND_IN_IV = bytes(range(16)), bytes(range(100, 112))
+
+
+def _stand_in_encryption():
+    from asyncssh.encryption import get_encryption
+    return get_encryption(_STAND_IN_CIPHER, _STAND_IN_KEY, _STAND_IN_IV)
+
+
+def _stand_in_bare_channel(**state):
+    from asyncssh.channel import SSHTCPChannel
+    chan = object.__new__(SSHTCPChannel)
+    chan.__dict__.update(_send_state="open", _encoding=None, **state)
+    return chan
+
+
+def _stand_in_receiving_connection():
+    """A logged-in server connection with channel 0 open, about to read AES-GCM packets from sequence 0."""
+    from asyncssh.connection import SSHServerConnection
+    conn = object.__new__(SSHServerConnection)
+    conn.__dict__.update(
+        _inpbuf=b"", _inpos=0, _inpend=0, _recv_blocksize=16, _recv_macsize=16, _recv_seq=0,
+        _recv_encryption=_stand_in_encryption(), _max_recv_pktlen=STAND_IN_SIZE + 1024, _packet=b"", _pktlen=0,
+        _auth_complete=True, _decompressor=None, _transport=object(), _auth_final=False, _keepalive_timer=None,
+        _set_keepalive_timer=lambda: None)
+    conn._recv_handler = conn._recv_pkthdr
+    conn._channels = {0: _stand_in_bare_channel(_recv_state="open", _recv_window=1 << 60,
+                                                _init_recv_window=1 << 60, _recv_paused=False, _session=None)}
+    return conn
+
+
+def _stand_in_sealed_packets(count: int) -> list[bytes]:
+    """What a client sends: channel-data packets to channel 0, sealed (by asyncssh) from sequence number 0 on."""
+    sender = _stand_in_encryption()
+    payload = bytes((MSG_CHANNEL_DATA,)) + (0).to_bytes(4, "big") + STAND_IN_SIZE.to_bytes(4, "big") + \
+        _payload(b"stand-in", STAND_IN_SIZE)
+    padlen = -(1 + len(payload)) % 16
+    padlen += 16 if padlen < 4 else 0
+    body = bytes((padlen,)) + payload + bytes(padlen)
+    header = len(body).to_bytes(4, "big")
+    return [b"".join(sender.encrypt_packet(seq, header, body)) for seq in range(count)]
+
+
+class _NullTransport:
+    def write(self, data) -> None:
+        pass
+
+    def writelines(self, data) -> None:
+        pass
 
 
 def _stand_in_channel():
-    """A channel and connection holding just what the send path reads (bench/packet_path.py's stand-ins)."""
-    return _packet_path()._sending_channel()
+    """A channel and connection holding just what the send path reads: logged in, AES-GCM, a large window."""
+    from asyncssh.connection import SSHServerConnection
+    conn = object.__new__(SSHServerConnection)
+    conn.__dict__.update(
+        _send_encryption=_stand_in_encryption(), _kex_complete=True, _auth_complete=True, _auth_in_progress=False,
+        _compressor=None, _compress_after_auth=False, _enc_alg_sc=_STAND_IN_CIPHER, _enc_alg_cs=_STAND_IN_CIPHER,
+        _rekey_bytes=1 << 60, _rekey_bytes_sent=0, _rekey_seconds=0, _rekey_time=0, _send_seq=0,
+        _send_blocksize=16, _send_enchdrlen=1, _transport=_NullTransport(), _bastion_gathers=True,
+        _deferred_packets=[], _strict_kex=False)
+    return _stand_in_bare_channel(_conn=conn, _send_buf=[], _send_buf_len=0, _send_window=1 << 60,
+                                  _send_pktsize=STAND_IN_SIZE, _send_chan=0, _send_paused=False,
+                                  _send_high_water=1 << 60, _write_datatypes=set())
 
 
 class _ClosingSession:
@@ -683,24 +750,24 @@ class _ClosingSession:
         self.chan._send_state = "close_pending"  # what SSHChannel.close sets first
 
 
+@fast_path_only
 @pytest.mark.parametrize("views", [True, False])
 def test_data_after_the_session_closed_its_channel_is_dropped_within_one_read(views):
     """A read of four packets: the first reaches the session, which closes the channel; the other three are
     dropped, as asyncssh's _accept_data drops data for a closing channel (the fast path hands packets on
     itself while the channel is the one it checked earlier in the read)."""
-    packet_path = _packet_path()
-    assert asyncssh_fastpath.apply()
-    conn, _ = packet_path._receiving_connection()
+    conn = _stand_in_receiving_connection()
     chan = conn._channels[0]
     chan._session = session = _ClosingSession(chan, views)
     chan._recv_buf = []
-    read = b"".join(packet_path._sealed_packets(asyncssh_fastpath, 4))
+    read = b"".join(_stand_in_sealed_packets(4))
     conn._inpbuf, conn._inpos, conn._inpend = read, 0, len(read)
     conn._recv_data()
     assert conn._inpend == conn._inpos, "not every packet was parsed"
-    assert len(session.received) == 1 and len(session.received[0]) == packet_path.SIZE
+    assert len(session.received) == 1 and len(session.received[0]) == STAND_IN_SIZE
 
 
+@fast_path_only
 @pytest.mark.parametrize("queued, window, rekey_left, shortcut", [
     (False, 1 << 20, 1 << 20, True),  # nothing queued, room in the window: sealed at once
     (True, 1 << 20, 1 << 20, False),  # data already waiting: it goes first, by the general flush
@@ -713,7 +780,7 @@ def test_a_small_write_on_an_idle_channel_is_sealed_without_the_general_flush(mo
     conn = chan._conn
     chan._send_window, conn._rekey_bytes = window, conn._rekey_bytes_sent + rekey_left
     general = []
-    monkeypatch.setattr(asyncssh_fastpath, "_flush_packets", lambda ch: general.append(len(ch._send_buf)))
+    monkeypatch.setattr(send, "_flush_packets", lambda ch: general.append(len(ch._send_buf)))
     if queued:
         chan._send_buf.append((memoryview(b"earlier"), None))
         chan._send_buf_len = 7

@@ -12,8 +12,8 @@ import socket
 import asyncssh
 import pytest
 
-from bastion.transport import fastpath as asyncssh_fastpath
-
+from bastion import transport
+from bastion.config import load_config
 from bastion.transport import quickack
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux-only")
@@ -26,7 +26,7 @@ class _Server(asyncssh.SSHServer):
     def connection_made(self, conn):
         self._conns.append(conn)
         if self._in_place:  # as bastion's connections read, with the fast path on
-            assert asyncssh_fastpath.receive_in_place(conn)
+            assert transport.receive_in_place(conn)
 
     def begin_auth(self, username):
         return True
@@ -64,7 +64,7 @@ async def _login_and_echo(calls, in_place=False):
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["data_received", "read in place"])
-def test_armed_on_every_read_before_login_and_never_after(monkeypatch, in_place):
+def test_armed_on_every_read_before_login_and_never_after(monkeypatch, tmp_path, in_place):
     calls: list[tuple[int, bool]] = []
     original_arm = quickack.arm
 
@@ -76,8 +76,10 @@ def test_armed_on_every_read_before_login_and_never_after(monkeypatch, in_place)
 
     monkeypatch.setattr(quickack, "arm", recording_arm)
     assert quickack.apply()
-    if in_place and not asyncssh_fastpath.apply():
-        pytest.skip("the asyncssh fast path is not installed for this asyncssh")
+    if in_place:  # the fast path if the switch (as the server reads it) is on and it can be installed
+        status = transport.install(fast_path=load_config(home=tmp_path).fast_path)
+        if not status.fast_path:
+            pytest.skip(f"reading in place is the fast path's: {status.describe()}")
     server_port, calls_at_login = asyncio.run(_login_and_echo(calls, in_place))
     assert calls_at_login >= 4, calls  # version, kexinit, kex, newkeys, service request, auth...
     assert len(calls) == calls_at_login, "armed again after login"
