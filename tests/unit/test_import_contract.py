@@ -133,3 +133,15 @@ def test_policy_is_pure():
             offenders += [f"{module_name(path)}:{node.lineno} {name}" for name in names
                           if name.split(".")[0] in POLICY_FORBIDDEN]
     assert not offenders, f"policy/ must not do I/O or read the clock: {offenders}"
+
+
+def test_transport_is_used_through_its_facade():
+    """Outside transport/, bastion imports `bastion.transport` itself, never one of its modules: the asyncssh
+    patch has one door (install, status, the per-connection hooks), and its insides can move behind it."""
+    offenders = []
+    for path in FILES:
+        if module_name(path).startswith("bastion.transport"):
+            continue
+        offenders += [f"{module_name(path)}:{line} imports {target}" for target, line in imports(path)
+                      if target.startswith("bastion.transport.")]
+    assert not offenders, f"use `from bastion import transport` instead: {offenders}"
