@@ -2,12 +2,14 @@
 
 Each check is a pure function from facts to `Finding`s; the few functions that gather the facts (bind a
 socket, stat a file, open the database) are at the bottom and say so. A `problem` stops the bastion from
-working or makes it unsafe (exit 1); a `warning` is worth a look but the bastion runs (exit 0).
+working or makes it unsafe (exit 1); a `warning` is worth a look but the bastion runs (exit 0); a `note` says
+how it will run (exit 0).
 
 Checked: the configuration loads; the home is not writable by others; the listen port can be bound (or
 this bastion already holds it); host keys exist, are private and load; the database is there, healthy,
 current and writable; the clock is not behind the audit log; the policy grants something; every user
-has a key; no grant points outside `internal_networks` (the network guard would refuse it anyway).
+has a key; no grant points outside `internal_networks` (the network guard would refuse it anyway); whether
+the asyncssh fast path will be on, and if not, why (a note: asyncssh as shipped is slower, not wrong).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ..policy.netguard import IPNetwork, NetGuard
 from ..policy.model import Policy, TargetRule
 from ..service.home import host_key_problem
 
-OK, WARNING, PROBLEM = "ok", "warning", "problem"
+OK, NOTE, WARNING, PROBLEM = "ok", "note", "warning", "problem"
 
 CLOCK_SKEW_ALLOWED = timedelta(minutes=5)
 EARLIEST_SANE_TIME = datetime.fromisoformat("2024-01-01T00:00:00+00:00")
@@ -40,8 +42,8 @@ EARLIEST_SANE_TIME = datetime.fromisoformat("2024-01-01T00:00:00+00:00")
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    check: str  # config, home, port, host key, database, clock, policy, users, grants
-    level: str  # ok | warning | problem
+    check: str  # config, transport, home, port, host key, database, clock, policy, users, grants
+    level: str  # ok | note | warning | problem
     message: str
     fix: str = ""
 
@@ -251,6 +253,16 @@ def _duration(delta: timedelta) -> str:
     return f"{seconds} seconds"
 
 
+def transport_finding(fast_path: bool, describe: str, reason: str) -> Finding:
+    """Whether `serve` will run the fast path (`transport.status()`: on, or off and why)."""
+    if fast_path:
+        return Finding("transport", OK, describe)
+    if reason == "fast_path = false":
+        return Finding("transport", NOTE, describe, "set fast_path = true in config.toml for the faster packet path")
+    return Finding("transport", NOTE, describe,
+                   "install the asyncssh version it was written for: pip install -c requirements.lock bastion")
+
+
 def summary(findings: list[Finding]) -> str:
     problems = sum(f.level == PROBLEM for f in findings)
     warnings = sum(f.level == WARNING for f in findings)
@@ -275,6 +287,10 @@ def run_checks(home: Path | None, environ: Mapping[str, str] | None = None) -> l
     else:
         findings.append(Finding("config", WARNING, f"{config.config_file} does not exist; defaults apply",
                                 f"run: bastion --home {config.home} init"))
+    from .. import transport  # imported here: it loads asyncssh
+
+    status = transport.status(fast_path=config.fast_path)
+    findings.append(transport_finding(status.fast_path, status.describe(), status.reason))
     home_stat = _stat(config.home)
     findings += home_findings(config.home, None if home_stat is None else home_stat.st_mode)
     if home_stat is None:

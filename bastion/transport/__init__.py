@@ -52,10 +52,10 @@ def install(fast_path: bool = True) -> TransportStatus:
     return _status
 
 
-def status() -> TransportStatus:
+def status(fast_path: bool = True) -> TransportStatus:
     """Whether the fast path is on and, if not, why. Before `install()` has run in this process (`doctor`), what
-    installing would give."""
-    return _status if _status is not None else _fast_path_status(True, install=False)
+    installing with the switch at `fast_path` would give."""
+    return _status if _status is not None else _fast_path_status(fast_path, install=False)
 
 
 def _fast_path_status(wanted: bool, install: bool = True) -> TransportStatus:
