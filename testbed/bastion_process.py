@@ -165,7 +165,8 @@ class Bastion:
         self.proc = self.testbed.popen(
             self.testbed.gw,
             [sys.executable, "-m", "bastion", "--home", self.home, "serve", "--listen", self.listen],
-            env=clean_env(env),
+            # the transport switch is the one BASTION_* variable passed on: .ci/run's second run sets it false
+            env=clean_env({k: v for k, v in os.environ.items() if k == "BASTION_FAST_PATH"} | (env or {})),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

@@ -17,7 +17,7 @@ import pytest
 
 from testbed import CLOSE_FIRST_PAYLOAD, CLOSE_FIRST_PORT, ECHO_PORT, LAN_ADDR, free_port, recv_all
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.both_paths]  # tunnels: on the fast path and asyncssh as shipped (.ci/run)
 
 RUNS = 20
 TIMEOUT = 10

@@ -22,7 +22,7 @@ from testbed import (
     socks5_connect,
 )
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.both_paths]  # tunnels: on the fast path and asyncssh as shipped (.ci/run)
 
 
 def channels_to(rows, host, port):

@@ -7,7 +7,7 @@ import pytest
 
 from testbed import ECHO_PORT, LAN_ADDR, paramiko_connect
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.both_paths]  # tunnels: on the fast path and asyncssh as shipped (.ci/run)
 
 ADMINISTRATIVELY_PROHIBITED = 1  # RFC 4254 section 5.1
 
