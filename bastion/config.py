@@ -37,7 +37,7 @@ class Config:
     # zlib@openssh.com after login. Off: it rarely pays on a jump host, and inflating costs the server CPU
     # (when on, each packet is bounded by the packet limit, see transport/zlib_limit.py).
     compression: bool = False
-    # The AES-GCM/ChaCha20 packet path in transport/fastpath.py; off runs asyncssh as shipped (as any asyncssh
+    # The AES-GCM/ChaCha20 packet path in transport/ (pins.py); off runs asyncssh as shipped (as any asyncssh
     # other than the version it was written for does anyway). See README, Benchmarks.
     fast_path: bool = True
     # On SIGTERM, open tunnels get this long to finish before connections are closed.

@@ -127,7 +127,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
 
     `on_close(tunnel)` is called exactly once, when both legs are closed."""
 
-    # data_received may be handed read-only memoryviews instead of bytes (transport.fastpath): the relay only
+    # data_received may be handed read-only memoryviews instead of bytes (by the fast path): the relay only
     # counts and writes them
     takes_views = True
 

@@ -12,7 +12,7 @@ again by the RFC's rule, and the second one ended every connection ("Disconnect 
 
 `guess_was_wrong` is the rule; `apply` wraps asyncssh's KEXINIT handler so that, once asyncssh has set
 `_ignore_first_kex` its way, the rule sets it again. The receive path then drops the guessed packet; the fast
-path's copy of that path (fastpath.py) reads the same attribute, so both are covered.
+path's copy of that path (receive.py) reads the same attribute, so both are covered.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ loop. Compression is off unless the operator turns it on (config `compression`, 
 each packet's payload is inflated with zlib's `max_length` set just above the limit, so the work and memory
 per packet are bounded, and a packet that would go further is a compression error: asyncssh sends
 SSH_DISCONNECT_COMPRESSION_ERROR and closes. Patching the decompressor class covers asyncssh's receive
-path and the fast path's copy of it (fastpath.py), which both call `decompress`.
+path and the fast path's copy of it (receive.py), which both call `decompress`.
 """
 
 from __future__ import annotations
