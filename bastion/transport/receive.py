@@ -42,6 +42,7 @@ from .aead import TAG, gcm_nonce, gcm_open, next_counter
 # per packet. While a packet's header has been read but not its body, the header block stays in the buffer
 # just before _inpos, so an AES-GCM packet can be decrypted from one contiguous view of the buffer.
 
+
 def _recv_version(self) -> bool:
     try:
         return _recv_version._bastion_original(self)  # slices _inpbuf itself, from 0
