@@ -1,6 +1,6 @@
 """What the server offers and which user keys are strong enough (bastion/transport/algorithms.py), on real ssh-keygen keys.
 
-The negotiation itself is measured against sshd with ssh-audit in tests/test_algorithms_loopback.py.
+The negotiation itself is measured against sshd with ssh-audit in tests/integration/test_algorithms_loopback.py.
 """
 
 from __future__ import annotations
