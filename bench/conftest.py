@@ -10,14 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from testbed import netns_unavailable
+from testbed import skip_netns_tests_if_unavailable
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reason = netns_unavailable()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=reason)
-    for item in items:
-        if item.get_closest_marker("netns"):
-            item.add_marker(skip)
+    skip_netns_tests_if_unavailable(items)

@@ -36,6 +36,7 @@ from testbed.namespaces import (
     netns_connect,
     netns_socket,
     netns_unavailable,
+    skip_netns_tests_if_unavailable,
     wait_listening,
 )
 from testbed.processes import (
@@ -71,6 +72,6 @@ __all__ = [
     "LAN_ADDR", "LAN_ADDR2", "PREFIX_LEN", "SSH", "SSHD", "SSH_KEYGEN", "SSH_PORT", "TEST_HOSTS", "Bastion", "Key",
     "SshClient", "Testbed", "TestbedError", "clean_env", "deterministic_bytes", "free_port", "generate_key",
     "http_get", "in_netns", "kill_group", "listening_ports", "load_key", "netns_connect", "netns_socket",
-    "netns_unavailable", "paramiko_connect", "recv_all", "run", "socks5_connect", "start_targets", "stop_process",
+    "netns_unavailable", "skip_netns_tests_if_unavailable", "paramiko_connect", "recv_all", "run", "socks5_connect", "start_targets", "stop_process",
     "wait_listening", "wait_until",
 ]

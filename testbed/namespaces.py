@@ -63,6 +63,20 @@ def netns_unavailable() -> str | None:
     return None
 
 
+def skip_netns_tests_if_unavailable(items) -> None:
+    """For a conftest's pytest_collection_modifyitems: mark the `netns` tests skipped, with the reason, where the
+    namespaces cannot be made."""
+    import pytest
+
+    reason = netns_unavailable()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if item.get_closest_marker("netns"):
+            item.add_marker(skip)
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 

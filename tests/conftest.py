@@ -21,19 +21,14 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("bastion", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("bastion")
 
-from testbed import DEFAULT_POLICY, Bastion, Key, SshClient, Testbed, generate_key, netns_unavailable, start_targets
+from testbed import (DEFAULT_POLICY, Bastion, Key, SshClient, Testbed, generate_key, netns_unavailable,
+                     skip_netns_tests_if_unavailable, start_targets)
 
 BASTIONS = pytest.StashKey[list[Bastion]]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reason = netns_unavailable()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=reason)
-    for item in items:
-        if item.get_closest_marker("netns"):
-            item.add_marker(skip)
+    skip_netns_tests_if_unavailable(items)
 
 
 @pytest.hookimpl(hookwrapper=True)
