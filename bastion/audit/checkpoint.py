@@ -15,8 +15,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from ..store.schema import connect
 from ..errors import StoreError
+from ..store.schema import connect
 
 log = logging.getLogger("bastion.audit")
 

@@ -15,11 +15,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .filters import TABLES, TIME_COLUMN, Filters, ip_key, parse_client, parse_target, where_clause
-from .filters import parse_moment as _parse_moment
-from ..store.schema import MIGRATIONS, connect
 from ..clock import iso, utc_now
 from ..errors import BastionError, StoreError
+from ..store.schema import MIGRATIONS, connect
+from .filters import TABLES, TIME_COLUMN, Filters, ip_key, parse_client, parse_target, where_clause
+from .filters import parse_moment as _parse_moment
 
 COLUMNS = {
     "auth": ["id", "time", "user", "client_ip", "client_port", "method", "key_fingerprint", "result", "reason"],

@@ -22,11 +22,11 @@ from typing import Any, Iterator, TextIO
 
 from .chain import (AUDIT_TABLES, CHAIN_TABLE, ChainReport, append, check_events, check_head,
                           read_head, verify_database)
-from .query import open_reader
-from ..store.schema import connect
 from ..clock import iso
 from ..errors import BastionError
 from ..safe_files import is_stdout, new_file
+from ..store.schema import connect
+from .query import open_reader
 
 EXPORT_FORMAT = "bastion-audit-export"
 _EVENT_FIELDS = ("seq", "time", "kind", "tbl", "row_id", "payload", "prev_hash", "hash")

@@ -21,11 +21,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from .chain import AUDIT_TABLES, CHAIN_TABLE, Head, adopt_existing_rows, append, read_head
-from .filters import ip_key
-from .checkpoint import Checkpointer
-from ..store.schema import connect
 from ..clock import iso, utc_now
+from ..store.schema import connect
+from .chain import AUDIT_TABLES, CHAIN_TABLE, Head, adopt_existing_rows, append, read_head
+from .checkpoint import Checkpointer
+from .filters import ip_key
 
 log = logging.getLogger("bastion.audit")
 

@@ -10,14 +10,14 @@ from typing import Optional
 
 import typer
 
-from ..ops.backup import backup_database
-from ..config import Config
 from ..clock import utc_now
+from ..config import Config
 from ..errors import BastionError
+from ..ops.backup import backup_database
+from ..ops.ssh_config import ClientSetup, known_hosts_lines, render_ssh_config, split_public_name
 from ..policy.netguard import TargetError, parse_host
 from ..safe_files import is_stdout, new_file
 from ..service.home import host_public_keys
-from ..ops.ssh_config import ClientSetup, known_hosts_lines, render_ssh_config, split_public_name
 from .common import config_of, configure_logging, home_of, human_bytes, open_store, print_json
 
 

@@ -15,9 +15,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ..config import Config, load_config
-from ..service.control import notify
 from ..errors import BastionError
 from ..printable import PrintableFormatter, printable
+from ..service.control import notify
 from ..store.sqlite import Store
 
 console = Console()

@@ -10,13 +10,13 @@ import typer
 
 from ..clock import utc_now
 from ..errors import BastionError
-from ..policy.netguard import TargetError, parse_host, parse_port
-from ..policy.model import AccessRequest
-from ..policy.decide import evaluate
-from ..ops.policy_files import load_policy_file
-from ..policy.file import PolicyFileError, policy_to_dict, to_toml
 from ..gateway.local_addresses import make_guard
 from ..gateway.resolve import resolve
+from ..ops.policy_files import load_policy_file
+from ..policy.decide import evaluate
+from ..policy.file import PolicyFileError, policy_to_dict, to_toml
+from ..policy.model import AccessRequest
+from ..policy.netguard import TargetError, parse_host, parse_port
 from .common import config_of, notify_server, open_store, print_json
 
 app = typer.Typer(help="Apply, show and check the access policy.", no_args_is_help=True)

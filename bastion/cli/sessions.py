@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from ..service.control import request
 from ..errors import BastionError
+from ..service.control import request
 from .common import config_of, human_bytes, print_json, print_table
 
 app = typer.Typer(help="List and end live sessions of the running server.", no_args_is_help=True)

@@ -9,8 +9,8 @@ import itertools
 import asyncssh
 
 from ..clock import utc_now
-from ..policy.model import AccessRequest
 from ..policy.decide import evaluate
+from ..policy.model import AccessRequest
 from ..printable import printable
 from .context import ChannelOwner
 

@@ -15,18 +15,18 @@ from typing import Any
 import asyncssh
 
 from .. import transport
-from ..policy.keys import weak_key_reason
 from ..audit.writer import AUDIT_DOWN, AuditUnavailable, SessionRecord
-from .banner import BannerSession
 from ..clock import utc_now
-from .direct_tcpip import open_tunnel
-from ..policy.netguard import canonical_address
-from ..policy.model import Policy
 from ..policy.decide import login_refusal, session_cap_refusal
-from .remote_forward import open_listener
-from .context import ServerContext
-from .session import SessionChannels
+from ..policy.keys import weak_key_reason
+from ..policy.model import Policy
+from ..policy.netguard import canonical_address
 from ..store.interface import PublicKey
+from .banner import BannerSession
+from .context import ServerContext
+from .direct_tcpip import open_tunnel
+from .remote_forward import open_listener
+from .session import SessionChannels
 
 log = logging.getLogger("bastion.sshd")
 

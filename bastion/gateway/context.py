@@ -13,8 +13,8 @@ from typing import Any, Callable, Protocol
 from ..audit.writer import AuditLog
 from ..config import Config
 from ..policy.limits import SourcePenalties, StartupLimit
-from ..policy.netguard import NetGuard
 from ..policy.model import Policy
+from ..policy.netguard import NetGuard
 from ..store.interface import AccessStore
 from .relay import Tunnel
 

@@ -12,11 +12,11 @@ import asyncssh
 
 from ..audit.writer import AUDIT_DOWN, AuditUnavailable, ChannelRecord
 from ..clock import utc_now
-from ..policy.netguard import IPAddress, TargetError, parse_host, parse_port
-from ..policy.model import AccessRequest, Decision, Policy
 from ..policy.decide import channel_cap_refusal, evaluate
-from .relay import Tunnel, connect_target
+from ..policy.model import AccessRequest, Decision, Policy
+from ..policy.netguard import IPAddress, TargetError, parse_host, parse_port
 from .context import ChannelOwner
+from .relay import Tunnel, connect_target
 from .resolve import resolve
 
 

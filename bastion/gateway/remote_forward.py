@@ -15,11 +15,11 @@ import asyncssh
 
 from ..audit.writer import AuditUnavailable, ChannelRecord, ListenerRecord
 from ..clock import utc_now
-from ..policy.netguard import IPAddress, TargetError
 from ..policy.decide import channel_cap_refusal, evaluate_listen, listen_ranges
 from ..policy.model import Decision, ListenRequest, Policy, parse_bind_address
-from .relay import Tunnel, inbound_protocol
+from ..policy.netguard import IPAddress, TargetError
 from .context import ChannelOwner
+from .relay import Tunnel, inbound_protocol
 
 
 _PORT_ATTEMPTS = 64  # for port 0: how many free-port candidates to try within the granted ranges

@@ -17,10 +17,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..store.schema import connect
 from ..clock import utc_now
 from ..errors import StoreError
 from ..safe_files import FileExists, copy_to_stdout, create_new, is_stdout, publish, staging_directory
+from ..store.schema import connect
 
 
 @dataclass(frozen=True, slots=True)

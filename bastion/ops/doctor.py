@@ -26,13 +26,13 @@ from typing import Mapping
 
 import psutil
 
-from ..config import DEFAULT_HOME, Config, load_config, split_listen
-from ..store.schema import MIGRATIONS
 from ..clock import utc_now
+from ..config import DEFAULT_HOME, Config, load_config, split_listen
 from ..errors import BastionError
-from ..policy.netguard import IPNetwork, NetGuard
 from ..policy.model import Policy, TargetRule
+from ..policy.netguard import IPNetwork, NetGuard
 from ..service.home import host_key_problem
+from ..store.schema import MIGRATIONS
 
 OK, NOTE, WARNING, PROBLEM = "ok", "note", "warning", "problem"
 

@@ -25,16 +25,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
-from ..config import CONFIG_FILE, Config, load_config, render_config, split_listen
 from ..clock import utc_now
+from ..config import CONFIG_FILE, Config, load_config, render_config, split_listen
 from ..errors import BastionError
-from ..policy.netguard import parse_networks
 from ..policy.model import Policy, UserPolicy, parse_target_rule
+from ..policy.netguard import parse_networks
 from ..safe_files import write_new
 from ..service.home import host_public_keys, initialize
 from ..service.lifecycle import serve
-from .ssh_config import ClientSetup, known_hosts_lines, render_ssh_config
 from ..store.sqlite import PublicKey, Store, parse_public_keys
+from .ssh_config import ClientSetup, known_hosts_lines, render_ssh_config
 
 
 DEFAULT_LISTEN = "127.0.0.1:2222"

@@ -12,20 +12,20 @@ import signal
 import asyncssh
 
 from .. import __version__, transport
-from . import event_loop
 from ..audit.writer import AuditLog
+from ..clock import utc_now
 from ..config import Config, load_config
 from ..errors import BastionError, ConfigError
-from ..policy.limits import SourcePenalties, StartupLimit
+from ..gateway.connection import GatewayConnection
+from ..gateway.context import PolicyCache, ServerContext
 from ..gateway.local_addresses import make_guard
+from ..policy.decide import next_expiry
+from ..policy.limits import SourcePenalties, StartupLimit
+from ..policy.model import Policy
+from ..store.sqlite import Store
+from . import event_loop
 from .control import serve_lock, start_control_server
 from .home import load_host_keys
-from ..clock import utc_now
-from ..policy.model import Policy
-from ..policy.decide import next_expiry
-from ..gateway.context import PolicyCache, ServerContext
-from ..gateway.connection import GatewayConnection
-from ..store.sqlite import Store
 
 log = logging.getLogger("bastion.service")
 

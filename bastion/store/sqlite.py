@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Iterable
 
 from ..clock import iso, utc_now
+from ..errors import StoreError
+from ..policy.file import policy_from_dict, policy_to_dict
+from ..policy.model import NAME_HINT, NAME_PATTERN, Policy, UserPolicy
 from .interface import PublicKey
 from .schema import migrate, open_database
-from ..errors import StoreError
-from ..policy.model import NAME_HINT, NAME_PATTERN, Policy, UserPolicy
-from ..policy.file import policy_from_dict, policy_to_dict
 
 
 
