@@ -20,11 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's testbed/ (not tests/)
+from testbed import stand_ins  # noqa: E402
+from testbed.stand_ins import IV, KEY  # noqa: E402
+
 SIZE = 32768  # the OpenSSH client's channel packet size, and asyncssh's (--size)
 PER_READ = 4  # packets per read from the client at bulk rate (strace: 92-138 KB per read) (--per-read)
 READS = 40
-KEY, IV = bytes(range(16)), bytes(range(100, 112))
-CIPHER = b"aes128-gcm@openssh.com"
 
 
 def main() -> None:
@@ -56,11 +58,6 @@ def _install_fast_path() -> bool:
     return transport.install(fast_path=True).fast_path
 
 
-def _encryption():
-    from asyncssh.encryption import get_encryption
-    return get_encryption(CIPHER, KEY, IV)
-
-
 class _CountingSession:
     takes_views = True
 
@@ -71,47 +68,14 @@ class _CountingSession:
         self.received += len(data)
 
 
-def _channel(**state):
-    from asyncssh.channel import SSHTCPChannel
-    chan = object.__new__(SSHTCPChannel)
-    chan.__dict__.update(_send_state="open", _encoding=None, **state)
-    return chan
-
-
-def _receiving_connection():
-    from asyncssh.connection import SSHServerConnection
-    conn = object.__new__(SSHServerConnection)
-    conn.__dict__.update(
-        _inpbuf=b"", _inpos=0, _inpend=0, _recv_blocksize=16, _recv_macsize=16, _recv_seq=0,
-        _recv_encryption=_encryption(), _max_recv_pktlen=SIZE + 1024, _packet=b"", _pktlen=0,
-        _auth_complete=True, _decompressor=None, _transport=object(), _auth_final=False, _keepalive_timer=None,
-        _set_keepalive_timer=lambda: None)
-    conn._recv_handler = conn._recv_pkthdr
-    chan = _channel(_recv_state="open", _recv_window=1 << 60, _init_recv_window=1 << 60, _recv_paused=False,
-                    _session=_CountingSession())
-    conn._channels = {0: chan}
-    return conn, chan._session
-
-
-def _sealed_packets(count: int) -> list[bytes]:
-    """What a client sends: channel-data packets to channel 0, sealed (by asyncssh) from sequence number 0 on."""
-    sender = _encryption()
-    data = os.urandom(SIZE)
-    payload = bytes((94,)) + (0).to_bytes(4, "big") + SIZE.to_bytes(4, "big") + data  # MSG_CHANNEL_DATA
-    padlen = -(1 + len(payload)) % 16
-    padlen += 16 if padlen < 4 else 0
-    body = bytes((padlen,)) + payload + bytes(padlen)
-    header = len(body).to_bytes(4, "big")
-    return [b"".join(sender.encrypt_packet(seq, header, body)) for seq in range(count)]
-
-
 def _receive(repeat: int) -> tuple[float, float]:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    packets = _sealed_packets(PER_READ * READS)
+    packets = stand_ins.sealed_packets(PER_READ * READS, os.urandom(SIZE))
     reads = [b"".join(packets[i:i + PER_READ]) for i in range(0, len(packets), PER_READ)]
 
     def once() -> float:
-        conn, session = _receiving_connection()
+        session = _CountingSession()
+        conn = stand_ins.receiving_connection(SIZE, session)
         start = time.perf_counter()
         for read in reads:  # every read ends on a packet boundary: nothing to carry over
             conn._inpbuf, conn._inpos, conn._inpend = read, 0, len(read)
@@ -134,33 +98,12 @@ def _receive(repeat: int) -> tuple[float, float]:
     return min(once() for _ in range(repeat)), min(aes_alone() for _ in range(repeat))
 
 
-class _NullTransport:
-    def write(self, data) -> None:
-        pass
-
-    def writelines(self, data) -> None:
-        pass
-
-
-def _sending_channel():
-    from asyncssh.connection import SSHServerConnection
-    conn = object.__new__(SSHServerConnection)
-    conn.__dict__.update(
-        _send_encryption=_encryption(), _kex_complete=True, _auth_complete=True, _auth_in_progress=False,
-        _compressor=None, _compress_after_auth=False, _enc_alg_sc=CIPHER, _enc_alg_cs=CIPHER,
-        _rekey_bytes=1 << 60, _rekey_bytes_sent=0, _rekey_seconds=0, _rekey_time=0, _send_seq=0,
-        _send_blocksize=16, _send_enchdrlen=1, _transport=_NullTransport(), _bastion_gathers=True,
-        _deferred_packets=[], _strict_kex=False)
-    return _channel(_conn=conn, _send_buf=[], _send_buf_len=0, _send_window=1 << 60, _send_pktsize=SIZE,
-                    _send_chan=0, _send_paused=False, _send_high_water=1 << 60, _write_datatypes=set())
-
-
 def _send(repeat: int) -> tuple[float, float]:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     chunk = os.urandom(PER_READ * SIZE)
 
     def once() -> float:
-        chan = _sending_channel()
+        chan = stand_ins.sending_channel(SIZE)
         start = time.perf_counter()
         for _ in range(READS):
             chan.write(chunk)

@@ -25,6 +25,8 @@ import paramiko
 import pytest
 from asyncssh import connection
 from asyncssh.constants import MSG_CHANNEL_DATA
+
+from testbed import stand_ins
 from asyncssh.packet import String, UInt32
 
 from bastion import transport
@@ -669,74 +671,7 @@ def test_stdout_and_stderr_interleaved_behind_a_small_window(cipher):
     assert stderr == UP[:70_000]
 
 
-# Stand-ins for a connection and a channel holding just the state the fast path reads, for tests that drive
-# its functions without a socket (as bench/packet_path.py does; tests do not import bench/).
-
-STAND_IN_SIZE = 32768  # channel data per packet
-_STAND_IN_CIPHER = b"aes128-gcm@openssh.com"
-_STAND_IN_KEY, _STAND_IN_IV = bytes(range(16)), bytes(range(100, 112))
-
-
-def _stand_in_encryption():
-    from asyncssh.encryption import get_encryption
-    return get_encryption(_STAND_IN_CIPHER, _STAND_IN_KEY, _STAND_IN_IV)
-
-
-def _stand_in_bare_channel(**state):
-    from asyncssh.channel import SSHTCPChannel
-    chan = object.__new__(SSHTCPChannel)
-    chan.__dict__.update(_send_state="open", _encoding=None, **state)
-    return chan
-
-
-def _stand_in_receiving_connection():
-    """A logged-in server connection with channel 0 open, about to read AES-GCM packets from sequence 0."""
-    from asyncssh.connection import SSHServerConnection
-    conn = object.__new__(SSHServerConnection)
-    conn.__dict__.update(
-        _inpbuf=b"", _inpos=0, _inpend=0, _recv_blocksize=16, _recv_macsize=16, _recv_seq=0,
-        _recv_encryption=_stand_in_encryption(), _max_recv_pktlen=STAND_IN_SIZE + 1024, _packet=b"", _pktlen=0,
-        _auth_complete=True, _decompressor=None, _transport=object(), _auth_final=False, _keepalive_timer=None,
-        _set_keepalive_timer=lambda: None)
-    conn._recv_handler = conn._recv_pkthdr
-    conn._channels = {0: _stand_in_bare_channel(_recv_state="open", _recv_window=1 << 60,
-                                                _init_recv_window=1 << 60, _recv_paused=False, _session=None)}
-    return conn
-
-
-def _stand_in_sealed_packets(count: int) -> list[bytes]:
-    """What a client sends: channel-data packets to channel 0, sealed (by asyncssh) from sequence number 0 on."""
-    sender = _stand_in_encryption()
-    payload = bytes((MSG_CHANNEL_DATA,)) + (0).to_bytes(4, "big") + STAND_IN_SIZE.to_bytes(4, "big") + \
-        _payload(b"stand-in", STAND_IN_SIZE)
-    padlen = -(1 + len(payload)) % 16
-    padlen += 16 if padlen < 4 else 0
-    body = bytes((padlen,)) + payload + bytes(padlen)
-    header = len(body).to_bytes(4, "big")
-    return [b"".join(sender.encrypt_packet(seq, header, body)) for seq in range(count)]
-
-
-class _NullTransport:
-    def write(self, data) -> None:
-        pass
-
-    def writelines(self, data) -> None:
-        pass
-
-
-def _stand_in_channel():
-    """A channel and connection holding just what the send path reads: logged in, AES-GCM, a large window."""
-    from asyncssh.connection import SSHServerConnection
-    conn = object.__new__(SSHServerConnection)
-    conn.__dict__.update(
-        _send_encryption=_stand_in_encryption(), _kex_complete=True, _auth_complete=True, _auth_in_progress=False,
-        _compressor=None, _compress_after_auth=False, _enc_alg_sc=_STAND_IN_CIPHER, _enc_alg_cs=_STAND_IN_CIPHER,
-        _rekey_bytes=1 << 60, _rekey_bytes_sent=0, _rekey_seconds=0, _rekey_time=0, _send_seq=0,
-        _send_blocksize=16, _send_enchdrlen=1, _transport=_NullTransport(), _bastion_gathers=True,
-        _deferred_packets=[], _strict_kex=False)
-    return _stand_in_bare_channel(_conn=conn, _send_buf=[], _send_buf_len=0, _send_window=1 << 60,
-                                  _send_pktsize=STAND_IN_SIZE, _send_chan=0, _send_paused=False,
-                                  _send_high_water=1 << 60, _write_datatypes=set())
+STAND_IN_SIZE = 32768  # channel data per packet for the stand-ins (testbed/stand_ins.py; tests do not import bench/)
 
 
 class _ClosingSession:
@@ -756,11 +691,11 @@ def test_data_after_the_session_closed_its_channel_is_dropped_within_one_read(vi
     """A read of four packets: the first reaches the session, which closes the channel; the other three are
     dropped, as asyncssh's _accept_data drops data for a closing channel (the fast path hands packets on
     itself while the channel is the one it checked earlier in the read)."""
-    conn = _stand_in_receiving_connection()
+    conn = stand_ins.receiving_connection(STAND_IN_SIZE)
     chan = conn._channels[0]
     chan._session = session = _ClosingSession(chan, views)
     chan._recv_buf = []
-    read = b"".join(_stand_in_sealed_packets(4))
+    read = b"".join(stand_ins.sealed_packets(4, _payload(b"stand-in", STAND_IN_SIZE)))
     conn._inpbuf, conn._inpos, conn._inpend = read, 0, len(read)
     conn._recv_data()
     assert conn._inpend == conn._inpos, "not every packet was parsed"
@@ -776,7 +711,7 @@ def test_data_after_the_session_closed_its_channel_is_dropped_within_one_read(vi
 ])
 def test_a_small_write_on_an_idle_channel_is_sealed_without_the_general_flush(monkeypatch, queued, window,
                                                                                rekey_left, shortcut):
-    chan = _stand_in_channel()
+    chan = stand_ins.sending_channel(STAND_IN_SIZE)
     conn = chan._conn
     chan._send_window, conn._rekey_bytes = window, conn._rekey_bytes_sent + rekey_left
     general = []
