@@ -47,6 +47,8 @@ class Config:
     penalty_threshold: int = 5
     penalty_seconds: float = 30.0
     penalty_max_seconds: float = 3600.0
+    # Sources never penalized nor dropped by max_startups (sshd's PerSourcePenaltyExemptList), e.g. a NAT.
+    penalty_exempt: tuple[IPNetwork, ...] = ()
     # After authentication; 0 turns a timeout off.
     unused_timeout_seconds: float = 600.0
     max_session_seconds: float = 43200.0
@@ -109,7 +111,7 @@ _ZERO_MEANS_OFF = {"shutdown_grace_seconds", "unused_timeout_seconds", "max_sess
 def _coerce(name: str, value: Any, where: str) -> Any:
     """Turn a TOML/env value into the field's type, or raise ConfigError naming where it came from."""
     try:
-        if name == "internal_networks":
+        if name in ("internal_networks", "penalty_exempt"):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -198,6 +200,7 @@ def load_config(
 def render_config(config: Config) -> str:
     """The config.toml that `init` writes: every key with its value, so operators see what they can change."""
     networks = ", ".join(f'"{n}"' for n in config.internal_networks)
+    exempt = ", ".join(f'"{n}"' for n in config.penalty_exempt)
     return (
         "# bastion configuration. Environment BASTION_<KEY> and CLI flags override these.\n"
         f'listen = "{config.listen}"\n'
@@ -222,6 +225,8 @@ def render_config(config: Config) -> str:
         f"penalty_threshold = {config.penalty_threshold}\n"
         f"penalty_seconds = {config.penalty_seconds:g}\n"
         f"penalty_max_seconds = {config.penalty_max_seconds:g}\n"
+        "# Sources (CIDRs) never penalized nor dropped by max_startups, e.g. a NAT many users share.\n"
+        f"penalty_exempt = [{exempt}]\n"
         "# After authentication (0 turns a timeout off): close sessions with no open channel for this\n"
         "# long, and any session after max_session_seconds; keepalives drop dead clients.\n"
         f"unused_timeout_seconds = {config.unused_timeout_seconds:g}\n"

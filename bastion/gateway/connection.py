@@ -19,6 +19,7 @@ from ..audit.writer import AUDIT_DOWN, AuditUnavailable, SessionRecord
 from ..clock import utc_now
 from ..policy.decide import login_refusal, session_cap_refusal
 from ..policy.keys import weak_key_reason
+from ..policy.limits import is_exempt
 from ..policy.model import Policy
 from ..policy.netguard import canonical_address
 from ..store.interface import PublicKey
@@ -50,6 +51,7 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         self._keys: dict[str, PublicKey] = {}
         self._login_policy: Policy | None = None  # as read at the first auth request; re-read at session start
         self._counted_unauthenticated = False
+        self._exempt = False  # inside penalty_exempt: no per-source penalty, no startup-limit drop
         self._server_fault = False  # refused for our own failure (audit down): not the source's fault
         self._session_row_queued = False  # the session row is on its way to the audit log: end it on close
         self._session_timer: asyncio.TimerHandle | None = None
@@ -65,11 +67,14 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         self.client_port = int(peer[1])
         now = asyncio.get_running_loop().time()
         ctx = self.ctx
-        if ctx.penalties.refused_until(self.client_ip, now) is not None:
+        # Read from the running config, so a SIGHUP reload changes the list for the next connection.
+        self._exempt = is_exempt(self.client_ip, ctx.config.penalty_exempt)
+        if not self._exempt and ctx.penalties.refused_until(self.client_ip, now) is not None:
             self.log.debug("dropped: source %s is penalized", self.client_ip)
             conn.abort()
             return
-        if ctx.startup_limit.should_drop(ctx.unauthenticated, random.random()):
+        # An exempt source still counts as unauthenticated (so others are dropped sooner), but is not dropped.
+        if not self._exempt and ctx.startup_limit.should_drop(ctx.unauthenticated, random.random()):
             if not ctx.dropping:
                 ctx.dropping = True
                 log.warning("startup limit %s reached: dropping new unauthenticated connections",
@@ -123,6 +128,8 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         if isinstance(exc, asyncssh.ConnectionLost) and "Login timeout" in str(exc):
             self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "none", None, "failure",
                                        "login grace time exceeded")
+        if self._exempt:
+            return  # penalty_exempt: never penalized (the login timeout above is still audited)
         length = self.ctx.penalties.failed(self.client_ip, asyncio.get_running_loop().time())
         if length is not None:
             reason = f"source refused for {length:g}s after repeated failed connections"

@@ -1,5 +1,6 @@
 """Limits before authentication, the way OpenSSH's sshd has them: MaxStartups-style random early drop of
-unauthenticated connections, and per-source penalties (PerSourcePenalties) for sources that keep failing.
+unauthenticated connections, and per-source penalties (PerSourcePenalties) for sources that keep failing;
+sources in an exempt list (PerSourcePenaltyExemptList: a NAT, a monitoring host) are spared both.
 
 Pure bookkeeping: the caller passes the time (monotonic seconds) and the random draw, so tests need no
 clock or luck. Memory is bounded: at most `max_sources` sources are remembered, oldest evicted first.
@@ -60,6 +61,15 @@ def source_of(address: str) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+def is_exempt(address: str, exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    """Whether the source is inside the `penalty_exempt` networks: never penalized, never dropped by the
+    startup limit. Many users behind one NAT share an address, so one user's failures must not lock out all."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in exempt)
 
 
 @dataclass(slots=True)

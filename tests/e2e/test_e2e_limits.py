@@ -12,8 +12,8 @@ import paramiko
 import pytest
 
 from testbed import (
-    DEFAULT_POLICY, ECHO_PORT, LAN_ADDR, SshClient, generate_key, kill_group, netns_connect,
-    paramiko_connect, stop_process, wait_until,
+    DEFAULT_POLICY, ECHO_PORT, GW_ADDR, LAN_ADDR, PREFIX_LEN, SshClient, generate_key, kill_group, netns_connect,
+    paramiko_connect, run, stop_process, wait_until,
 )
 
 pytestmark = pytest.mark.netns
@@ -104,6 +104,42 @@ def test_repeated_failures_get_the_source_penalized_and_audited_once(limited, te
     assert not good_client_works(testbed, bastion, keys, tmp_path)
     rows = bastion.wait_audit("auth", lambda rows: any("source refused" in r["reason"] for r in rows), "penalty")
     assert sum("source refused" in r["reason"] for r in rows) == 1  # once per burst, not per packet
+
+
+NAT_ADDR = "10.99.0.9"  # a second source address on gw's veth: the NAT many users share
+
+
+def test_exempt_source_is_never_penalized_nor_dropped_by_the_startup_limit(limited, testbed, keys, tmp_path):
+    """penalty_exempt (#20): failures from inside the list start no penalty and the startup limit lets it in,
+    while a source outside the list is dropped and penalized as before."""
+    bastion = limited(penalty_threshold=2, max_startups="1", penalty_exempt=[f"{NAT_ADDR}/32"])
+    listing = run(["ip", "-n", testbed.gw, "-o", "-4", "addr", "show"], check=True).stdout.decode()
+    device = next(line.split()[1] for line in listing.splitlines() if f"{GW_ADDR}/{PREFIX_LEN}" in line)
+    testbed.ip(testbed.gw, "addr", "add", f"{NAT_ADDR}/{PREFIX_LEN}", "dev", device)
+    try:
+        stranger = SshClient(testbed, bastion, tmp_path / "stranger", keys["stranger"])
+        alice = SshClient(testbed, bastion, tmp_path / "alice", keys["alice"])
+        holder = raw(testbed, bastion)  # one unauthenticated connection from outside: the startup limit is full
+        try:
+            holder.settimeout(5)
+            assert holder.recv(100).startswith(b"SSH-2.0-")
+            with raw(testbed, bastion) as sock:
+                assert closed_by_server(sock, 5)  # outside the list: dropped
+            for _ in range(4):  # twice the threshold, from the NAT
+                assert stranger.run("-b", NAT_ADDR, "bastion", "true").returncode == 255
+            inside = alice.run("-b", NAT_ADDR, "-W", f"{LAN_ADDR}:{ECHO_PORT}", "bastion", input=b"ok\n")
+            assert inside.stdout == b"ok\n", inside.stderr
+        finally:
+            holder.close()
+        for _ in range(2):
+            assert stranger.run("bastion", "true").returncode == 255
+        assert not good_client_works(testbed, bastion, keys, tmp_path)  # outside the list: penalized
+        rows = bastion.wait_audit("auth", lambda rows: any("source refused" in r["reason"] for r in rows), "penalty")
+        refused = [r["client_ip"] for r in rows if "source refused" in r["reason"]]
+        assert refused == [GW_ADDR]
+        assert any(r["client_ip"] == NAT_ADDR and r["result"] == "success" for r in rows)
+    finally:
+        testbed.ip(testbed.gw, "addr", "del", f"{NAT_ADDR}/{PREFIX_LEN}", "dev", device)
 
 
 def test_startup_limit_drops_past_full_and_audits_once(limited, testbed, keys, tmp_path):

@@ -29,7 +29,8 @@ def test_file_then_environment_then_flag(tmp_path):
 
 
 def test_rendered_config_loads_back_equal(tmp_path):
-    config = Config(home=tmp_path, listen="[::]:2200", connect_timeout=7)
+    config = Config(home=tmp_path, listen="[::]:2200", connect_timeout=7,
+                    penalty_exempt=(ip_network("10.0.0.0/8"), ip_network("2001:db8::/32")))
     (tmp_path / "config.toml").write_text(render_config(config))
     assert load_config(tmp_path, environ={}) == config
 
@@ -40,6 +41,7 @@ def test_rendered_config_loads_back_equal(tmp_path):
         ("listen = 22\n", "listen must be a string"),
         ('listen = "nowhere"\n', "must be HOST:PORT"),
         ('internal_networks = ["10.0.0.1/8"]\n', "internal_networks"),
+        ('penalty_exempt = ["10.0.0.0/33"]\n', "penalty_exempt"),
         ("max_auth_tries = 0\n", "max_auth_tries must be a whole number"),
         ("connect_timeout = -1\n", "connect_timeout must be a number of seconds"),
         ("colour = 1\n", "unknown key 'colour'"),

@@ -3,7 +3,8 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from bastion.policy.limits import SourcePenalties, StartupLimit, source_of
+from bastion.policy.limits import SourcePenalties, StartupLimit, is_exempt, source_of
+from bastion.policy.netguard import parse_networks
 
 
 def test_startup_limit_parse_and_drop_curve():
@@ -78,3 +79,22 @@ def test_failures_during_a_penalty_do_not_stack_penalties():
     for n in range(5):  # after the penalty, the next burst doubles it
         length = penalties.failed("10.0.0.1", 31 + n)
     assert length == 60
+
+
+@pytest.mark.parametrize(
+    "address, exempt",
+    [
+        ("10.1.2.3", True),
+        ("::ffff:10.1.2.3", True),  # an IPv4 client on a dual-stack socket
+        ("11.0.0.1", False),
+        ("2001:db8::1", True),
+        ("2001:db9::1", False),
+    ],
+)
+def test_exempt_sources_are_those_inside_the_list(address, exempt):
+    networks = parse_networks(["10.0.0.0/8", "2001:db8::/32"])
+    assert is_exempt(address, networks) is exempt
+
+
+def test_an_empty_exempt_list_spares_nobody():
+    assert not is_exempt("10.1.2.3", ())
