@@ -120,7 +120,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         if name == "listen":
             if not isinstance(value, str):
                 raise ValueError("must be a string HOST:PORT")
-            split_listen(value)
+            try:
+                split_listen(value)
+            except ValueError as exc:  # its message already says "listen address ..." or "listen port ..."
+                raise ConfigError(f"{where}: {exc}") from None
             return value
         if name in _FLAGS:
             if isinstance(value, bool):
