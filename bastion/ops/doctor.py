@@ -277,6 +277,11 @@ def summary(findings: list[Finding]) -> str:
 def run_checks(home: Path | None, environ: Mapping[str, str] | None = None) -> list[Finding]:
     """Every check against the install at `home` (or $BASTION_HOME, or the default). Reads only; the one
     write is a transaction that is rolled back, to prove the database is writable."""
+    # Resolved as load_config does: a home that is a file would otherwise surface as an unreadable config.
+    home_path = Path(home or (os.environ if environ is None else environ).get("BASTION_HOME") or DEFAULT_HOME)
+    if home_path.exists() and not home_path.is_dir():
+        return [Finding("home", PROBLEM, f"{home_path} is not a directory",
+                        "point --home (or BASTION_HOME) at a directory; `bastion init` creates one")]
     try:
         config = load_config(home, environ=environ)
     except BastionError as exc:
