@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,16 @@ def test_doctor_on_a_home_that_is_a_file_says_so(tmp_path):
     assert result.returncode == 1
     assert f"{home} is not a directory" in result.stdout
     assert "fix the named key" not in result.stdout
+
+
+def test_backup_counts_listener_rows_as_audit_rows(home, tmp_path):
+    with sqlite3.connect(home / "bastion.db") as conn:
+        conn.execute("INSERT INTO auth (time, user, client_ip, client_port, method, key_fingerprint, result, reason)"
+                     " VALUES ('2026-12-02T00:00:00Z', 'alice', '10.0.0.1', 5555, 'publickey', NULL, 'success', '')")
+        conn.execute("INSERT INTO listeners (session_id, user, listen_host, listen_port, requested_port, decision,"
+                     " rule, reason, opened_at) VALUES ('s1', 'alice', '127.0.0.1', 8080, 8080, 'allow', NULL, '',"
+                     " '2026-12-02T00:00:00Z')")
+    conn.close()
+    result = bastion(home, "backup", str(tmp_path / "copy.db"))
+    assert result.returncode == 0, result.stderr
+    assert "2 audit rows" in result.stdout + result.stderr
