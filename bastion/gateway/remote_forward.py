@@ -35,7 +35,7 @@ class RemoteListener(asyncssh.SSHListener):
         self.wire_host = wire_host  # the address string the client sent; echoed back on each connection
         self.listener_id: int | None = None
         self.server: asyncio.AbstractServer | None = None
-        self._close_reason = "cancelled by client"
+        self._close_reason: str | None = None  # set by close_with (revoked); otherwise decided at close
         self._closed = False
 
     def get_port(self) -> int:
@@ -50,7 +50,7 @@ class RemoteListener(asyncssh.SSHListener):
 
     @property
     def close_reason(self) -> str:
-        return self._close_reason
+        return self._close_reason or "cancelled by client"
 
     def close_with(self, reason: str) -> None:
         self._close_reason = reason
@@ -61,13 +61,18 @@ class RemoteListener(asyncssh.SSHListener):
         if self._closed:
             return
         self._closed = True
-        if self.connection.session_id is None or self.connection.conn is None:
-            self._close_reason = self.connection.end_reason or "session ended"
+        if self._close_reason is None:
+            # The bastion ending the session (sessions kill, shutdown, a timeout) sets end_reason before asyncssh
+            # closes the listeners, while the connection is still up: that reason, not the client's cancel.
+            if self.connection.end_reason is not None:
+                self._close_reason = self.connection.end_reason
+            elif self.connection.session_id is None or self.connection.conn is None:
+                self._close_reason = "session ended"
         if self.server is not None:
             self.server.close()
         self.connection.remove_listener(self)
         if self.listener_id is not None:
-            self.connection.ctx.audit.close_listener(self.listener_id, self._close_reason)
+            self.connection.ctx.audit.close_listener(self.listener_id, self.close_reason)
 
     async def wait_closed(self) -> None:
         if self.server is not None:
@@ -121,7 +126,7 @@ class RemoteListener(asyncssh.SSHListener):
                 raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, refusal)
             tunnel.channel_id = channel_id
             if self._closed or tunnel.ended or connection.conn is None:
-                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"listener closed: {self._close_reason}")
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"listener closed: {self.close_reason}")
             await connection.conn.create_connection(lambda: tunnel, self.wire_host, self.request.port, str(peer[0]),
                                                     int(peer[1]))
         except (asyncssh.ChannelOpenError, AuditUnavailable, OSError) as exc:

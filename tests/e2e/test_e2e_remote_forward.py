@@ -166,3 +166,18 @@ def test_cancel_closes_the_listener_paramiko(bastion, testbed, keys, local_servi
         assert transport.is_active()  # the session itself goes on
     finally:
         client.close()
+
+
+def test_sessions_kill_audits_the_listener_as_killed(bastion, ssh, testbed, local_service):
+    """#20: a listener closed by `bastion sessions kill` says killed, not "cancelled by client"."""
+    bastion.apply_policy(LISTEN_POLICY)
+    proc = remote_forward(ssh, f"9000:127.0.0.1:{local_service}")
+    try:
+        wait_until(lambda: listening(testbed, 9000), 10, "bastion listening on 127.0.0.1:9000")
+        [session] = bastion.wait_audit("sessions", lambda rows: rows, "the session row")
+        bastion.cli("sessions", "kill", session["id"])
+        rows = bastion.wait_audit("listeners", lambda rows: rows[0]["closed_at"], "listener row closed")
+        assert rows[0]["close_reason"].startswith("killed by "), rows[0]
+    finally:
+        stop_process(proc)
+        kill_group(proc)
