@@ -36,6 +36,8 @@ def apply(ctx: typer.Context, file: Path = typer.Argument(..., help="Policy file
     with open_store(ctx) as store:
         store.apply_policy(update)
     typer.echo(f"applied {file}: {len(update.users)} users, {len(update.groups)} groups")
+    for entry in update.expired_entries(utc_now()):
+        typer.echo(f"warning: {entry}; it grants nothing", err=True)
     notify_server(ctx, "policy apply")
 
 

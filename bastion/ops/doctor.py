@@ -205,6 +205,12 @@ def policy_findings(policy: Policy, users: list[dict]) -> list[Finding]:
     return findings
 
 
+def expiry_findings(policy: Policy, now: datetime) -> list[Finding]:
+    """Users and grants past their `expires`: they refuse quietly, one warning each."""
+    return [Finding("policy", WARNING, entry, "renew it (a later expires) or remove it, then: bastion policy apply FILE")
+            for entry in policy.expired_entries(now)]
+
+
 def grant_findings(policy: Policy, guard: NetGuard) -> list[Finding]:
     """Address grants the network guard refuses whatever the policy says: outside `internal_networks`,
     loopback, link-local, the bastion's own addresses. Name grants are checked at connect time."""
@@ -327,7 +333,8 @@ def _policy_checks(config: Config) -> list[Finding]:
             store.close()
     except (BastionError, sqlite3.Error) as exc:
         return [Finding("policy", PROBLEM, f"cannot read the policy: {exc}", "see the database finding above")]
-    return policy_findings(policy, users) + grant_findings(policy, make_guard(config))
+    return (policy_findings(policy, users) + expiry_findings(policy, utc_now())
+            + grant_findings(policy, make_guard(config)))
 
 
 def _stat(path: Path) -> os.stat_result | None:

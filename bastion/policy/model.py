@@ -366,6 +366,21 @@ class Policy:
                 found.append(f"groups entry {_quote(key)} holds group {group_policy.name!r}")
         return found
 
+    def expired_entries(self, now: datetime) -> list[str]:
+        """Users and grants (allow, listen) whose `expires` has passed, one line each naming the entry: they
+        grant nothing any more, which an admin applying or checking the policy most likely did not mean."""
+        found = []
+        for name, user in self.users.items():
+            if user.expires is not None and now >= user.expires:
+                found.append(f"user {name} expired at {format_time(user.expires)}")
+        for kind, entries in (("users", self.users), ("groups", self.groups)):
+            for name, entry in entries.items():
+                for rules in ("allow", "listen"):
+                    for rule in getattr(entry, rules):
+                        if rule.expired(now):
+                            found.append(f"{kind}.{name}.{rules}: {rule.text} expired at {format_time(rule.expires)}")
+        return found
+
     def grants_for(self, user: str) -> list[tuple[str, TargetRule]]:
         """The allow rules that apply to `user`, with origins such as "groups.ops.allow"."""
         return self._rules_for(user, "allow")

@@ -50,3 +50,50 @@ def test_backup_counts_listener_rows_as_audit_rows(home, tmp_path):
     result = bastion(home, "backup", str(tmp_path / "copy.db"))
     assert result.returncode == 0, result.stderr
     assert "2 audit rows" in result.stdout + result.stderr
+
+
+EXPIRED_POLICY = """
+[groups.ops]
+allow = ["10.20.0.0/16:22", { target = "10.20.9.9:22", expires = 2020-01-01T00:00:00Z }]
+
+[users.alice]
+groups = ["ops"]
+allow = [{ target = "10.9.9.9:22", expires = 2020-06-01T12:00:00Z }, "10.1.2.3:22"]
+listen = [{ target = "127.0.0.1:9000", expires = 2020-02-01T00:00:00Z }]
+
+[users.erin]
+allow = ["10.60.0.0/24:22"]
+expires = 2020-06-30T23:59:59Z
+
+[users.bob]
+allow = [{ target = "10.1.2.4:22", expires = 2099-01-01T00:00:00Z }]
+expires = 2099-01-01T00:00:00Z
+"""
+
+EXPIRED_LINES = [
+    "user erin expired at 2020-06-30T23:59:59Z",
+    "users.alice.allow: 10.9.9.9:22 expired at 2020-06-01T12:00:00Z",
+    "users.alice.listen: 127.0.0.1:9000 expired at 2020-02-01T00:00:00Z",
+    "groups.ops.allow: 10.20.9.9:22 expired at 2020-01-01T00:00:00Z",
+]
+
+
+def test_policy_apply_and_doctor_warn_about_expired_entries(home, tmp_path):
+    policy = tmp_path / "expired.toml"
+    policy.write_text(EXPIRED_POLICY)
+    applied = bastion(home, "policy", "apply", str(policy))
+    assert applied.returncode == 0, applied.stderr
+    warnings = [line for line in applied.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {line}; it grants nothing" for line in EXPIRED_LINES]
+    doctor = bastion(home, "doctor")
+    for line in EXPIRED_LINES:
+        assert sum(line in out for out in doctor.stdout.splitlines()) == 1, doctor.stdout
+    assert "bob" not in applied.stderr and "users.bob" not in doctor.stdout
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).parents[2] / "policies").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_example_policies_have_not_expired(home, example):
+    applied = bastion(home, "policy", "apply", str(example))
+    assert applied.returncode == 0, applied.stderr
+    assert "warning:" not in applied.stderr

@@ -15,7 +15,7 @@ from bastion.policy.file import check_key_line, policy_from_dict, policy_to_dict
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 FILES = sorted(POLICIES.glob("*.toml"))
-NOW = datetime(2026, 3, 1, tzinfo=timezone.utc)
+NOW = datetime(2036, 3, 1, tzinfo=timezone.utc)
 
 
 def test_there_are_examples():
@@ -43,10 +43,10 @@ CASES = [
      "groups.ops.allow: *.db.corp.internal:5432"),
     ("example.toml", "alice", "[fd00:1::7]", 443, None, NOW, True, "groups.ops.allow: [fd00:1::/64]:22,443"),
     ("example.toml", "alice", "10.9.9.9", 22, None, NOW, True, "users.alice.allow: 10.9.9.9:22"),
-    ("example.toml", "alice", "10.9.9.9", 22, None, datetime(2026, 12, 1, 18, tzinfo=timezone.utc),
+    ("example.toml", "alice", "10.9.9.9", 22, None, datetime(2036, 12, 1, 18, tzinfo=timezone.utc),
      False, "alice may not reach 10.9.9.9:22; ask your bastion admin for a grant"),
-    ("example.toml", "alice", "10.1.2.3", 22, None, datetime(2027, 2, 1, tzinfo=timezone.utc), False,
-     "access for alice expired at 2027-01-31T00:00:00Z; ask your bastion admin to renew it"),
+    ("example.toml", "alice", "10.1.2.3", 22, None, datetime(2037, 2, 1, tzinfo=timezone.utc), False,
+     "access for alice expired at 2037-01-31T00:00:00Z; ask your bastion admin to renew it"),
     ("example.toml", "alice", "169.254.169.254", 80, None, NOW, False,
      "169.254.169.254 is not in an internal network"),
     ("example.toml", "bob", "git.corp.internal", 22, ["10.5.5.5"], NOW, True, "users.bob.allow: git.corp.internal:22"),
@@ -66,14 +66,14 @@ CASES = [
     ("contractor-expiring.toml", "erin", "10.60.1.15", 5432, None, NOW, True,
      "users.erin.allow: 10.60.1.15:22,5432"),
     ("contractor-expiring.toml", "erin", "10.60.1.15", 5432, None,
-     datetime(2026, 3, 15, 17, tzinfo=timezone.utc), False, "erin may not reach 10.60.1.15:5432; ask your bastion admin for a grant"),
-    # 2026-04-01T00:00:00+02:00 is 2026-03-31T22:00Z
+     datetime(2036, 3, 15, 17, tzinfo=timezone.utc), False, "erin may not reach 10.60.1.15:5432; ask your bastion admin for a grant"),
+    # 2036-04-01T00:00:00+02:00 is 2036-03-31T22:00Z
     ("contractor-expiring.toml", "erin", "build-3.ci.corp.internal", 22, ["10.60.0.30"],
-     datetime(2026, 3, 31, 21, 59, tzinfo=timezone.utc), True, "users.erin.allow: build-*.ci.corp.internal:22"),
+     datetime(2036, 3, 31, 21, 59, tzinfo=timezone.utc), True, "users.erin.allow: build-*.ci.corp.internal:22"),
     ("contractor-expiring.toml", "erin", "build-3.ci.corp.internal", 22, ["10.61.0.30"],
-     datetime(2026, 3, 31, 22, tzinfo=timezone.utc), False, "erin may not reach build-3.ci.corp.internal:22; ask your bastion admin for a grant"),
-    ("contractor-expiring.toml", "erin", "10.60.0.20", 22, None, datetime(2026, 7, 1, tzinfo=timezone.utc),
-     False, "access for erin expired at 2026-06-30T23:59:59Z; ask your bastion admin to renew it"),
+     datetime(2036, 3, 31, 22, tzinfo=timezone.utc), False, "erin may not reach build-3.ci.corp.internal:22; ask your bastion admin for a grant"),
+    ("contractor-expiring.toml", "erin", "10.60.0.20", 22, None, datetime(2036, 7, 1, tzinfo=timezone.utc),
+     False, "access for erin expired at 2036-06-30T23:59:59Z; ask your bastion admin to renew it"),
     ("ipv6.toml", "frank", "fd00:1::1234", 22, None, NOW, True, "groups.v6ops.allow: [fd00:1::/64]:22"),
     ("ipv6.toml", "frank", "fd00:1::1234", 443, None, NOW, False, "frank may not reach [fd00:1::1234]:443; ask your bastion admin for a grant"),
     ("ipv6.toml", "frank", "fd00:2:0:5::1", 443, None, NOW, True, "groups.v6ops.allow: [fd00:2::/48]:22,443"),
