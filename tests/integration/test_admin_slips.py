@@ -97,3 +97,21 @@ def test_example_policies_have_not_expired(home, example):
     applied = bastion(home, "policy", "apply", str(example))
     assert applied.returncode == 0, applied.stderr
     assert "warning:" not in applied.stderr
+
+
+def test_readme_first_steps_run_as_written_without_bastion_on_the_path(tmp_path):
+    """The First steps block, in a checkout-like directory (.venv, policies/, alice.pub), with a PATH that has
+    no bastion on it: the block itself must say where the install put the command. `serve` is left out."""
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    block = readme.split("## First steps", 1)[1].split("```", 2)[1]
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("bastion serve")]
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parents[1])
+    (tmp_path / "policies").symlink_to(root / "policies")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alice@test", "-f", str(tmp_path / "alice")],
+                   check=True)
+    script = "set -e\n" + "\n".join(line.split("  #", 1)[0] for line in commands) + "\n"
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "granted: alice -> 10.1.2.3:22" in result.stdout, result.stdout
