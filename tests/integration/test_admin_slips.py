@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 import sys
@@ -115,3 +116,16 @@ def test_readme_first_steps_run_as_written_without_bastion_on_the_path(tmp_path)
                             env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "granted: alice -> 10.1.2.3:22" in result.stdout, result.stdout
+
+
+def test_commands_named_in_the_example_policies_exist(home):
+    """The comments in policies/*.toml name `bastion GROUP COMMAND …`; each must have help (exist)."""
+    root = Path(__file__).resolve().parents[2]
+    named = set()
+    for path in (root / "policies").glob("*.toml"):
+        named |= set(re.findall(r"`bastion (\w+) ([\w-]+)", path.read_text()))
+        named |= set(re.findall(r"^# Apply with:\s+bastion (\w+) ([\w-]+)", path.read_text(), re.M))
+    assert ("user", "add") in named
+    for group, command in sorted(named):
+        result = bastion(home, group, command, "--help")
+        assert result.returncode == 0, f"bastion {group} {command}: {result.stderr}"
