@@ -53,6 +53,7 @@ def init(
 
     Example: bastion --home /var/lib/bastion init --listen 0.0.0.0:22
     """
+    from ..config import Config, read_config_file
     from ..service.home import initialize
 
     os.umask(0o077)  # everything the server creates (keys, database, WAL, socket) is the owner's alone
@@ -62,6 +63,11 @@ def init(
         typer.echo(f"created {path}")
     if not created:
         typer.echo(f"{config.home} is already initialized; nothing changed")
+        # init never rewrites config.toml (an operator's edits live there); say so when --listen asked otherwise
+        kept = read_config_file(config.config_file).get("listen", Config().listen)
+        if listen is not None and listen != kept:
+            typer.echo(f"warning: listen stays {kept} as set in {config.config_file}; "
+                       f"edit it there to listen on {listen}", err=True)
 
 
 @app.command()

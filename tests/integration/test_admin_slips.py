@@ -129,3 +129,13 @@ def test_commands_named_in_the_example_policies_exist(home):
     for group, command in sorted(named):
         result = bastion(home, group, command, "--help")
         assert result.returncode == 0, f"bastion {group} {command}: {result.stderr}"
+
+
+def test_init_again_with_another_listen_says_the_config_keeps_its_own(home):
+    again = bastion(home, "init", "--listen", "127.0.0.1:2222")
+    assert again.returncode == 0
+    assert "already initialized; nothing changed" in again.stdout
+    assert f"warning: listen stays 127.0.0.1:0 as set in {home / 'config.toml'}" in again.stderr
+    assert 'listen = "127.0.0.1:0"' in (home / "config.toml").read_text()  # never rewritten by init
+    same = bastion(home, "init", "--listen", "127.0.0.1:0")
+    assert same.returncode == 0 and "warning" not in same.stderr
