@@ -22,6 +22,7 @@ TIME_COLUMN = {"auth": "time", "sessions": "started_at", "channels": "opened_at"
 _RELATIVE = re.compile(r"(\d+)\s*([smhdw])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _NAME = re.compile(r"[A-Za-z0-9_*-][A-Za-z0-9_.*-]*")
+MAX_AGE = timedelta(days=365_000)
 _TARGET_EXAMPLES = "use e.g. 10.1.2.3, 10.0.0.0/16:22, db.corp.internal:5432, *.corp.internal or [fd00::/64]:22"
 
 
@@ -34,14 +35,16 @@ def parse_moment(text: str, now: datetime) -> datetime:
     a time without zone is UTC."""
     text = text.strip()
     match = _RELATIVE.fullmatch(text)
-    if match:
-        amount, unit = int(match.group(1)), match.group(2)
-        return now - timedelta(**{_UNITS[unit]: amount})
     try:
+        if match:
+            return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        # in UTC here, so a moment near year 1 or 9999 that UTC cannot hold is refused now, not when it is stored
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
     except ValueError:
         raise FilterError(f"cannot read time {text!r}: use e.g. 15m, 2h, 7d or 2026-11-21T10:00:00Z") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except OverflowError:  # '99999999d': before year 1, which no datetime holds
+        raise FilterError(f"time {text!r} is out of range: the calendar runs from year 1 to 9999") from None
 
 
 def parse_age(text: str) -> timedelta:
@@ -49,7 +52,13 @@ def parse_age(text: str) -> timedelta:
     match = _RELATIVE.fullmatch(text.strip())
     if not match or int(match.group(1)) == 0:
         raise FilterError(f"cannot read age {text!r}: use e.g. 90d, 12w or 36h")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        age = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:
+        age = MAX_AGE + MAX_AGE
+    if age > MAX_AGE:  # a cutoff that long before now would fall before year 1
+        raise FilterError(f"age {text!r} is too long: at most 1000 years (365000d)")
+    return age
 
 
 @functools.lru_cache(maxsize=65536)  # the same few thousand client and target addresses, again and again

@@ -39,6 +39,14 @@ class NotFound(BastionError):
     """The audit log has no such row."""
 
 
+class DamagedDatabase(StoreError):
+    """The database file is there but SQLite cannot read it (not a database, malformed, unreadable): a problem
+    found, not bad input, so the CLI exits 1."""
+
+    def __init__(self, database: Path, exc: sqlite3.Error):
+        super().__init__(f"{database}: {exc} (run `bastion doctor`)")
+
+
 def parse_moment(text: str, now: datetime | None = None) -> datetime:
     """'15m', '2h', '7d' (that long ago) or ISO 8601; see filters.parse_moment."""
     return _parse_moment(text, now or utc_now())
@@ -49,9 +57,13 @@ def open_reader(database: Path) -> sqlite3.Connection:
     if not database.exists():
         raise StoreError(f"{database}: no database here; run `bastion init` first")
     conn = connect(database, readonly=True)
-    conn.execute("PRAGMA query_only = ON")
-    conn.create_function("ip_key", 1, ip_key, deterministic=True)
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        conn.create_function("ip_key", 1, ip_key, deterministic=True)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:  # SQLite reads the file only now: garbage bytes show up here
+        conn.close()
+        raise DamagedDatabase(database, exc) from None
     if version < len(MIGRATIONS):
         conn.close()
         raise StoreError(f"{database}: the schema is older than this bastion (version {version}, want "

@@ -13,6 +13,7 @@ language, see the README) checks it without the database.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import sys
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from ..store.schema import connect
 from .query import open_reader
 
 EXPORT_FORMAT = "bastion-audit-export"
+_HEAD = re.compile(r"[0-9]{1,18}:[0-9a-f]{64}")  # 18 digits: a seq SQLite's 64-bit INTEGER can hold
 _EVENT_FIELDS = ("seq", "time", "kind", "tbl", "row_id", "payload", "prev_hash", "hash")
 _FINISHED = {"auth": None, "sessions": "ended_at", "channels": "closed_at", "listeners": "closed_at"}
 
@@ -39,6 +41,9 @@ class AuditTampered(BastionError):
 
 def verify(database: Path, head: str | None = None) -> ChainReport:
     """The whole chain and every audit row (see chain.py); `head` is a SEQ:HASH recorded elsewhere earlier."""
+    if head is not None and not _HEAD.fullmatch(head):  # bad input, not a finding about the chain
+        raise BastionError(f"cannot read --head {head!r}: expected SEQ:HASH (a number, a colon, 64 hex "
+                           "digits) as printed by `bastion audit verify`")
     conn = open_reader(database)
     try:
         conn.execute("BEGIN")  # one snapshot for the chain and the rows, even while the server writes
@@ -167,6 +172,8 @@ def verify_export(path: Path) -> ChainReport:
             check_events(_events(lines, path, trailer), report)
     except OSError as exc:
         raise BastionError(f"{path}: cannot read export: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # an export is UTF-8 JSON lines: binary bytes are no export, as bad JSON is
+        raise BastionError(f"{path}: not a bastion audit export (not UTF-8 text at byte {exc.start})") from None
     if not trailer:
         report.problem("the export has no trailer: it was cut short")
     elif (trailer.get("events"), trailer.get("head_seq")) != (report.events, report.head.seq) or (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -11,8 +12,8 @@ from typing import Any, Callable, Optional
 import typer
 
 from ..audit.filters import TABLES, FilterError, Filters, parse_age, where_clause
-from ..audit.query import (COLUMNS, follow as follow_events, make_filters, open_reader, select, session_record,
-                           start_seq, stats as audit_stats, timeline)
+from ..audit.query import (COLUMNS, DamagedDatabase, follow as follow_events, make_filters, open_reader, select,
+                           session_record, start_seq, stats as audit_stats, timeline)
 from ..audit.retention import export as export_chain, prune as prune_chain, verify as verify_chain, verify_export
 from ..clock import utc_now
 from ..errors import BastionError
@@ -25,6 +26,7 @@ app = typer.Typer(help="Query the audit log: auth, sessions, channels, listeners
                        "prune, export.\n\nExample: bastion audit channels --denied --since 1d",
                   no_args_is_help=True)
 
+_MOST = 2**63 - 1  # the largest count SQLite takes as a LIMIT
 _TABLE_LIMIT = 1000  # on a terminal without --limit: the newest this many, and a note that there are more
 
 
@@ -37,8 +39,16 @@ def _reported(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except FilterError as exc:
             raise typer.BadParameter(str(exc)) from None
+        except DamagedDatabase as exc:  # a problem found in the home, not in what was typed
+            err_console.print(printable(f"error: {exc}"), markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except sqlite3.DatabaseError as exc:  # damage SQLite meets only on the pages a query reads
+            database = config_of(kwargs["ctx"]).database  # every audit command takes ctx
+            err_console.print(printable(f"error: {DamagedDatabase(database, exc)}"), markup=False,
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except BastionError as exc:
-            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(printable(f"error: {exc}"), markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except BrokenPipeError:  # `| head` has read enough: stop quietly, as other Unix tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not fail again
@@ -79,7 +89,8 @@ def _list_command(table: str, example: str) -> Callable:
         denied: bool = DENIED,
         session: Optional[str] = SESSION,
         client: Optional[str] = CLIENT,
-        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many (the newest)."),
+        limit: Optional[int] = typer.Option(None, "--limit", min=1, max=_MOST,
+                                            help="At most this many (the newest)."),
         json: bool = JSON,
         jsonl: bool = JSONL,
         csv: bool = CSV,
@@ -155,7 +166,7 @@ def follow(
     denied: bool = DENIED,
     session: Optional[str] = SESSION,
     client: Optional[str] = CLIENT,
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Stop after this many events."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, max=_MOST, help="Stop after this many events."),
     jsonl: bool = JSONL,
     interval: float = typer.Option(0.5, "--interval", min=0.05, help="Seconds between looks for new events."),
 ) -> None:
@@ -206,7 +217,7 @@ def stats(
     ctx: typer.Context,
     since: str = typer.Option("7d", "--since", help="From this time: 15m, 2h, 7d or ISO 8601."),
     until: Optional[str] = UNTIL,
-    top: int = typer.Option(10, "--top", min=1, help="How many users, targets and sources to list."),
+    top: int = typer.Option(10, "--top", min=1, max=_MOST, help="How many users, targets and sources to list."),
     json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Sessions and refusals per day, top users, top targets, top refused targets and sources.

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer._click import exceptions as parse_errors  # typer 0.29 carries its own click; its errors are these
 
+from ..audit.query import DamagedDatabase
 from ..errors import BastionError
+from ..printable import printable
 from . import audit, policy, sessions, users
 from . import admin
 from .common import config_of, configure_logging
@@ -99,8 +104,43 @@ def serve(
 
 
 def main() -> None:
+    """Exit 0 done, 1 a problem found (a damaged database), 2 bad input: always one plain line on stderr, no
+    wrapping, easy to grep, never a traceback."""
     try:
-        app()
+        # not standalone: usage errors come back here to be one line, not a box drawn by rich
+        code = app(standalone_mode=False)
+    except parse_errors.NoArgsIsHelpError as exc:  # `bastion audit`: the help is the answer
+        exc.show()
+        code = exc.exit_code
+    except parse_errors.UsageError as exc:
+        where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
+        _error(exc.format_message().rstrip(".") + where)
+        code = 2
+    except parse_errors.ClickException as exc:
+        _error(exc.format_message())
+        code = exc.exit_code
+    except typer.Abort:  # Ctrl-C at a prompt
+        _error("aborted")
+        code = 1
+    except DamagedDatabase as exc:
+        _error(str(exc))
+        code = 1
+    except sqlite3.DatabaseError as exc:  # damage met outside the audit commands, which name their database
+        _error(f"the database is damaged or unreadable: {exc} (run `bastion doctor`)")
+        code = 1
     except BastionError as exc:
-        sys.stderr.write(f"error: {exc}\n")  # one plain line: no wrapping, easy to grep
-        sys.exit(2)
+        _error(str(exc))
+        code = 2
+    except OSError as exc:  # a path given that cannot be, or a system that refused: named, never a traceback
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        _error(f"{where}{exc.strerror or exc}")
+        code = 2 if exc.errno in _BAD_PATH else 1
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+# the path typed is wrong (bad input, exit 2); anything else (no permission, disk full, I/O) is a problem found
+_BAD_PATH = {errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.ENOENT, errno.EEXIST, errno.EINVAL, errno.ELOOP}
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"error: {printable(message)}\n")

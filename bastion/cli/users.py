@@ -30,6 +30,8 @@ def add(
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise BastionError(f"{path}: cannot read key file: {exc.strerror}") from None
+        except UnicodeDecodeError:  # a private key in DER, a backup, any binary file given by mistake
+            raise BastionError(f"{path}: not an OpenSSH public key file (not UTF-8 text)") from None
         keys.extend(parse_public_keys(text, str(path)))
     with open_store(ctx) as store:
         added = store.add_user(name, keys)
