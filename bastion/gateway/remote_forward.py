@@ -37,6 +37,9 @@ class RemoteListener(asyncssh.SSHListener):
         self.server: asyncio.AbstractServer | None = None
         self._close_reason: str | None = None  # set by close_with (revoked); otherwise decided at close
         self._closed = False
+        # Set once the listener's own row is committed (or cannot be): a connection that comes in while the row
+        # is on its way waits for it, so the connection's row can name its listener.
+        self.row_known = asyncio.Event()
 
     def get_port(self) -> int:
         return self.request.port
@@ -98,6 +101,14 @@ class RemoteListener(asyncssh.SSHListener):
             return
         connection = self.connection
         peer = transport.get_extra_info("peername") or ("", 0)
+        try:
+            await asyncio.wait_for(self.row_known.wait(), connection.ctx.config.connect_timeout)
+        except asyncio.TimeoutError:
+            pass
+        if self.listener_id is None:  # the listener never got its row: it is not open, nothing is forwarded
+            tunnel.close_reason = "listener not open"
+            tunnel.abort()
+            return
         cap = channel_cap_refusal(connection.user, connection.open_channels_of_user(),
                                   connection.ctx.config.max_channels_per_user)
         refusal = cap.reason if cap is not None else None
@@ -180,10 +191,12 @@ async def open_listener(connection: ChannelOwner, wire_host: str, wire_port: int
         connection.log.error("%s", exc)
         if listener is not None:
             listener.close_with("audit log unavailable")
+            listener.row_known.set()
         return False
     if listener is None:
         return False
     listener.listener_id = listener_id
+    listener.row_known.set()
     refusal = _refusal_before_open(connection, listener, policy)
     if refusal is not None:
         if listener.closed:  # closed before it had a row to close
