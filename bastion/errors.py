@@ -15,3 +15,8 @@ class StoreError(BastionError):
 
 class NotInitialized(BastionError):
     """The home directory has no config/database yet."""
+
+
+class DamagedDatabase(StoreError):
+    """The database file is there but SQLite cannot read it (not a database, malformed, unreadable): a problem
+    found in the home, not bad input, so the CLI exits 1 (bad input exits 2)."""

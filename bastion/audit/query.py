@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ..clock import iso, utc_now
 from ..errors import BastionError, StoreError
+from ..errors import DamagedDatabase as _Damaged
 from ..store.schema import MIGRATIONS, connect
 from .filters import TABLES, TIME_COLUMN, Filters, ip_key, parse_client, parse_target, where_clause
 from .filters import parse_moment as _parse_moment
@@ -39,9 +40,9 @@ class NotFound(BastionError):
     """The audit log has no such row."""
 
 
-class DamagedDatabase(StoreError):
+class DamagedDatabase(_Damaged):
     """The database file is there but SQLite cannot read it (not a database, malformed, unreadable): a problem
-    found, not bad input, so the CLI exits 1."""
+    found, not bad input, so the CLI exits 1. Named by the file and SQLite's words."""
 
     def __init__(self, database: Path, exc: sqlite3.Error):
         super().__init__(f"{database}: {exc} (run `bastion doctor`)")

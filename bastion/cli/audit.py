@@ -17,6 +17,7 @@ from ..audit.query import (COLUMNS, DamagedDatabase, follow as follow_events, ma
 from ..audit.retention import export as export_chain, prune as prune_chain, verify as verify_chain, verify_export
 from ..clock import utc_now
 from ..errors import BastionError
+from ..errors import DamagedDatabase as Damaged
 from ..printable import printable
 from ..safe_files import is_stdout
 from . import audit_output as output
@@ -39,7 +40,7 @@ def _reported(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except FilterError as exc:
             raise typer.BadParameter(str(exc)) from None
-        except DamagedDatabase as exc:  # a problem found in the home, not in what was typed
+        except Damaged as exc:  # a problem found in the home, not in what was typed
             err_console.print(printable(f"error: {exc}"), markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except sqlite3.DatabaseError as exc:  # damage SQLite meets only on the pages a query reads

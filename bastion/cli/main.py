@@ -13,8 +13,7 @@ from typing import Optional
 import typer
 from typer._click import exceptions as parse_errors  # typer 0.29 carries its own click; its errors are these
 
-from ..audit.query import DamagedDatabase
-from ..errors import BastionError
+from ..errors import BastionError, DamagedDatabase
 from ..printable import printable
 from . import audit, policy, sessions, users
 from . import admin

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from ..errors import StoreError
+from ..errors import DamagedDatabase, StoreError
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: users, keys, policy, audit
@@ -146,6 +146,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE channels ADD COLUMN close_reason TEXT;
     """,
+    # 4 (#20): a key's authorized_keys options, and who added it: a policy apply removes only the keys that a
+    # policy file added. Keys from before this migration count as added by hand, so no apply removes them.
+    """
+    ALTER TABLE user_keys ADD COLUMN options TEXT NOT NULL DEFAULT '{}';   -- JSON, policy/authorized_keys.py
+    ALTER TABLE user_keys ADD COLUMN source TEXT NOT NULL DEFAULT 'cli'
+        CHECK (source IN ('cli', 'import', 'policy'));
+    """,
 )
 
 
@@ -161,6 +168,8 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.DatabaseError as exc:  # SQLite reads the file's header here: garbage bytes show up now
+        raise DamagedDatabase(f"{path}: cannot open database: {exc} (run `bastion doctor`)") from None
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot open database: {exc}") from None
     return conn
@@ -184,4 +193,13 @@ def migrate(db: sqlite_utils.Database) -> int:
             db.conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
         return len(MIGRATIONS)
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"database is unreadable or corrupt: {exc}") from None
+        raise DamagedDatabase(f"{_name(db)}database is unreadable or corrupt: {exc} (run `bastion doctor`)") from None
+
+
+def _name(db: sqlite_utils.Database) -> str:
+    """'PATH: ' for a message about the database, when SQLite can still say which file it is."""
+    try:
+        path = db.execute("PRAGMA database_list").fetchone()[2]
+    except sqlite3.Error:
+        return ""
+    return f"{path}: " if path else ""
