@@ -69,7 +69,11 @@ class RemoteListener(asyncssh.SSHListener):
             # closes the listeners, while the connection is still up: that reason, not the client's cancel.
             if self.connection.end_reason is not None:
                 self._close_reason = self.connection.end_reason
-            elif self.connection.session_id is None or self.connection.conn is None:
+            elif (self.connection.session_id is None or self.connection.conn is None
+                  or self.connection.conn.get_extra_info("socket") is None):
+                # asyncssh closes a connection's listeners as it drops the connection, before the session's own
+                # connection_lost, and only after letting go of the socket; an explicit cancel-tcpip-forward
+                # comes while the socket is still there.
                 self._close_reason = "session ended"
         if self.server is not None:
             self.server.close()

@@ -181,3 +181,17 @@ def test_sessions_kill_audits_the_listener_as_killed(bastion, ssh, testbed, loca
     finally:
         stop_process(proc)
         kill_group(proc)
+
+
+def test_client_leaving_audits_the_listener_as_session_ended(bastion, ssh, testbed, local_service):
+    """#20: a listener that closes because its client went away says the session ended; only the client's own
+    cancel-tcpip-forward (test_cancel_closes_the_listener_paramiko) is "cancelled by client"."""
+    bastion.apply_policy(LISTEN_POLICY)
+    proc = remote_forward(ssh, f"9000:127.0.0.1:{local_service}")
+    try:
+        wait_until(lambda: listening(testbed, 9000), 10, "bastion listening on 127.0.0.1:9000")
+    finally:
+        stop_process(proc)  # the client ends its session; it never cancels the forward
+        kill_group(proc)
+    rows = bastion.wait_audit("listeners", lambda rows: rows[0]["closed_at"], "listener row closed")
+    assert rows[0]["close_reason"] == "session ended", rows[0]
