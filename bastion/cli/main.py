@@ -8,22 +8,25 @@ import os
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+import typer.main
+from rich.markup import escape
 from typer._click import exceptions as parse_errors  # typer 0.29 carries its own click; its errors are these
 
 from ..errors import BastionError, DamagedDatabase
 from ..printable import printable
 from . import audit, policy, sessions, users
-from . import admin
+from . import access, admin
 from .common import config_of, configure_logging
 
 app = typer.Typer(
     help="bastion: an SSH jump host. Key-only logins, policy-checked tunnels, SQLite audit.\n\n"
     "Example: bastion --home ./demo serve --listen 127.0.0.1:2222",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
+    context_settings={"help_option_names": ["-h", "--help"]},  # every subcommand inherits it
     pretty_exceptions_enable=False,
 )
 app.add_typer(users.app, name="user")
@@ -31,6 +34,7 @@ app.add_typer(policy.app, name="policy")
 app.add_typer(audit.app, name="audit")
 app.add_typer(sessions.app, name="sessions")
 admin.register(app)
+app.command("access")(access.access)
 
 
 @app.callback()
@@ -41,6 +45,8 @@ def root(
         envvar="BASTION_HOME",
         help="State directory (config.toml, host keys, bastion.db). Default: $BASTION_HOME, else /var/lib/bastion.",
     ),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=lambda shown: _print_version(shown),
+                                 help="Print the version and exit."),
 ) -> None:
     """bastion: an SSH jump host.
 
@@ -102,12 +108,54 @@ def serve(
     raise typer.Exit(run(config))
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"bastion {version('bastion')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from .. import __version__
+
+            typer.echo(f"bastion {__version__}")
+        raise typer.Exit(0)
+
+
+def readable_help(command: Any) -> Any:
+    """The command tree as people read it in --help: help text shown as written (typer reads it as rich markup,
+    which ate `[fd00::/64]`), a flag without a `<bool>` placeholder, and a value placeholder in capitals named
+    after the parameter (`--key KEY`, `--since SINCE`, `NAME`) instead of `<str>` or `<list[Path]>`."""
+    if getattr(command, "help", None):
+        command.help = escape(command.help)
+    if getattr(command, "short_help", None):
+        command.short_help = escape(command.short_help)
+    for param in getattr(command, "params", []):
+        if getattr(param, "help", None):
+            param.help = escape(param.help)
+        if param.metavar is None and param.name:
+            param.metavar = "" if getattr(param, "is_flag", False) else param.name.upper()
+        if param.param_type_name == "argument":  # its name column already says NAME; no `<str>` beside it
+            param.display_type_rich = lambda ctx: None
+    made = command.get_help_option
+
+    def help_option(ctx: Any) -> Any:
+        option = made(ctx)
+        if option is not None:
+            option.metavar = ""  # -h, --help: a flag, no `<bool>`
+        return option
+
+    command.get_help_option = help_option
+    for sub in (getattr(command, "commands", None) or {}).values():
+        readable_help(sub)
+    return command
+
+
 def main() -> None:
     """Exit 0 done, 1 a problem found (a damaged database), 2 bad input: always one plain line on stderr, no
     wrapping, easy to grep, never a traceback."""
     try:
         # not standalone: usage errors come back here to be one line, not a box drawn by rich
-        code = app(standalone_mode=False)
+        code = readable_help(typer.main.get_command(app))(standalone_mode=False, prog_name="bastion")
     except parse_errors.NoArgsIsHelpError as exc:  # `bastion audit`: the help is the answer
         exc.show()
         code = exc.exit_code
