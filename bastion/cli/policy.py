@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, NoReturn, Optional
 
 import typer
 
 from ..clock import utc_now
-from ..errors import BastionError
+from ..errors import BastionError, StoreError
 from ..gateway.local_addresses import make_guard
 from ..gateway.resolve import resolve
-from ..ops.policy_files import load_policy_file
+from ..ops.policy_apply import LiveLoss, live_losses
+from ..ops.policy_files import load_policy_files
+from ..policy.access import Grant
 from ..policy.decide import evaluate
 from ..policy.file import PolicyFileError, policy_to_dict, to_toml
-from ..policy.model import AccessRequest
+from ..policy.diff import PolicyDiff, policy_diff
+from ..policy.model import AccessRequest, format_time
+from ..store.sqlite import PolicyPlan, PolicyRefused
 from ..policy.netguard import TargetError, parse_host, parse_port
 from .common import config_of, notify_server, open_store, print_json
 
@@ -23,22 +28,109 @@ app = typer.Typer(help="Apply, show and check the access policy.", no_args_is_he
 
 
 @app.command("apply")
-def apply(ctx: typer.Context, file: Path = typer.Argument(..., help="Policy file (TOML).")) -> None:
-    """Apply a policy file: every user and group in it replaces its previous definition. All or nothing:
-    a file with any error changes nothing. Running servers use it from the next channel open.
+def apply(
+    ctx: typer.Context,
+    files: List[Path] = typer.Argument(..., help="Policy files (TOML), or directories of *.toml files."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; change nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before removing access (asked only on a terminal)."),
+) -> None:
+    """Make the policy in force equal to the given files: their groups and users, nothing else. A user the files
+    do not name keeps their keys but loses their grants; keys are never removed unless a policy file added them.
+    Prints what changes first: access granted and removed, and the live sessions and tunnels that would close.
+    All or nothing. Exit 0 applied (or shown, with --dry-run), 1 refused (an invalid policy), 2 bad usage.
 
-    Example: bastion policy apply policies/example.toml
+    Example: bastion policy apply --dry-run policies/
     """
+    config = config_of(ctx)
     try:
-        update = load_policy_file(file)
-    except (PolicyFileError, OSError) as exc:
-        raise BastionError(f"policy not applied: {exc}") from None
+        declared, paths = load_policy_files(files)
+    except PolicyFileError as exc:
+        _refused(str(exc))
+    now = utc_now()
     with open_store(ctx) as store:
-        store.apply_policy(update)
-    typer.echo(f"applied {file}: {len(update.users)} users, {len(update.groups)} groups")
-    for entry in update.expired_entries(utc_now()):
-        typer.echo(f"warning: {entry}; it grants nothing", err=True)
+        try:
+            plan = store.plan_policy(declared)
+        except PolicyRefused as exc:
+            _refused(str(exc))
+        except StoreError as exc:  # a key in a file that cannot be used
+            _refused(f"policy not applied: {exc}")
+        diff = policy_diff(plan.current, plan.target, now)
+        losses = live_losses(config.database, plan, make_guard(config), now)
+        for line in describe_plan(diff, plan, losses):
+            typer.echo(line)
+        for entry in declared.expired_entries(now):
+            typer.echo(f"warning: {entry}; it grants nothing", err=True)
+        if dry_run:
+            typer.echo(f"dry run: nothing changed ({_files(paths)})")
+            return
+        if (diff.removes_access or plan.keys_removed or losses) and not yes and sys.stdin.isatty():
+            if not typer.confirm("Apply, removing the access above?", default=False):
+                _refused("policy not applied: not confirmed")
+        try:
+            store.apply_policy(declared, expected_version=plan.version)
+        except PolicyRefused as exc:
+            _refused(str(exc))
+    typer.echo(f"applied {_files(paths)}: {len(declared.users)} users, {len(declared.groups)} groups")
     notify_server(ctx, "policy apply")
+
+
+def _refused(message: str) -> NoReturn:
+    """An invalid policy is a problem found (exit 1), not bad usage; nothing was changed."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _files(paths: List[Path]) -> str:
+    return str(paths[0]) if len(paths) == 1 else f"{len(paths)} files"
+
+
+def describe_plan(diff: PolicyDiff, plan: PolicyPlan, losses: list[LiveLoss]) -> list[str]:
+    """The plan as the admin reads it before it happens: one line per change, removals marked "-"."""
+    if diff.empty and not plan.keys_added and not plan.keys_removed:
+        return ["no change in access"]
+    lines = []
+    granted = [c for c in diff.changes if c.before is None]
+    removed = [c for c in diff.changes if c.after is None]
+    changed = [c for c in diff.changes if c.before is not None and c.after is not None]
+    if granted:
+        lines.append("access granted:")
+        lines += [f"  + {c.user}: {_grant(c.after)}" for c in granted]
+    if removed:
+        lines.append("access removed:")
+        lines += [f"  - {c.user}: {_grant(c.before)}" for c in removed]
+    if changed:
+        lines.append("access changed:")
+        lines += [f"  {'-' if c.removes_access else '+'} {c.user}: {_grant(c.after)} (was {_limits(c.before)})"
+                  for c in changed]
+    if diff.groups_added or diff.groups_removed:
+        lines.append("groups: " + ", ".join([f"+ {name}" for name in diff.groups_added]
+                                            + [f"- {name}" for name in diff.groups_removed]))
+    for name in diff.users_added:
+        lines.append(f"new user {name}")
+    for user, key in plan.keys_added:
+        lines.append(f"  + {user}: key {key.key_type} {key.fingerprint} {key.comment}".rstrip())
+    for user, key in plan.keys_removed:
+        lines.append(f"  - {user}: key {key.key_type} {key.fingerprint} (a policy file added it; none lists it now)")
+    if losses:
+        lines.append("live sessions affected:")
+        lines += [f"  - {loss.user}: {loss.what} (session {loss.session_id}) would close: {loss.reason}"
+                  for loss in losses]
+    return lines
+
+
+def _grant(grant: Grant | None) -> str:
+    assert grant is not None
+    return f"{grant.kind} {grant.rule} via {grant.via}" + _limits(grant, prefix="; ")
+
+
+def _limits(grant: Grant | None, prefix: str = "") -> str:
+    assert grant is not None
+    parts = [f"expires {format_time(grant.expires)}" if grant.expires else ""]
+    parts += [f"except {', '.join(grant.except_)}" if grant.except_ else ""]
+    text = "; ".join(part for part in parts if part)
+    if not prefix:
+        return text or "no expiry, no exceptions"
+    return prefix + text if text else ""
 
 
 @app.command("show")

@@ -338,19 +338,13 @@ class Policy:
         object.__setattr__(self, "users", MappingProxyType(dict(self.users)))
         object.__setattr__(self, "groups", MappingProxyType(dict(self.groups)))
 
-    def updated_with(self, other: Policy) -> Policy:
-        """Upsert: each user and group in `other` replaces its previous definition.
-
-        A user whose `keys` is None in `other` keeps the keys it had here, matching the file
-        format's meaning of an absent `keys`: "leave the keys alone".
-        """
-        users = dict(self.users)
-        for name, user in other.users.items():
-            previous = users.get(name)
-            if user.keys is None and previous is not None and previous.keys is not None:
-                user = dataclasses.replace(user, keys=previous.keys)
-            users[name] = user
-        return Policy(users, {**self.groups, **other.groups})
+    def declared_over(self, current: Policy) -> Policy:
+        """This policy as the whole declared state over `current`: its groups only; its users as defined here,
+        and every other user of `current` kept (users are removed only by hand) but with no grants. Keys are
+        not policy: the result carries none (the store keeps them)."""
+        users = {name: UserPolicy(name=name) for name in current.users}
+        users.update({name: dataclasses.replace(user, keys=None) for name, user in self.users.items()})
+        return Policy(users, self.groups)
 
     def problems(self) -> list[str]:
         """Inconsistencies worth a warning that do not stop the policy from loading."""

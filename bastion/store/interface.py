@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..policy.authorized_keys import KeyOptions
 from ..policy.model import Policy
 
 
@@ -16,6 +17,8 @@ class PublicKey:
     key_type: str
     public_key: str  # "TYPE BASE64", no comment
     comment: str
+    options: KeyOptions = KeyOptions()  # from its authorized_keys line: from=, expiry-time=, permitopen=, …
+    source: str = "cli"  # who added it: "cli" (user add), "import" (user import) or "policy" (a policy file)
 
 
 class AccessStore(Protocol):

@@ -7,48 +7,81 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone, tzinfo
 from typing import Iterable
 
 from ..clock import iso, utc_now
 from ..errors import StoreError
 from ..policy.file import policy_from_dict, policy_to_dict
-from ..policy.model import NAME_HINT, NAME_PATTERN, Policy, UserPolicy
+from ..policy.authorized_keys import KeyOptions, parse_options, split_line
+from ..policy.model import NAME_HINT, NAME_PATTERN, Policy, PolicyError, UserPolicy
 from .interface import PublicKey
 from .schema import migrate, open_database
 
 
 
-def parse_public_keys(text: str, source: str = "key") -> list[PublicKey]:
-    """Every key line of an OpenSSH public key file; blank and '#' lines are skipped. A key too weak to log
-    in with (DSA, RSA under 2048 bits: algorithms.weak_key_reason) is an error naming it."""
+def parse_public_keys(text: str, source: str = "key", local_zone: tzinfo | None = None) -> list[PublicKey]:
+    """Every key of an OpenSSH public key file or `authorized_keys` file, with the options of its line
+    (policy/authorized_keys.py says which are honoured; any other is an error naming it). Blank and '#' lines
+    are skipped. A key too weak to log in with (DSA, RSA under 2048 bits) is an error naming it. Every error
+    is "FILE:LINE: what"; all of them are collected, so one run shows every line to fix."""
     import asyncssh  # here, not at the top: the CLI should not pay for it on every command
 
     from ..policy.keys import describe_key, weak_key_reason
 
-    keys = []
+    zone = local_zone or datetime.now().astimezone().tzinfo or timezone.utc  # sshd reads expiry-time as local
+    keys, problems = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        where = f"{source}:{number}"
         try:
-            key = asyncssh.import_public_key(line)
+            options_text, key_text = split_line(line)
+            options = parse_options(options_text, zone)
+        except PolicyError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        try:
+            key = asyncssh.import_public_key(key_text)
         except (asyncssh.KeyImportError, ValueError) as exc:
-            raise StoreError(f"{source}:{number}: not an OpenSSH public key ({exc})") from None
+            problems.append(f"{where}: not an OpenSSH public key ({exc})")
+            continue
         weakness = weak_key_reason(key)
         if weakness:
-            raise StoreError(f"{source}:{number}: {describe_key(key.public_data, key.get_comment() or '')}: "
-                             f"{weakness}")
+            problems.append(f"{where}: {describe_key(key.public_data, key.get_comment() or '')}: {weakness}")
+            continue
         keys.append(
             PublicKey(
                 fingerprint=key.get_fingerprint("sha256"),
                 key_type=key.get_algorithm(),
                 public_key=" ".join(key.export_public_key("openssh").decode().split()[:2]),
                 comment=key.get_comment() or "",
+                options=options,
             )
         )
+    if problems:
+        raise StoreError(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} lines refused:\n  " + "\n  ".join(problems))
     if not keys:
         raise StoreError(f"{source}: no public key found")
     return keys
+
+
+class PolicyRefused(StoreError):
+    """A policy that cannot be applied as it is (a problem found, exit 1), as opposed to bad usage."""
+
+
+@dataclass(frozen=True)
+class PolicyPlan:
+    """What a policy apply changes: the policy before and after, and the keys a policy file adds or removes."""
+
+    version: int  # of the store the plan was made against
+    current: Policy
+    target: Policy
+    keys_added: list[tuple[str, PublicKey]]
+    keys_removed: list[tuple[str, PublicKey]]
 
 
 class Store:
@@ -66,28 +99,53 @@ class Store:
 
     # ---- users and keys -------------------------------------------------------------------
 
-    def add_user(self, name: str, keys: Iterable[PublicKey]) -> list[PublicKey]:
-        """Create the user if new and add keys it does not have yet; returns the keys added."""
-        if not NAME_PATTERN.fullmatch(name):  # the same rule as policy files
-            raise StoreError(f"invalid user name {name!r}: expected {NAME_HINT}")
+    def add_user(self, name: str, keys: Iterable[PublicKey], *, source: str = "cli",
+                 create: bool = True) -> list[tuple[PublicKey, str]]:
+        """Create the user if new (unless `create` is False: then an unknown user is an error) and add the keys
+        it does not have yet; a key it has gets the options given now. Returns (key, "added" | "updated") for
+        every key that changed."""
+        return self.import_keys({name: list(keys)}, source=source, create=create)[name]
+
+    def import_keys(self, keys_by_user: dict[str, list[PublicKey]], *, source: str = "import",
+                    create: bool = True) -> dict[str, list[tuple[PublicKey, str]]]:
+        """add_user for several users in one transaction: all or nothing."""
+        for name in keys_by_user:
+            if not NAME_PATTERN.fullmatch(name):  # the same rule as policy files
+                raise StoreError(f"invalid user name {name!r}: expected {NAME_HINT}")
         now = iso(utc_now())
-        added = []
+        changes: dict[str, list[tuple[PublicKey, str]]] = {}
         with self._lock, self._db.conn:
-            self._db.execute(
-                "INSERT INTO users (name, definition, created_at, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (name) DO NOTHING",
-                [name, json.dumps(_user_definition(UserPolicy(name=name))), now, now],
-            )
-            for key in keys:
-                cursor = self._db.execute(
-                    "INSERT INTO user_keys (user, fingerprint, key_type, public_key, comment, added_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    [name, key.fingerprint, key.key_type, key.public_key, key.comment, now],
+            for name, keys in keys_by_user.items():
+                if not create and self._db.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone() is None:
+                    raise StoreError(f"no user named {name!r}; add it with `bastion user add {name} --key FILE`")
+                self._db.execute(
+                    "INSERT INTO users (name, definition, created_at, updated_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (name) DO NOTHING",
+                    [name, json.dumps(_user_definition(UserPolicy(name=name))), now, now],
                 )
-                if cursor.rowcount:
-                    added.append(key)
+                changes[name] = [(key, change) for key in keys
+                                 if (change := self._put_key(name, replace(key, source=source), now))]
             self._bump_policy_version()
-        return added
+        return changes
+
+    def _put_key(self, name: str, key: PublicKey, now: str) -> str | None:
+        """Insert the key, or give a stored one the new options; "added", "updated" or None (unchanged). A key
+        keeps the source it was first added by: a policy apply never removes a key a person added."""
+        options = json.dumps(key.options.to_json(), sort_keys=True)
+        row = self._db.execute("SELECT options FROM user_keys WHERE user = ? AND fingerprint = ?",
+                               [name, key.fingerprint]).fetchone()
+        if row is None:
+            self._db.execute(
+                "INSERT INTO user_keys (user, fingerprint, key_type, public_key, comment, added_at, options, source) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [name, key.fingerprint, key.key_type, key.public_key, key.comment, now, options, key.source],
+            )
+            return "added"
+        if row[0] != options:
+            self._db.execute("UPDATE user_keys SET options = ? WHERE user = ? AND fingerprint = ?",
+                             [options, name, key.fingerprint])
+            return "updated"
+        return None
 
     def remove_user(self, name: str) -> None:
         with self._lock, self._db.conn:
@@ -116,7 +174,9 @@ class Store:
                     "expires": definition.get("expires"),
                     "created_at": row["created_at"],
                     "keys": [
-                        {"fingerprint": k["fingerprint"], "type": k["key_type"], "comment": k["comment"]}
+                        {"fingerprint": k["fingerprint"], "type": k["key_type"], "comment": k["comment"],
+                         "options": KeyOptions.from_json(json.loads(k["options"])).describe(),
+                         "source": k["source"]}
                         for k in keys
                         if k["user"] == row["name"]
                     ],
@@ -127,9 +187,11 @@ class Store:
     def user_keys(self, name: str) -> list[PublicKey]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT fingerprint, key_type, public_key, comment FROM user_keys WHERE user = ?", [name]
+                "SELECT fingerprint, key_type, public_key, comment, options, source FROM user_keys WHERE user = ?",
+                [name],
             ).fetchall()
-        return [PublicKey(*row) for row in rows]
+        return [PublicKey(*row[:4], options=KeyOptions.from_json(json.loads(row[4])), source=row[5])
+                for row in rows]
 
     # ---- policy ---------------------------------------------------------------------------
 
@@ -153,42 +215,60 @@ class Store:
         }
         return version, policy_from_dict(data)
 
-    def apply_policy(self, update: Policy) -> Policy:
-        """Upsert every user and group of `update` in one transaction; all or nothing.
-
-        Keys given in the file replace the user's stored keys; users without `keys` keep theirs.
-        Returns the merged policy now in force."""
+    def plan_policy(self, declared: Policy) -> PolicyPlan:
+        """What applying `declared` would change, without changing anything (see apply_policy)."""
         new_keys = {
             name: parse_public_keys("\n".join(user.keys), f"users.{name}.keys")
-            for name, user in update.users.items()
+            for name, user in declared.users.items()
             if user.keys is not None
         }
         with self._lock:
-            _, current = self._read_policy()
-            merged = current.updated_with(update)
-            problems = merged.problems()
-            if problems:
-                raise StoreError("policy not applied: " + "; ".join(problems))
-            now = iso(utc_now())
+            version, current = self._read_policy()
+            stored = self._db.execute("SELECT user, fingerprint, key_type, public_key, comment, options, source "
+                                      "FROM user_keys").fetchall()
+        target = declared.declared_over(current)
+        problems = target.problems()
+        if problems:
+            raise PolicyRefused("policy not applied: " + "; ".join(problems))
+        have = {(row[0], row[1]) for row in stored}
+        wanted = {(name, key.fingerprint) for name, keys in new_keys.items() for key in keys}
+        removed = [(row[0], PublicKey(*row[1:5], options=KeyOptions.from_json(json.loads(row[5])), source=row[6]))
+                   for row in stored if row[6] == "policy" and (row[0], row[1]) not in wanted]
+        added = [(name, replace(key, source="policy")) for name, keys in new_keys.items() for key in keys
+                 if (name, key.fingerprint) not in have]
+        return PolicyPlan(version, current, target, added, removed)
+
+    def apply_policy(self, declared: Policy, *, expected_version: int | None = None) -> PolicyPlan:
+        """Make the stored policy equal to `declared`, in one transaction (all or nothing):
+        - every group is the file's, and groups it does not name are removed;
+        - every user it names gets exactly its definition; a user it does not name keeps its keys but loses
+          its grants (users are removed only by `user remove`);
+        - keys: a user's `keys` in the file are added, and keys that an earlier policy file added and this one
+          no longer lists are removed. Keys added by `user add` or `user import` are never touched.
+        `expected_version`: refuse if the store changed since the plan shown to the admin was made."""
+        plan = self.plan_policy(declared)
+        if expected_version is not None and plan.version != expected_version:
+            raise PolicyRefused("policy not applied: the store changed since the plan was shown; run it again")
+        now = iso(utc_now())
+        with self._lock:
             try:
                 with self._db.conn:
-                    for name, user in update.users.items():
+                    version = int(self._db.execute(
+                        "SELECT value FROM meta WHERE key = 'policy_version'").fetchone()[0])
+                    if version != plan.version:
+                        raise PolicyRefused("policy not applied: the store changed while planning; run it again")
+                    for name, user in plan.target.users.items():
                         self._db.execute(
                             "INSERT INTO users (name, definition, created_at, updated_at) VALUES (?, ?, ?, ?) "
                             "ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, "
                             "updated_at = excluded.updated_at",
                             [name, json.dumps(_user_definition(user)), now, now],
                         )
-                        if name in new_keys:
-                            self._db.execute("DELETE FROM user_keys WHERE user = ?", [name])
-                            for key in new_keys[name]:
-                                self._db.execute(
-                                    "INSERT OR IGNORE INTO user_keys "
-                                    "(user, fingerprint, key_type, public_key, comment, added_at) "
-                                    "VALUES (?, ?, ?, ?, ?, ?)",
-                                    [name, key.fingerprint, key.key_type, key.public_key, key.comment, now],
-                                )
-                    for name, group in update.groups.items():
+                    self._db.execute(
+                        f"DELETE FROM groups WHERE name NOT IN ({','.join('?' * len(plan.target.groups))})",
+                        list(plan.target.groups),
+                    )
+                    for name, group in plan.target.groups.items():
                         definition = policy_to_dict(Policy(users={}, groups={name: group}))["groups"][name]
                         self._db.execute(
                             "INSERT INTO groups (name, definition, updated_at) VALUES (?, ?, ?) "
@@ -196,10 +276,15 @@ class Store:
                             "updated_at = excluded.updated_at",
                             [name, json.dumps(definition), now],
                         )
+                    for name, key in plan.keys_removed:
+                        self._db.execute("DELETE FROM user_keys WHERE user = ? AND fingerprint = ? "
+                                         "AND source = 'policy'", [name, key.fingerprint])
+                    for name, key in plan.keys_added:
+                        self._put_key(name, key, now)
                     self._bump_policy_version()
             except sqlite3.Error as exc:
                 raise StoreError(f"policy not applied: database error: {exc}") from None
-        return merged
+        return plan
 
     def _bump_policy_version(self) -> None:
         self._db.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'policy_version'")

@@ -383,26 +383,6 @@ def test_problems_names_unknown_groups():
     assert Policy().problems() == []
 
 
-def test_updated_with_replaces_whole_definitions_and_keeps_keys_when_absent():
-    before = Policy(
-        users={"alice": UserPolicy("alice", allow=rules("10.0.0.1"), keys=("k1",)),
-               "bob": UserPolicy("bob", keys=("k2",))},
-        groups={"ops": OPS},
-    )
-    update = Policy(
-        users={"alice": UserPolicy("alice", allow=rules("10.0.0.2")),
-               "bob": UserPolicy("bob", keys=()),
-               "carol": UserPolicy("carol")},
-        groups={"ops": GroupPolicy("ops")},
-    )
-    after = before.updated_with(update)
-    assert after.users["alice"] == UserPolicy("alice", allow=rules("10.0.0.2"), keys=("k1",))
-    assert after.users["bob"].keys == ()
-    assert after.users["carol"] == UserPolicy("carol")
-    assert after.groups["ops"] == GroupPolicy("ops")
-    assert before.users["alice"].allow == rules("10.0.0.1")  # the old value is untouched
-
-
 def test_policy_mappings_are_read_only():
     source = {"alice": ALICE}
     policy = Policy(users=source)

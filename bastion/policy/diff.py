@@ -1,0 +1,73 @@
+"""What a policy change does to people's access: grants added, removed or narrowed, per user, and groups
+added or removed. Built on effective access (access.py), so a rule that moves from a user to a group they are
+in, unchanged, shows as moved rather than as lost.
+
+Pure: no I/O, no clock; `now` is a parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from .access import Grant, effective_grants
+from .model import Policy
+
+
+@dataclass(frozen=True)
+class GrantChange:
+    user: str
+    before: Grant | None  # None: newly granted
+    after: Grant | None  # None: removed
+
+    @property
+    def removes_access(self) -> bool:
+        """Removed, or narrowed: an earlier end, or a deny that now cuts into it."""
+        if self.after is None:
+            return True
+        if self.before is None:
+            return False
+        earlier = self.after.expires is not None and (self.before.expires is None
+                                                      or self.after.expires < self.before.expires)
+        return earlier or not set(self.after.except_) <= set(self.before.except_)
+
+
+@dataclass(frozen=True)
+class PolicyDiff:
+    changes: tuple[GrantChange, ...]
+    groups_added: tuple[str, ...]
+    groups_removed: tuple[str, ...]
+    users_added: tuple[str, ...]
+
+    @property
+    def removes_access(self) -> bool:
+        return any(change.removes_access for change in self.changes)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.changes or self.groups_added or self.groups_removed or self.users_added)
+
+
+def _identity(grant: Grant) -> tuple[str, str, str, str]:
+    """What a grant is, apart from when it ends and what cuts into it."""
+    return grant.kind, grant.rule, grant.via, grant.ports
+
+
+def policy_diff(before: Policy, after: Policy, now: datetime) -> PolicyDiff:
+    """Every user's effective grants before and after, compared; users in name order, grants in policy order."""
+    changes: list[GrantChange] = []
+    for user in sorted(set(before.users) | set(after.users)):
+        old = {_identity(grant): grant for grant in effective_grants(before, user, now)}
+        new = {_identity(grant): grant for grant in effective_grants(after, user, now)}
+        for key, grant in old.items():
+            if key not in new:
+                changes.append(GrantChange(user, grant, None))
+            elif new[key] != grant:
+                changes.append(GrantChange(user, grant, new[key]))
+        changes += [GrantChange(user, None, grant) for key, grant in new.items() if key not in old]
+    return PolicyDiff(
+        changes=tuple(changes),
+        groups_added=tuple(sorted(set(after.groups) - set(before.groups))),
+        groups_removed=tuple(sorted(set(before.groups) - set(after.groups))),
+        users_added=tuple(sorted(set(after.users) - set(before.users))),
+    )
