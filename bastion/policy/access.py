@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from .decide import evaluate
-from .model import AccessRequest, ListenRule, Policy, PortSet, TargetRule, UserPolicy, name_matches
+from .model import AccessRequest, ListenRule, Policy, PortSet, TargetRule, UserPolicy, name_matches, parse_target_rule
 from .netguard import IPAddress, NetGuard, canonical_address
 
 OPEN = "open"  # -L, -W, -D and -J targets
@@ -125,7 +125,8 @@ def _reach_port(policy: Policy, guard: NetGuard, user: UserPolicy, host: IPAddre
                    if any(rule.matches(host, address, port) for address in addresses)), None)
     if naming is None and decision.rule is None:
         return []  # nothing of theirs names this target: not worth a row
-    return [Reach(user.name, False, decision.rule or naming or "", str(port), None, decision.reason)]
+    reason = decision.reason.split("; ask your bastion admin")[0]  # the hint is for the client, not the admin
+    return [Reach(user.name, False, decision.rule or naming or "", str(port), None, reason)]
 
 
 def _reach_any_port(policy: Policy, user: UserPolicy, host: IPAddress | str, addresses: tuple[IPAddress, ...],
@@ -298,3 +299,20 @@ def _difference(first: Ranges, second: Ranges) -> Ranges:
                 remaining.append((high + 1, b))
         left = remaining
     return tuple(left)
+
+
+def guard_refusal(guard: NetGuard, grant: Grant) -> str | None:
+    """Why the network guard makes an address grant reach nothing at all, else None: a single address the guard
+    refuses (127.0.0.1), or a network that no internal network overlaps. Name grants are decided per address
+    when a channel opens, and a network partly refused is still partly reachable: both None."""
+    if grant.kind != OPEN:
+        return None
+    rule = parse_target_rule(grant.rule)
+    network = rule.network
+    if network is None:
+        return None
+    if network.num_addresses == 1:
+        return guard.refusal(network.network_address)
+    if not any(inside.version == network.version and inside.overlaps(network) for inside in guard.internal_networks):
+        return f"{target_text(rule)} is not in an internal network"
+    return None
