@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 
-from ..errors import BastionError
+from ..errors import BastionError, StoreError
 from ..store.sqlite import parse_public_keys
 from .common import notify_server, open_store, print_json, print_table
 
@@ -18,27 +18,108 @@ app = typer.Typer(help="Add, list and remove users and their public keys.", no_a
 def add(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="User name as typed in `ssh NAME@bastion`."),
-    key: List[Path] = typer.Option(..., "--key", help="OpenSSH public key file (one or more keys); repeatable."),
+    key: List[Path] = typer.Option(..., "--key", help="OpenSSH public key or authorized_keys file; repeatable."),
 ) -> None:
-    """Add a user, or add keys to an existing one.
+    """Add a user, or add keys to an existing one. A key file may be an `authorized_keys` file: the options
+    from=, expiry-time=, permitopen=, permitlisten=, restrict and no-port-forwarding are kept and enforced,
+    and any option the bastion cannot honour is refused by name.
 
     Example: bastion user add alice --key ~alice/.ssh/id_ed25519.pub
     """
-    keys = []
-    for path in key:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise BastionError(f"{path}: cannot read key file: {exc.strerror}") from None
-        except UnicodeDecodeError:  # a private key in DER, a backup, any binary file given by mistake
-            raise BastionError(f"{path}: not an OpenSSH public key file (not UTF-8 text)") from None
-        keys.extend(parse_public_keys(text, str(path)))
+    _add(ctx, name, key, create=True)
+
+
+@app.command("add-key")
+def add_key(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="An existing user."),
+    key: List[Path] = typer.Option(..., "--key", help="OpenSSH public key or authorized_keys file; repeatable."),
+) -> None:
+    """Add keys to an existing user (as `user add`, but a misspelt name is an error, not a new user).
+
+    Example: bastion user add-key alice --key new-laptop.pub
+    """
+    _add(ctx, name, key, create=False)
+
+
+def _add(ctx: typer.Context, name: str, paths: List[Path], *, create: bool) -> None:
+    keys = [key for path in paths for key in parse_public_keys(_read_key_file(path), str(path))]
     with open_store(ctx) as store:
-        added = store.add_user(name, keys)
-    for public_key in added:
-        typer.echo(f"{name}: added {public_key.key_type} {public_key.fingerprint} {public_key.comment}".rstrip())
-    if not added:
+        changes = store.add_user(name, keys, create=create)
+    _print_changes(name, changes)
+    if not changes:
         typer.echo(f"{name}: already has these keys; nothing changed")
+    elif any(change == "updated" for _, change in changes):
+        notify_server(ctx, "key options changed")
+
+
+@app.command("import")
+def import_keys(
+    ctx: typer.Context,
+    files: List[Path] = typer.Argument(..., help="authorized_keys files, or directories of per-user key files."),
+    user: Optional[str] = typer.Option(None, "--user", help="Whose keys these are (else told by each path)."),
+) -> None:
+    """Bring existing OpenSSH keys across, options and all, in one transaction (one bad line: nothing imported,
+    every bad line named). Without --user the owner comes from the path: `/home/NAME/.ssh/authorized_keys` is
+    NAME's, and in a directory each file `NAME` or `NAME.pub` is NAME's. Users are created as needed, with no
+    grants: give those with `policy apply`.
+
+    Example: bastion user import /home/*/.ssh/authorized_keys
+    """
+    sources = _import_sources(files, user)
+    keys_by_user: dict[str, list] = {}
+    problems = []
+    for owner, path in sources:
+        try:
+            keys_by_user.setdefault(owner, []).extend(parse_public_keys(_read_key_file(path), str(path)))
+        except StoreError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise BastionError("nothing imported: " + "; ".join(problems))
+    with open_store(ctx) as store:
+        changes = store.import_keys(keys_by_user)
+    total = 0
+    for owner, owner_changes in changes.items():
+        _print_changes(owner, owner_changes)
+        total += len(owner_changes)
+    typer.echo(f"imported {len(sources)} files: {total} keys added or changed for {len(changes)} users")
+    if total:
+        notify_server(ctx, "keys imported")
+
+
+def _import_sources(files: List[Path], user: Optional[str]) -> list[tuple[str, Path]]:
+    sources: list[tuple[str, Path]] = []
+    for path in files:
+        if path.is_dir():
+            entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            if not entries:
+                raise BastionError(f"{path}: no key files in this directory")
+            sources += [(user or entry.name.removesuffix(".pub"), entry) for entry in entries]
+        elif user is not None:
+            sources.append((user, path))
+        elif path.name in ("authorized_keys", "authorized_keys2") and path.parent.name == ".ssh" \
+                and path.parent.parent.name:
+            sources.append((path.parent.parent.name, path))
+        else:
+            raise BastionError(f"{path}: cannot tell whose keys these are; give --user NAME, or a path like "
+                               "/home/NAME/.ssh/authorized_keys")
+    return sources
+
+
+def _read_key_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BastionError(f"{path}: cannot read key file: {exc.strerror}") from None
+    except UnicodeDecodeError:  # a private key in DER, a backup, any binary file given by mistake
+        raise BastionError(f"{path}: not an OpenSSH public key file (not UTF-8 text)") from None
+
+
+def _print_changes(name: str, changes: list) -> None:
+    for public_key, change in changes:
+        options = public_key.options.describe()
+        typer.echo(f"{name}: {change} {public_key.key_type} {public_key.fingerprint} {public_key.comment}".rstrip()
+                   + (f" [{options}]" if options else ""))
 
 
 @app.command("list")
@@ -52,16 +133,19 @@ def list_users(ctx: typer.Context, json: bool = typer.Option(False, "--json", he
     if json:
         print_json(users)
         return
-    rows = [
-        {
-            "user": u["name"],
-            "groups": ", ".join(u["groups"]),
-            "keys": "\n".join(f"{k['type']} {k['fingerprint']} {k['comment']}".rstrip() for k in u["keys"]) or "(none)",
-            "expires": u["expires"],
-        }
-        for u in users
-    ]
-    print_table(rows, ["user", "groups", "keys", "expires"], empty="no users")
+    rows = []  # one row per key: a fingerprint is never wrapped into another key's line
+    for u in users:
+        for index, k in enumerate(u["keys"] or [None]):
+            rows.append({
+                "user": u["name"] if index == 0 else "",
+                "groups": ", ".join(u["groups"]) if index == 0 else "",
+                "expires": u["expires"] if index == 0 else None,
+                "fingerprint": k["fingerprint"] if k else "(no keys)",
+                "type": k["type"] if k else "",
+                "comment": k["comment"] if k else "",
+                "options": k["options"] if k else "",
+            })
+    print_table(rows, ["user", "fingerprint", "type", "comment", "options", "groups", "expires"], empty="no users")
 
 
 @app.command("remove")

@@ -63,7 +63,7 @@ def parse_public_keys(text: str, source: str = "key", local_zone: tzinfo | None 
         )
     if problems:
         raise StoreError(problems[0] if len(problems) == 1 else
-                         f"{len(problems)} lines refused:\n  " + "\n  ".join(problems))
+                         f"{len(problems)} lines refused: " + "; ".join(problems))
     if not keys:
         raise StoreError(f"{source}: no public key found")
     return keys
