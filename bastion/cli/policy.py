@@ -42,6 +42,9 @@ def apply(
     Example: bastion policy apply --dry-run policies/
     """
     config = config_of(ctx)
+    for path in files:
+        if not path.exists():
+            raise BastionError(f"{path}: no such file or directory")  # a mistyped path: bad usage, exit 2
     try:
         declared, paths = load_policy_files(files)
     except PolicyFileError as exc:
@@ -165,22 +168,24 @@ def check(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="User name."),
     host: str = typer.Argument(..., help="Target host name or address."),
-    port: int = typer.Argument(22, help="Target port."),
+    port: str = typer.Argument("22", help="Target port, 1-65535."),
 ) -> None:
     """Would NAME be allowed to reach HOST:PORT now? Exit 0 if granted, 1 if refused; prints the deciding
-    rule or the reason. Names are resolved here, as the server would.
+    rule or the reason. Names are resolved here, as the server would. An unknown user, a malformed host or
+    a port outside 1-65535 is a usage error (exit 2), not a refusal.
 
     Example: bastion policy check alice 10.1.2.3 22
     """
-    config = config_of(ctx)
-    with open_store(ctx) as store:
-        _, policy = store.load_policy()
-    try:
+    try:  # what the admin typed, checked before anything is looked up: a typo is not a refusal
         target = parse_host(host)
         checked_port = parse_port(port)
     except TargetError as exc:
-        typer.echo(f"refused: {exc}")
-        raise typer.Exit(1)
+        raise BastionError(str(exc)) from None
+    config = config_of(ctx)
+    with open_store(ctx) as store:
+        _, policy = store.load_policy()
+    if name not in policy.users:
+        raise BastionError(f"no user named {name!r} in the policy (see `bastion user list`)")
     if isinstance(target, str):
         addresses = asyncio.run(resolve(target, checked_port, config.resolve_timeout))
         if not addresses:
@@ -195,7 +200,7 @@ def check(
     )
     shown = ", ".join(str(a) for a in addresses)
     if decision.allowed:
-        typer.echo(f"granted: {name} -> {host}:{port} ({shown}) by {decision.rule}")
+        typer.echo(f"granted: {name} -> {host}:{checked_port} ({shown}) by {decision.rule}")
         return
     typer.echo(f"refused: {decision.reason}" + (f" (rule {decision.rule})" if decision.rule else ""))
     raise typer.Exit(1)
