@@ -17,6 +17,7 @@ import asyncssh
 from .. import transport
 from ..audit.writer import AUDIT_DOWN, AuditUnavailable, SessionRecord
 from ..clock import utc_now
+from ..policy.authorized_keys import key_login_refusal
 from ..policy.decide import login_refusal, session_cap_refusal
 from ..policy.keys import weak_key_reason
 from ..policy.limits import is_exempt
@@ -181,12 +182,14 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         if fingerprint in self._keys:
             assert self._login_policy is not None
             reason = weak_key_reason(key) or login_refusal(self._login_policy, self.user, fingerprint,
-                                                           frozenset(self._keys), utc_now())
+                                                           frozenset(self._keys), utc_now()) \
+                or key_login_refusal(self._keys[fingerprint].options, ipaddress.ip_address(self.client_ip), utc_now())
             if reason is None:
                 if not self.ctx.audit.healthy:
                     self._refuse_unaudited(fingerprint)
                     return False
                 self.key_fingerprint = fingerprint
+                self.key_options = self._keys[fingerprint].options  # from=, permitopen=, … of its line
                 return True
         else:
             reason = "key not accepted"
@@ -251,6 +254,9 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
             self.disconnect("internal error while checking the login; ask your bastion admin to check its log")
             return
         refusal = login_refusal(policy, self.user, self.key_fingerprint, frozenset(keys), utc_now())
+        if refusal is None:  # the key's options as stored now: an import may have narrowed them meanwhile
+            self.key_options = keys[self.key_fingerprint].options
+            refusal = key_login_refusal(self.key_options, ipaddress.ip_address(self.client_ip), utc_now())
         if self.conn is None:  # gone while we read: no session to record
             self._forget_session()
             return

@@ -12,6 +12,7 @@ from typing import Any, Callable, Protocol
 
 from ..audit.writer import AuditLog
 from ..config import Config
+from ..policy.authorized_keys import KeyOptions
 from ..policy.limits import SourcePenalties, StartupLimit
 from ..policy.model import Policy
 from ..policy.netguard import NetGuard
@@ -30,6 +31,7 @@ class ChannelOwner(Protocol):
     session_committed: asyncio.Future | None  # the session row; a channel waits for it
     conn: Any  # the asyncssh connection; None once it is gone
     end_reason: str | None
+    key_options: KeyOptions  # of the key that logged in: permitopen=, permitlisten=, no-port-forwarding
     log: logging.LoggerAdapter
 
     def open_channels_of_user(self) -> int: ...

@@ -12,6 +12,7 @@ import asyncssh
 
 from ..audit.writer import AUDIT_DOWN, AuditUnavailable, ChannelRecord
 from ..clock import utc_now
+from ..policy.authorized_keys import key_open_refusal
 from ..policy.decide import channel_cap_refusal, evaluate
 from ..policy.model import AccessRequest, Decision, Policy
 from ..policy.netguard import IPAddress, TargetError, parse_host, parse_port
@@ -44,6 +45,9 @@ async def open_tunnel(connection: ChannelOwner, dest_host: str, dest_port: int) 
     except Exception:
         connection.log.exception("error deciding %r:%r", dest_host[:256], dest_port)
         decision, target_ip = Decision(False, "internal error while checking policy; ask your bastion admin to check its log", None, None), None
+    if decision.allowed:  # the key's own authorized_keys options narrow the policy's grant further
+        narrowed = key_open_refusal(connection.key_options, dest_host, dest_port)
+        decision = Decision(False, narrowed, None, None) if narrowed else decision
     if decision.allowed:
         decision = channel_cap_refusal(connection.user, connection.open_channels_of_user(),
                                        ctx.config.max_channels_per_user) or decision

@@ -15,6 +15,7 @@ import asyncssh
 
 from ..audit.writer import AuditUnavailable, ChannelRecord, ListenerRecord
 from ..clock import utc_now
+from ..policy.authorized_keys import key_listen_refusal
 from ..policy.decide import channel_cap_refusal, evaluate_listen, listen_ranges
 from ..policy.model import Decision, ListenRequest, Policy, parse_bind_address
 from ..policy.netguard import IPAddress, TargetError
@@ -163,6 +164,8 @@ async def open_listener(connection: ChannelOwner, wire_host: str, wire_port: int
         request = ListenRequest(user=connection.user, bind=bind, port=wire_port, now=now)
         policy = await ctx.policy.current()
         decision = evaluate_listen(policy, request)
+        narrowed = key_listen_refusal(connection.key_options, wire_host, wire_port) if decision.allowed else None
+        decision = Decision(False, narrowed, None, None) if narrowed else decision
     except TargetError as exc:
         bind, decision = None, Decision(False, str(exc), None, None)
         request = None

@@ -11,6 +11,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from ..policy.authorized_keys import KeyOptions
 from ..policy.decide import evaluate, login_refusal
 from ..policy.model import Policy
 from .context import ServerContext
@@ -31,6 +32,7 @@ class SessionChannels:
         self.session_id: str | None = None
         self.started_at = None
         self.key_fingerprint: str | None = None
+        self.key_options = KeyOptions()  # the authorized_keys options of the key that logged in
         self.end_reason: str | None = None
         self.session_committed: asyncio.Future | None = None  # the session row; channels wait for it
         self.tunnels: set[Tunnel] = set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import subprocess
@@ -116,6 +117,11 @@ def test_readme_first_steps_run_as_written_without_bastion_on_the_path(tmp_path)
                             env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "granted: alice -> 10.1.2.3:22" in result.stdout, result.stdout
+    # #20 item 1: applying the example policy used to replace the key just added with the example's own
+    listed = subprocess.run([str(tmp_path / ".venv/bin/bastion"), "--home", str(tmp_path / "demo"), "user", "list",
+                             "--json"], capture_output=True, text=True, timeout=60)
+    users = {user["name"]: user for user in json.loads(listed.stdout)}
+    assert [key["comment"] for key in users["alice"]["keys"]] == ["alice@test"]
 
 
 def test_commands_named_in_the_example_policies_exist(home):
