@@ -7,7 +7,7 @@ form "FILE:LINE: what is wrong; expected what", so an operator can fix it withou
     allow = ["10.20.0.0/16:22", "*.db.corp.internal:5432", "[fd00:1::/64]:22,443"]
 
     [users.alice]
-    keys = ["ssh-ed25519 AAAA... alice@laptop"]        # optional; absent = keep stored keys
+    keys = ["ssh-ed25519 AAAA... alice@laptop"]        # optional: keys a policy file adds (and removes again)
     groups = ["ops"]
     allow = ["10.1.2.3:22,8000-8100", {target = "10.9.9.9:22", expires = 2026-12-01T18:00:00Z}]
     deny = ["10.20.0.9"]                                # a deny without ports covers every port
