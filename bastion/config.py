@@ -23,6 +23,7 @@ CONFIG_FILE = "config.toml"
 DATABASE_FILE = "bastion.db"
 HOST_KEY_FILES = ("ssh_host_ed25519_key", "ssh_host_rsa_key")
 EVENT_LOOPS = ("uvloop", "asyncio")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,8 @@ class Config:
     # "uvloop" (libuv, C) or "asyncio" (the standard library's loop); see README, Benchmarks.
     event_loop: str = "uvloop"
     log_level: str = "INFO"
+    # "text" (for people; no timestamps under journald, which adds its own) or "json" (one object a line, for SIEMs)
+    log_format: str = "text"
     # Where users are told to jump through in the session banner; defaults to the listen address.
     public_name: str = ""
 
@@ -150,6 +153,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
             return level
+        if name == "log_format":
+            if value not in LOG_FORMATS:
+                raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+            return value
         if name == "event_loop":
             if value not in EVENT_LOOPS:
                 raise ValueError(f"must be one of {', '.join(EVENT_LOOPS)}")
@@ -220,6 +227,8 @@ def render_config(config: Config) -> str:
         f"fast_path = {'true' if config.fast_path else 'false'}\n"
         f"shutdown_grace_seconds = {config.shutdown_grace_seconds:g}\n"
         f'log_level = "{config.log_level}"\n'
+        '# "text" (for people; no timestamps under journald) or "json" (one object a line, for SIEMs).\n'
+        f'log_format = "{config.log_format}"\n'
         f'public_name = "{config.public_name}"\n'
         "# Before authentication: drop unauthenticated connections past START:RATE:FULL (like sshd's\n"
         "# MaxStartups); refuse a source (IPv4 address or IPv6 /64) for a growing time after\n"

@@ -99,7 +99,7 @@ def serve(
 
     os.umask(0o077)
     config = config_of(ctx, listen=listen, workers=workers)
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     if config.home.is_dir():
         with serve_lock(config.home):  # refuse before initialize() may migrate a live server's database
             pass

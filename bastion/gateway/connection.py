@@ -24,6 +24,7 @@ from ..policy.limits import is_exempt
 from ..policy.model import Policy
 from ..policy.netguard import canonical_address
 from ..store.interface import PublicKey
+from .auth_log import AuthEvents
 from .banner import BannerSession
 from .context import ServerContext
 from .direct_tcpip import open_tunnel
@@ -36,8 +37,29 @@ _connection_numbers = itertools.count(1)
 
 
 class ConnectionLog(logging.LoggerAdapter):
+    """Every line of a connection starts with its context, read when the line is written: `[conn=c1 user=alice
+    session=…]`. The same context rides along as record attributes (conn, user, session, client_ip, client_port)
+    for the JSON log format."""
+
+    def __init__(self, logger: logging.Logger, owner: "GatewayConnection"):
+        super().__init__(logger, {})
+        self.owner = owner
+
     def process(self, msg: str, kwargs: Any) -> tuple[str, Any]:
-        return f"[{self.extra['context']}] {msg}", kwargs
+        owner = self.owner
+        context = f"conn=c{owner.number}"
+        fields: dict[str, Any] = {"conn": f"c{owner.number}"}
+        if owner.user:
+            context += f" user={owner.user}"
+            fields["user"] = owner.user
+        if owner.session_id:
+            context += f" session={owner.session_id}"
+            fields["session"] = owner.session_id
+        if getattr(owner, "client_ip", None):
+            fields["client_ip"], fields["client_port"] = owner.client_ip, owner.client_port
+        fields["context"] = context
+        kwargs["extra"] = {**fields, **kwargs.get("extra", {})}
+        return f"[{context}] {msg}", kwargs
 
 
 class GatewayConnection(SessionChannels, asyncssh.SSHServer):
@@ -56,7 +78,8 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         self._server_fault = False  # refused for our own failure (audit down): not the source's fault
         self._session_row_queued = False  # the session row is on its way to the audit log: end it on close
         self._session_timer: asyncio.TimerHandle | None = None
-        self.log = ConnectionLog(log, {"context": f"conn=c{self.number}"})
+        self.log = ConnectionLog(log, self)
+        self.auth_log = AuthEvents(self)  # the OpenSSH-worded lines fail2ban reads (auth_log.py)
 
     # ---- connection ---------------------------------------------------------------------------
 
@@ -108,6 +131,7 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         if self._counted_unauthenticated:
             self._counted_unauthenticated = False
             self.ctx.unauthenticated -= 1
+            self.auth_log.closed_before_login(exc, self.end_reason)
             self._penalize(exc)
         had_tunnels = bool(self.tunnels)
         # Count the open tunnels' bytes now: their own close callbacks come later than this row.
@@ -119,6 +143,7 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
             reason = self.end_reason or describe_disconnect(exc, had_tunnels)
             self.ctx.audit.end_session(self.session_id, reason, bytes_up, bytes_down)
             self.log.info("session %s ended: %s", self.session_id, reason)
+            self.auth_log.disconnected(exc)
         self.conn = None
 
     def _penalize(self, exc: Exception | None) -> None:
@@ -152,8 +177,8 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         none, so it fails exactly like a known user with an unknown key. Both are read again when the session
         would begin (`_begin_session`): what changes during the login counts."""
         self.user = username[:256]
-        self.log = ConnectionLog(log, {"context": f"conn=c{self.number} user={self.user}"})
         self._keys, self._login_policy = await self._read_identity()
+        self.auth_log.user_named(self.user in self._login_policy.users)
         return True
 
     async def _read_identity(self) -> tuple[dict[str, PublicKey], Policy]:
@@ -195,10 +220,12 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
             reason = "key not accepted"
         self.failed_auths += 1
         self.log.info("key %s refused: %s", fingerprint, reason)
+        self.auth_log.failed_publickey(key)
         self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure",
                                    reason)
         if self.failed_auths >= self.ctx.config.max_auth_tries and self.conn is not None:
             self.log.info("too many authentication failures (%d)", self.failed_auths)
+            self.auth_log.too_many_failures()
             self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", None, "failure",
                                        "too many authentication failures")
             self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures")
@@ -225,7 +252,8 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         ctx.penalties.succeeded(self.client_ip)
         self.session_id = secrets.token_hex(6)
         self.started_at = utc_now()
-        self.log = ConnectionLog(log, {"context": f"conn=c{self.number} user={self.user} session={self.session_id}"})
+        accepted = self._keys.get(self.key_fingerprint)
+        self.auth_log.accepted_publickey(accepted.key_type if accepted else "", self.key_fingerprint)
         ctx.sessions_by_user.setdefault(self.user, set()).add(self)
         self.session_committed = asyncio.ensure_future(self._begin_session())
         refusal = session_cap_refusal(self.user, len(ctx.sessions_of(self.user)), ctx.config.max_sessions_per_user)

@@ -23,7 +23,7 @@ from ..policy.decide import next_expiry
 from ..policy.limits import SourcePenalties, StartupLimit
 from ..policy.model import Policy
 from ..store.sqlite import Store
-from . import event_loop
+from . import event_loop, sd_notify
 from .control import serve_lock, start_control_server
 from .home import load_host_keys
 
@@ -171,13 +171,15 @@ class Gateway:
 
     def reload(self) -> None:
         """SIGHUP: re-read the config; a broken one is refused and the running one stays."""
+        sd_notify.reloading()
         try:
             config = load_config(self.config.home, overrides={"listen": self.config.listen})
         except BastionError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
+            sd_notify.ready()
             return
         # The listener was made with these; a new value takes effect at the next start, not now.
-        for key in ("listen", "compression", "fast_path", "workers", "event_loop"):
+        for key in ("listen", "compression", "fast_path", "workers", "event_loop", "log_level", "log_format"):
             running = getattr(self.config, key)
             if getattr(config, key) != running:
                 log.warning("%s changes need a restart; keeping %s", key, running)
@@ -187,6 +189,7 @@ class Gateway:
         self.context.guard = make_guard(config)
         self.context.startup_limit = StartupLimit.parse(config.max_startups)
         log.info("configuration reloaded")
+        sd_notify.ready()
 
     async def run_until_stopped(self, drain_seconds: float = 10.0) -> None:
         await self._stop.wait()
@@ -195,6 +198,7 @@ class Gateway:
     async def stop(self, drain_seconds: float = 10.0) -> None:
         """Stop accepting, tell connected users, let tunnels finish for up to `drain_seconds`, then close."""
         assert self._server is not None
+        sd_notify.stopping()
         self._server.close()
         if self._control is not None:
             self._control.close()
@@ -243,6 +247,7 @@ async def serve(config: Config, drain_seconds: float = 10.0, worker: int | None 
         who = "" if worker is None else f" (worker {worker}, pid {os.getpid()})"
         log.info("bastion %s listening on %s:%d%s (home %s, %s, event loop %s)", __version__, host, port, who,
                  config.home, gateway.transport.describe(), config.event_loop)
+        sd_notify.ready(f"listening on {host}:{port}")
         try:
             await gateway.run_until_stopped(drain_seconds)
         finally:

@@ -16,11 +16,11 @@ from testbed import paramiko_connect
 
 pytestmark = pytest.mark.netns
 
-FORGED = "2026-01-01 00:00:00,000 INFO bastion.sshd: [conn=c1 user=root] logged in from 10.0.0.1:1 with SHA256:x"
+FORGED = "2026-01-01T00:00:00Z INFO bastion.sshd: [conn=c1 user=root] logged in from 10.0.0.1:1 with SHA256:x"
 EVIL_HOST = f"evil\n{FORGED}\x1b[2J\x1b]0;owned\x07\u2028.corp.internal"
 EVIL_USER = f"mallory\n{FORGED}\x1b[2J"
 EVIL_VERSION = "paramiko\x1b]0;owned\x07\x1b[2J"  # the part after "SSH-2.0-"
-LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")  # service/logs.py
 
 
 @pytest.fixture

@@ -47,6 +47,8 @@ def test_unit_runs_unprivileged_with_only_the_bind_capability_and_a_sandbox():
     assert "BASTION_HOME=/var/lib/bastion" in unit["Environment"]  # the StateDirectory
     assert unit["ExecStart"] == [f"{INSTALLED_BASTION} serve"]
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # readiness is the server's own READY=1 (service/sd_notify.py), also from a worker of `serve --workers`
+    assert unit["Type"] == ["notify"] and unit["NotifyAccess"] == ["all"]
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
                        "PrivateTmp": "yes", "PrivateDevices": "yes", "RestrictSUIDSGID": "yes",
                        "RestrictNamespaces": "yes", "SystemCallArchitectures": "native", "UMask": "0077"}.items():
