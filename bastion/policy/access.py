@@ -139,7 +139,8 @@ def _reach_any_port(policy: Policy, user: UserPolicy, host: IPAddress | str, add
     if not naming:
         return []
     if _expired(user.expires, now):
-        return [Reach(user.name, False, f"{naming[0][0]}: {naming[0][1].text}", "any", None,
+        origin, rule = naming[0]
+        return [Reach(user.name, False, f"{origin}: {rule.text}", format_ports(rule.ports.ranges), None,
                       f"access for {user.name} expired")]
     covered: Ranges = ((1, 65535),)
     for address in addresses:

@@ -139,7 +139,7 @@ def test_who_can_reach_a_target_at_any_port():
     assert [(r.user, r.allowed, r.ports, r.rule) for r in reaches] == [
         ("alice", True, "22,8000-8100", "users.alice.allow: 10.1.2.3:22,8000-8100"),
         ("bob", True, "22", "users.bob.allow: 10.1.2.3"),
-        ("erin", False, "any", "users.erin.allow: 10.1.2.3"),
+        ("erin", False, "22", "users.erin.allow: 10.1.2.3"),
     ]
     reaches = who_can_reach(POLICY, GUARD, "pg1.db.corp.internal", (IPv4Address("10.50.5.5"),), None, NOW)
     assert [(r.user, r.allowed, r.ports, r.rule) for r in reaches] == [
