@@ -15,7 +15,7 @@ from ..audit.filters import TABLES, FilterError, Filters, parse_age, where_claus
 from ..audit.query import (COLUMNS, DamagedDatabase, follow as follow_events, make_filters, open_reader, select,
                            session_record, start_seq, stats as audit_stats, timeline)
 from ..audit.retention import export as export_chain, prune as prune_chain, verify as verify_chain, verify_export
-from ..clock import utc_now
+from ..clock import human, utc_now
 from ..errors import BastionError
 from ..errors import DamagedDatabase as Damaged
 from ..printable import printable
@@ -235,7 +235,8 @@ def stats(
     if json:
         print_json(summary)
         return
-    output.screen().print(f"audit summary from {summary['since']} to {summary['until'] or 'now'}", markup=False)
+    until = human(summary["until"]) if summary["until"] else "now"
+    output.screen().print(f"audit summary from {human(summary['since'])} to {until}", markup=False)
     for title, key in (("per day", "per_day"), ("top users", "top_users"), ("top targets", "top_targets"),
                        ("top refused targets", "top_refused_targets"),
                        ("top sources of refusals", "top_refused_sources")):
@@ -246,12 +247,10 @@ def _print_section(title: str, rows: list[dict[str, Any]]) -> None:
     if not rows:
         output.screen().print(f"{title}: (none)", markup=False)
         return
-    rendered = output.new_table(title)
-    for column in rows[0]:
-        rendered.add_column(column, justify="left" if column in ("day", "user", "target", "client_ip") else "right")
-    for row in rows:
-        rendered.add_row(*(human_bytes(v) if k == "bytes" else output.cell(v) for k, v in row.items()))
-    output.show(rendered)
+    columns = list(rows[0])
+    cells = [[human_bytes(v) if k == "bytes" else output.cell(v) for k, v in row.items()] for row in rows]
+    right = {c: "right" for c in columns if c not in ("day", "user", "target", "client_ip")}
+    output.show(output.table(columns, cells, drop=reversed(columns[1:]), title=title, justify=right))
 
 
 @app.command()
@@ -302,7 +301,7 @@ def prune(
     age = parse_age(older_than)
     result = prune_chain(config_of(ctx).database, age, utc_now())
     deleted = ", ".join(f"{count} {table}" for table, count in result.deleted.items())
-    typer.echo(f"pruned before {result.cutoff}: {deleted}; {result.events} events, {result.restated} open rows "
+    typer.echo(f"pruned before {human(result.cutoff)}: {deleted}; {result.events} events, {result.restated} open rows "
                "carried over")
 
 

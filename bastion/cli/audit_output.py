@@ -15,10 +15,10 @@ from datetime import datetime
 from typing import Any, Iterable
 
 from rich.console import Console
-from rich.table import Table
 
+from ..clock import human
 from ..printable import json_escaped, printable
-from .common import human_bytes
+from .common import FittedTable, fit_table, human_bytes, screen_width, show_table
 
 # what a person wants to see per table; programs get every stored column
 SHOWN = {
@@ -29,25 +29,31 @@ SHOWN = {
     "listeners": ["id", "session_id", "user", "listen", "decision", "reason", "opened_at", "duration",
                   "close_reason"],
 }
-_FOLDED = {"reason", "target", "what", "outcome", "listen", "end_reason", "close_reason", "key_fingerprint",
-           "client_version"}
+# free text: wraps at spaces, and a word too long for the column may lose its end ('…'), with the narrowest the
+# column may become (`what` names addresses: wide enough for one); every other column (ids, fingerprints,
+# addresses, times) is never broken
+_TEXT = {"reason": 16, "what": 24, "outcome": 12, "end_reason": 12, "close_reason": 12, "client_version": 12}
+# what goes first when the terminal is too narrow for all of SHOWN (`--json` and `--csv` keep everything)
+_DROP = {
+    "auth": ["method", "key_fingerprint", "client"],
+    "sessions": ["down", "up", "duration", "client"],
+    "channels": ["kind", "id", "down", "up", "duration", "close_reason", "session_id"],
+    "listeners": ["id", "duration", "close_reason", "session_id"],
+    "timeline": ["down", "up", "duration"],
+}
+_TIMES = {"time", "started_at", "opened_at"}
 _END = {"sessions": ("started_at", "ended_at"), "channels": ("opened_at", "closed_at"),
         "listeners": ("opened_at", "closed_at")}
 
 
 def screen() -> Console:
-    """On a terminal, its width (long text columns fold); elsewhere, a pipe or a file, every table at its natural
-    width, one row per line."""
-    return Console(highlight=False) if sys.stdout.isatty() else Console(width=100_000, highlight=False)
+    """For lines and notes: the terminal's width, else (a pipe or a file) no limit: one line per line."""
+    return Console(width=screen_width() or 100_000, highlight=False)
 
 
-def show(renderable: Any) -> None:
-    """Print a table: folded to the terminal when it fits that way, else at natural width (the terminal wraps)."""
-    console = screen()
-    if console.is_terminal and console.measure(renderable, options=console.options.update_width(100_000)).minimum \
-            > console.width:
-        console = Console(width=100_000, highlight=False)
-    console.print(renderable, markup=False)
+def show(fitted: FittedTable) -> None:
+    """Print a table fitted to the terminal (common.fit_table), saying which columns it left out."""
+    show_table(fitted)
 
 
 def cell(value: Any) -> str:
@@ -55,14 +61,10 @@ def cell(value: Any) -> str:
     return "" if value is None else printable(str(value))
 
 
-def new_table(title: str | None = None) -> Table:
-    return Table(title=title, title_justify="left", box=None, header_style="bold", pad_edge=False)
-
-
-def add_columns(table: Table, columns: Iterable[str]) -> None:
-    for column in columns:
-        folded = column in _FOLDED
-        table.add_column(column, overflow="fold", no_wrap=not folded, min_width=16 if folded else None)
+def table(columns: list[str], rows: list[list[str]], drop: Iterable[str] = (), title: str | None = None,
+          justify: dict[str, str] | None = None) -> FittedTable:
+    """Rows of cells (text already) as a table that fits the terminal without breaking an id."""
+    return fit_table(columns, rows, screen_width(), drop=list(drop), text=_TEXT, justify=justify, title=title)
 
 
 def moment(text: str) -> datetime:
@@ -112,24 +114,23 @@ def for_people(table: str, row: dict[str, Any]) -> dict[str, Any]:
         start, end = _END[table]
         refused = row.get("decision") == "deny"  # a refusal never opened: no duration
         shown["duration"] = "" if refused else human_duration(row[start], row[end])
+    for column in _TIMES & set(row):
+        shown[column] = human(row[column]) if row[column] else row[column]
     if "bytes_up" in row:
         shown["up"], shown["down"] = human_bytes(row["bytes_up"]), human_bytes(row["bytes_down"])
     return shown
 
 
-def print_rows(table: str, rows: Iterable[dict[str, Any]], empty: str, note: str | None = None) -> None:
-    rendered = new_table()
-    columns = SHOWN[table]
-    add_columns(rendered, columns)
-    count = 0
+def print_rows(table_name: str, rows: Iterable[dict[str, Any]], empty: str, note: str | None = None) -> None:
+    columns = SHOWN[table_name]
+    cells = []
     for row in rows:
-        shown = for_people(table, row)
-        rendered.add_row(*(cell(shown.get(c)) for c in columns))
-        count += 1
-    if not count:
+        shown = for_people(table_name, row)
+        cells.append([cell(shown.get(c)) for c in columns])
+    if not cells:
         screen().print(f"({empty})", markup=False)
         return
-    show(rendered)
+    show(table(columns, cells, _DROP[table_name]))
     if note:
         screen().print(note, markup=False, style="dim")
 
@@ -157,9 +158,8 @@ def write_csv(columns: list[str], rows: Iterable[dict[str, Any]]) -> None:
         writer.writerow(row)
 
 
-def timeline_table(entries: list[dict[str, Any]]) -> Table:
-    rendered = new_table()
-    add_columns(rendered, ("time", "event", "what", "outcome", "duration", "up", "down"))
+def timeline_table(entries: list[dict[str, Any]]) -> FittedTable:
+    cells = []
     for entry in entries:
         duration, up, down = "", "", ""
         outcome = entry.get("reason") or ""
@@ -175,9 +175,9 @@ def timeline_table(entries: list[dict[str, Any]]) -> Table:
         elif entry["event"] == "session end":
             duration = human_duration(entry["started_at"], entry["time"])
             up, down = human_bytes(entry["bytes_up"]), human_bytes(entry["bytes_down"])
-        rendered.add_row(*(cell(value) for value in (entry["time"], entry["event"], entry["what"], outcome,
-                                                     duration, up, down)))
-    return rendered
+        cells.append([cell(value) for value in (human(entry["time"]), entry["event"], entry["what"], outcome,
+                                                duration, up, down)])
+    return table(["time", "event", "what", "outcome", "duration", "up", "down"], cells, _DROP["timeline"])
 
 
 def follow_line(event: dict[str, Any]) -> str:
@@ -189,7 +189,7 @@ def follow_line(event: dict[str, Any]) -> str:
 def _follow_text(event: dict[str, Any]) -> str:
     row, table, kind = event["row"], event["table"], event["kind"]
     if kind == "alarm":
-        return f"{event['time']}  {'ALARM':<15}  the audit chain was cut while the server ran: {json.dumps(row)}"
+        return f"{human(event['time'])}  {'ALARM':<15}  the audit chain was cut while the server ran: {json.dumps(row)}"
     if table == "auth":
         label = f"login {row['result']}"
         what = f"{row['user']} from {_address(row['client_ip'], row['client_port'])}: {row['reason']}"
@@ -210,4 +210,4 @@ def _follow_text(event: dict[str, Any]) -> str:
             what += f", {row['close_reason']}" if row.get("close_reason") else ""
         else:
             what += f"{shown['duration']}, {row['close_reason']}"
-    return f"{event['time']}  {label:<15}  {what}"
+    return f"{human(event['time'])}  {label:<15}  {what}"

@@ -24,12 +24,16 @@ def list_sessions(ctx: typer.Context, json: bool = typer.Option(False, "--json",
     if json:
         print_json(sessions)
         return
-    for row in sessions:
-        row["source"] = f"{row['client_ip']}:{row['client_port']}"
-        row["bytes_up"] = human_bytes(row["bytes_up"])
-        row["bytes_down"] = human_bytes(row["bytes_down"])
-    print_table(sessions, ["id", "user", "source", "started_at", "channels", "listeners", "bytes_up", "bytes_down"],
-                empty="no live sessions")
+    rows = [{"id": row["id"], "user": row["user"], "source": _address(row["client_ip"], row["client_port"]),
+             "started": row["started_at"],  # shown as 2026-12-01T23:23:23Z (print_table)
+             "channels": row["channels"], "listeners": row["listeners"],
+             "up": human_bytes(row["bytes_up"]), "down": human_bytes(row["bytes_down"])} for row in sessions]
+    print_table(rows, ["id", "user", "source", "started", "channels", "listeners", "up", "down"],
+                empty="no live sessions", drop=["down", "up", "listeners", "channels", "started"])
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @app.command("kill")
