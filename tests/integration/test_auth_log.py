@@ -312,3 +312,25 @@ def test_sd_notify_ready_reloading_stopping_over_a_real_notify_socket(home, tmp_
     finally:
         serve.close()
         listener.close()
+
+
+@pytest.mark.skipif(shutil.which("fail2ban-client") is None or not Path("/etc/fail2ban/filter.d/sshd.conf").exists(),
+                    reason="needs fail2ban-client and Debian's /etc/fail2ban (apt-get install fail2ban)")
+def test_the_jail_loads_in_fail2ban_with_the_stock_filter_on_the_bastion_unit(tmp_path):
+    """deploy/fail2ban/bastion.conf dropped into a copy of the system's /etc/fail2ban: fail2ban-client's own
+    config reader (-d dumps what it would send the server) makes a systemd jail on the bastion unit's journal,
+    with sshd's failregexes and `bastion` in place of `sshd` in the line prefix."""
+    config = tmp_path / "fail2ban"
+    shutil.copytree("/etc/fail2ban", config, symlinks=True)
+    for old in (config / "jail.d").iterdir():
+        old.unlink()
+    shutil.copy(JAIL, config / "jail.d" / "bastion.conf")
+    result = subprocess.run(["fail2ban-client", "-c", str(config), "-d"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    jail = [line for line in result.stdout.splitlines() if line.startswith(("['add', 'bastion'", "['set', 'bastion'",
+                                                                            "['multi-set', 'bastion'"))]
+    text = "\n".join(jail)
+    assert "['add', 'bastion', 'systemd']" in text
+    assert "['set', 'bastion', 'addjournalmatch', '_SYSTEMD_UNIT=bastion.service']" in text
+    assert "sshd.service" not in text  # the stock filter's own journalmatch is replaced, not added to
+    assert "bastion(?:\\\\[\\\\d+\\\\])?:?" in text and "^[iI](?:llegal|nvalid) user" in text
