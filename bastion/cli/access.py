@@ -74,7 +74,9 @@ def _user_access(ctx: typer.Context, user: str, json: bool) -> None:
     rows = [{"kind": g.kind, "target": g.target, "ports": g.ports, "via": g.via, "expires": _time(g.expires) or "never",
              "except": "; ".join([*g.except_, *([f"all: {why} (network guard)"] if why else [])])}
             for g, why in zip(grants, refused)]
-    print_table(rows, ["kind", "target", "ports", "via", "expires", "except"], title=f"what {user} can reach")
+    # narrow: the denies are shortened before any column goes, and the expiry goes first
+    print_table(rows, ["kind", "target", "ports", "via", "expires", "except"], title=f"what {user} can reach",
+                drop=["expires", "via"], text={"except": 20})
 
 
 def _target_access(ctx: typer.Context, to: str, json: bool) -> None:
@@ -121,7 +123,9 @@ def _target_access(ctx: typer.Context, to: str, json: bool) -> None:
     rows = [{"user": r.user, "access": "granted" if r.allowed else "refused", "ports": r.ports, "rule": r.rule,
              "expires": (_time(r.expires) or "never") if r.allowed else "", "why": "" if r.allowed else r.reason}
             for r in reaches]
-    print_table(rows, ["user", "access", "ports", "rule", "expires", "why"], title=title)
+    columns = ["user", "access", "ports", "rule"]
+    columns += ["expires"] * any(r.allowed for r in reaches) + ["why"] * (not all(r.allowed for r in reaches))
+    print_table(rows, columns, title=title, drop=["expires"], text={"rule": 24, "why": 16})
 
 
 def split_target(text: str) -> tuple[str, str | None]:

@@ -33,9 +33,10 @@ groups = ["ops"]
 """
 
 
-def bastion(home: Path, *args: str, code: int = 0) -> subprocess.CompletedProcess:
+def bastion(home: Path, *args: str, code: int = 0, columns: int = 200) -> subprocess.CompletedProcess:
+    """The real CLI in its own process; wide by default, so each table row is one line."""
     result = subprocess.run([sys.executable, "-m", "bastion", "--home", str(home), *args],
-                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})  # wide: rows on one line each
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": str(columns)})
     assert result.returncode == code, (args, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     return result
@@ -80,6 +81,14 @@ def test_what_a_user_can_reach_as_a_table(home):
         ["listen", "127.0.0.1", "9000-9099", "group ops", "2037-01-31T00:00:00Z"],
     ]
     assert rows(bastion(home, "access", "bob").stdout, KINDS) == [["open", "10.1.2.3", "22", "user bob", "never"]]
+
+
+def test_at_80_columns_the_denies_stay_and_no_address_is_split(home):
+    shown = bastion(home, "access", "alice", columns=80).stdout
+    assert max(len(line.rstrip()) for line in shown.splitlines()) <= 80
+    words = shown.split()
+    assert {"users.alice.deny:", "10.20.0.0/28:22;", "groups.ops.deny:", "10.20.0.9", "10.20.0.0/16"} <= set(words)
+    assert "left out at 80 columns: expires" in shown  # the expiry goes before the denies do
 
 
 def test_what_a_user_can_reach_as_json(home):
