@@ -26,7 +26,7 @@ import hashlib
 import json
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 AUDIT_TABLES = ("auth", "sessions", "channels", "listeners")
 GENESIS = "0" * 64
@@ -83,6 +83,42 @@ def adopt_existing_rows(conn: sqlite3.Connection, time: str, head: Head) -> int:
             append(conn, head, time, "adopt", table, state["id"], state)
             adopted += 1
     return adopted
+
+
+# ---- progress -----------------------------------------------------------------------------------------
+
+Progress = Callable[[str, int, "int | None"], None]
+"""How far a long task is: (what, done, total); total None while unknown. The CLI draws it (or not)."""
+T = TypeVar("T")
+
+
+class Meter:
+    """Counts work done and tells a Progress callback every `every` steps (cheap enough per row)."""
+
+    def __init__(self, progress: Progress | None, what: str, total: int | None, done: int = 0, every: int = 4096):
+        self.progress, self.what, self.total, self.done, self.every = progress, what, total, done, every
+        self._next = done + every
+        if progress is not None:
+            progress(what, done, total)
+
+    def step(self, count: int = 1) -> None:
+        self.done += count
+        if self.progress is not None and self.done >= self._next:
+            self._next = self.done + self.every
+            self.progress(self.what, self.done, self.total)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress(self.what, self.total if self.total is not None else self.done, self.total)
+
+    def over(self, items: Iterable[T]) -> Iterator[T]:
+        """The items, counted as they pass (the items themselves when nobody is watching)."""
+        if self.progress is None:
+            yield from items
+            return
+        for item in items:
+            yield item
+            self.step()
 
 
 # ---- verification -------------------------------------------------------------------------------------
@@ -157,7 +193,7 @@ def check_events(events: Iterator[EventRow], report: ChainReport) -> dict[int, s
     return anchors
 
 
-def check_rows(conn: sqlite3.Connection, report: ChainReport) -> None:
+def check_rows(conn: sqlite3.Connection, report: ChainReport, meter: Meter | None = None) -> None:
     """Each audit row must equal the state in its latest event; each row with an event must exist."""
     for table in AUDIT_TABLES:
         # the bare `payload` comes from the row holding max(seq) (an SQLite guarantee for min/max queries)
@@ -167,7 +203,7 @@ def check_rows(conn: sqlite3.Connection, report: ChainReport) -> None:
         )
         cursor = conn.execute(f"SELECT * FROM {table} ORDER BY id")
         columns = [d[0] for d in cursor.description]
-        rows = (dict(zip(columns, values)) for values in cursor)
+        rows = (dict(zip(columns, values)) for values in (meter.over(cursor) if meter else cursor))
         row, event = next(rows, None), next(latest, None)
         while row is not None or event is not None:
             if event is None or (row is not None and _order(row["id"]) < _order(event[0])):
@@ -208,12 +244,18 @@ def _compare(table: str, row: dict[str, Any], event: tuple[Any, int, str], repor
         report.problem(f"{table} row {row['id']!r} edited: {shown}")
 
 
-def verify_database(conn: sqlite3.Connection) -> ChainReport:
+def verify_database(conn: sqlite3.Connection, progress: Progress | None = None) -> ChainReport:
     """Walk the whole chain, then compare the audit tables with it. Read-only; streams, so memory stays flat."""
     report = ChainReport()
-    check_events(conn.execute("SELECT seq, time, kind, tbl, row_id, payload, prev_hash, hash FROM audit_events "
-                              "ORDER BY seq"), report)
-    check_rows(conn, report)
+    total = None
+    if progress is not None:  # counting is quick next to hashing every event
+        total = sum(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                    for table in (CHAIN_TABLE, *AUDIT_TABLES))
+    meter = Meter(progress, "verifying", total)
+    check_events(meter.over(conn.execute("SELECT seq, time, kind, tbl, row_id, payload, prev_hash, hash "
+                                         "FROM audit_events ORDER BY seq")), report)
+    check_rows(conn, report, meter)
+    meter.finish()
     return report
 
 

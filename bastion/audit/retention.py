@@ -21,8 +21,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-from .chain import (AUDIT_TABLES, CHAIN_TABLE, ChainReport, append, check_events, check_head,
-                          read_head, verify_database)
+from .chain import (AUDIT_TABLES, CHAIN_TABLE, ChainReport, Meter, Progress, append, check_events, check_head,
+                    read_head, verify_database)
 from ..clock import iso
 from ..errors import BastionError
 from ..safe_files import is_stdout, new_file
@@ -39,7 +39,7 @@ class AuditTampered(BastionError):
     """The chain does not verify; pruning now would erase the evidence."""
 
 
-def verify(database: Path, head: str | None = None) -> ChainReport:
+def verify(database: Path, head: str | None = None, progress: Progress | None = None) -> ChainReport:
     """The whole chain and every audit row (see chain.py); `head` is a SEQ:HASH recorded elsewhere earlier."""
     if head is not None and not _HEAD.fullmatch(head):  # bad input, not a finding about the chain
         raise BastionError(f"cannot read --head {head!r}: expected SEQ:HASH (a number, a colon, 64 hex "
@@ -47,7 +47,7 @@ def verify(database: Path, head: str | None = None) -> ChainReport:
     conn = open_reader(database)
     try:
         conn.execute("BEGIN")  # one snapshot for the chain and the rows, even while the server writes
-        report = verify_database(conn)
+        report = verify_database(conn, progress)
         if head is not None:
             check_head(conn, head, report)
         conn.execute("COMMIT")
@@ -64,29 +64,70 @@ class PruneReport:
     restated: int = 0
 
 
-def prune(database: Path, older_than: timedelta, now: datetime, chunk: int = 5000) -> PruneReport:
+def prune(database: Path, older_than: timedelta, now: datetime, chunk: int = 5000, *, dry_run: bool = False,
+          progress: Progress | None = None) -> PruneReport:
     """Delete finished rows whose last change was written before `now - older_than`, keeping the chain
-    verifiable. Refuses when the chain does not verify (pruning would launder the tampering)."""
-    report = verify(database)
+    verifiable. Refuses when the chain does not verify (pruning would launder the tampering). With `dry_run`,
+    counts what it would delete and carry over, on a read-only connection, and changes nothing."""
+    report = verify(database, progress=progress)
     if not report.intact:
         raise AuditTampered(f"the audit log does not verify, so nothing was pruned: {report.problems[0]}")
     result = PruneReport(cutoff=iso(now - older_than))
-    conn = connect(database)
+    conn = open_reader(database) if dry_run else connect(database)
     conn.isolation_level = None
     try:
+        if dry_run:
+            conn.execute("BEGIN")  # one snapshot for the whole count
         first_row = conn.execute("SELECT min(seq) FROM audit_events").fetchone()
         young = conn.execute("SELECT seq FROM audit_events WHERE time >= ? ORDER BY seq LIMIT 1",
                              [result.cutoff]).fetchone()
         first = first_row[0] or 1
         last = young[0] - 1 if young else read_head(conn).seq
+        meter = Meter(progress, "counting" if dry_run else "pruning", max(0, last - first + 1))
         while first <= last:
             through = min(first + chunk - 1, last)
-            _prune_through(conn, first, through, iso(now), result)
+            if dry_run:
+                _count_through(conn, first, through, result)
+            else:
+                _prune_through(conn, first, through, iso(now), result)
+            meter.step(through - first + 1)
             first = through + 1
-        conn.execute("PRAGMA optimize")
+        meter.finish()
+        if dry_run:
+            conn.execute("COMMIT")
+        else:
+            conn.execute("PRAGMA optimize")
     finally:
         conn.close()
     return result
+
+
+def _leaving(conn: sqlite3.Connection, first: int, through: int) -> Iterator[tuple[str, Any, dict[str, Any], bool]]:
+    """The rows whose newest event lies in seq first..through: (table, id, state, finished). A finished row goes
+    with its events; an open one is carried past the cut by a `restate` event."""
+    latest: dict[tuple[str, Any], str] = {}
+    for table, row_id, payload in conn.execute(
+        "SELECT tbl, row_id, payload FROM audit_events WHERE seq BETWEEN ? AND ? ORDER BY seq", [first, through]
+    ):
+        if table in _FINISHED:
+            latest[(table, row_id)] = payload
+    for (table, row_id), payload in latest.items():
+        later = conn.execute("SELECT 1 FROM audit_events WHERE tbl = ? AND row_id = ? AND seq > ? LIMIT 1",
+                             [table, row_id, through]).fetchone()
+        if later is not None:
+            continue  # its newer events stay, and each carries the full state
+        state = json.loads(payload)
+        column = _FINISHED[table]
+        yield table, row_id, state, column is None or state.get(column) is not None
+
+
+def _count_through(conn: sqlite3.Connection, first: int, through: int, result: PruneReport) -> None:
+    for table, _, _, finished in _leaving(conn, first, through):
+        if finished:
+            result.deleted[table] += 1
+        else:
+            result.restated += 1
+    result.events += through - first + 1  # seq has no gaps (verify said so)
 
 
 def _prune_through(conn: sqlite3.Connection, first: int, through: int, now: str, result: PruneReport) -> None:
@@ -94,20 +135,8 @@ def _prune_through(conn: sqlite3.Connection, first: int, through: int, now: str,
     try:
         head = read_head(conn)
         pruned_head = conn.execute("SELECT hash FROM audit_events WHERE seq = ?", [through]).fetchone()[0]
-        latest: dict[tuple[str, Any], str] = {}
-        for table, row_id, payload in conn.execute(
-            "SELECT tbl, row_id, payload FROM audit_events WHERE seq BETWEEN ? AND ? ORDER BY seq", [first, through]
-        ):
-            if table in _FINISHED:
-                latest[(table, row_id)] = payload
-        for (table, row_id), payload in latest.items():
-            later = conn.execute("SELECT 1 FROM audit_events WHERE tbl = ? AND row_id = ? AND seq > ? LIMIT 1",
-                                 [table, row_id, through]).fetchone()
-            if later is not None:
-                continue  # its newer events stay, and each carries the full state
-            state = json.loads(payload)
-            column = _FINISHED[table]
-            if column is None or state.get(column) is not None:
+        for table, row_id, state, finished in list(_leaving(conn, first, through)):
+            if finished:
                 conn.execute(f"DELETE FROM {table} WHERE id = ?", [row_id])
                 result.deleted[table] += 1
             else:  # still open: carry its state past the cut
@@ -123,21 +152,45 @@ def _prune_through(conn: sqlite3.Connection, first: int, through: int, now: str,
         raise
 
 
+@dataclass(slots=True)
+class VacuumReport:
+    before: int  # bytes of the database file (its WAL checkpointed into it)
+    after: int
+
+
+def vacuum(database: Path) -> VacuumReport:
+    """Give the space of pruned rows back to the file system: SQLite's VACUUM rewrites the file without its free
+    pages. Safe while the server runs: VACUUM holds the write lock while it works, so the server's audit writes
+    wait for it (for up to their 10 s busy timeout)."""
+    if not database.exists():
+        raise BastionError(f"{database}: no database here; run `bastion init` first")
+    conn = connect(database)
+    conn.isolation_level = None
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # what the WAL holds goes into the file first
+        before = database.stat().st_size
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the rewritten pages sit in the WAL until now
+        return VacuumReport(before, database.stat().st_size)
+    finally:
+        conn.close()
+
+
 # ---- export -----------------------------------------------------------------------------------------------
 
 
-def export(database: Path, destination: Path, now: datetime) -> dict[str, Any]:
+def export(database: Path, destination: Path, now: datetime, progress: Progress | None = None) -> dict[str, Any]:
     """Write the chain to `destination`, or to standard output when it is `-`. Returns the trailer.
 
     A file is new, mode 0600 (it holds every login and target), written whole under a temporary name and only
     then linked into place: never over an existing file, never through a planted link (safe_files)."""
     if is_stdout(destination):
-        return _write_export(database, sys.stdout, now)
+        return _write_export(database, sys.stdout, now, progress)
     with new_file(Path(destination)) as out:
-        return _write_export(database, out, now)
+        return _write_export(database, out, now, progress)
 
 
-def _write_export(database: Path, out: TextIO, now: datetime) -> dict[str, Any]:
+def _write_export(database: Path, out: TextIO, now: datetime, progress: Progress | None) -> dict[str, Any]:
     conn = open_reader(database)
     try:
         conn.execute("BEGIN")  # one snapshot: a prune or new rows during the export change nothing in it
@@ -147,13 +200,16 @@ def _write_export(database: Path, out: TextIO, now: datetime) -> dict[str, Any]:
             "format": EXPORT_FORMAT, "version": 1, "hash": "sha256-chain-v1", "exported_at": iso(now),
             "source": str(database), "first_seq": first[0] if first else None,
             "first_prev_hash": first[1] if first else None}) + "\n")
+        total = conn.execute("SELECT count(*) FROM audit_events").fetchone()[0] if progress else None
+        meter = Meter(progress, "exporting", total)
         cursor = conn.execute(f"SELECT {', '.join(_EVENT_FIELDS)} FROM audit_events ORDER BY seq")
-        for values in cursor:
+        for values in meter.over(cursor):
             out.write(json.dumps(dict(zip(_EVENT_FIELDS, values)), ensure_ascii=False) + "\n")
             count, head_seq, head_hash = count + 1, values[0], values[7]
         trailer = {"end": True, "events": count, "head_seq": head_seq, "head_hash": head_hash}
         out.write(json.dumps(trailer) + "\n")
         out.flush()
+        meter.finish()
         conn.execute("COMMIT")
         return trailer
     finally:

@@ -18,7 +18,7 @@ from ..ops.ssh_config import ClientSetup, known_hosts_lines, render_ssh_config, 
 from ..policy.netguard import TargetError, parse_host
 from ..safe_files import is_stdout, new_file
 from ..service.home import host_public_keys
-from .common import config_of, configure_logging, home_of, human_bytes, open_store, print_json
+from .common import config_of, configure_logging, home_of, human_bytes, open_store, print_json, progress_bar
 
 
 def doctor(ctx: typer.Context, json: bool = typer.Option(False, "--json", help="Print a JSON array.")) -> None:
@@ -157,7 +157,8 @@ def backup(
     Example: bastion backup /var/backups/bastion/    |    bastion backup - | ssh vault 'cat > bastion.db'
     """
     config = config_of(ctx)
-    result = backup_database(config.database, dest)
+    with progress_bar() as progress:  # a bar on a terminal (stderr); nothing when piped
+        result = backup_database(config.database, dest, progress)
     where = "standard output" if is_stdout(dest) else result.path
     typer.echo(f"backed up {config.database} to {where} ({human_bytes(result.size)}, "
                f"{result.users} users, {result.audit_rows} audit rows)", err=is_stdout(dest))

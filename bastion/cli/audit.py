@@ -14,17 +14,18 @@ import typer
 from ..audit.filters import TABLES, FilterError, Filters, parse_age, where_clause
 from ..audit.query import (COLUMNS, DamagedDatabase, follow as follow_events, make_filters, open_reader, select,
                            session_record, start_seq, stats as audit_stats, timeline)
-from ..audit.retention import export as export_chain, prune as prune_chain, verify as verify_chain, verify_export
+from ..audit.retention import (export as export_chain, prune as prune_chain, vacuum as vacuum_database,
+                               verify as verify_chain, verify_export)
 from ..clock import human, utc_now
 from ..errors import BastionError
 from ..errors import DamagedDatabase as Damaged
 from ..printable import printable
 from ..safe_files import is_stdout
 from . import audit_output as output
-from .common import config_of, err_console, human_bytes, print_json
+from .common import config_of, err_console, human_bytes, print_json, progress_bar
 
 app = typer.Typer(help="Query the audit log: auth, sessions, channels, listeners; show, follow, stats; verify, "
-                       "prune, export.\n\nExample: bastion audit channels --denied --since 1d",
+                       "prune, vacuum, export.\n\nExample: bastion audit channels --denied --since 1d",
                   no_args_is_help=True)
 
 _MOST = 2**63 - 1  # the largest count SQLite takes as a LIMIT
@@ -268,7 +269,11 @@ def verify(
 
     Example: bastion audit verify --head 18234:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
     """
-    report = verify_export(file) if file is not None else verify_chain(config_of(ctx).database, head)
+    if file is not None:
+        report = verify_export(file)
+    else:
+        with progress_bar() as progress:  # a bar on a terminal (stderr); nothing when piped
+            report = verify_chain(config_of(ctx).database, head, progress)
     if json:
         print_json(report.as_dict())
     elif report.intact:
@@ -291,18 +296,54 @@ def verify(
 def prune(
     ctx: typer.Context,
     older_than: str = typer.Option(..., "--older-than", help="Age: 90d, 12w, 36h."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted (rows per table, events, the "
+                                                          "cutoff) and change nothing."),
+    vacuum: bool = typer.Option(False, "--vacuum", help="Then give the freed space back to the file system, as "
+                                                        "`bastion audit vacuum` does."),
 ) -> None:
     """Delete finished rows last changed before the given age, keeping the chain verifiable.
 
-    An anchor event records the hash of what was pruned. Refuses when the log does not verify.
+    An anchor event records the hash of what was pruned. Refuses when the log does not verify. The file keeps
+    its size (SQLite reuses the freed pages); --vacuum, or `bastion audit vacuum` later, shrinks it.
 
-    Example: bastion audit prune --older-than 90d
+    Example: bastion audit prune --older-than 90d --dry-run    |    bastion audit prune --older-than 90d --vacuum
     """
+    if dry_run and vacuum:
+        raise typer.BadParameter("--dry-run changes nothing, so it cannot --vacuum; choose one")
     age = parse_age(older_than)
-    result = prune_chain(config_of(ctx).database, age, utc_now())
+    database = config_of(ctx).database
+    with progress_bar() as progress:
+        result = prune_chain(database, age, utc_now(), dry_run=dry_run, progress=progress)
     deleted = ", ".join(f"{count} {table}" for table, count in result.deleted.items())
-    typer.echo(f"pruned before {human(result.cutoff)}: {deleted}; {result.events} events, {result.restated} open rows "
-               "carried over")
+    if dry_run:
+        typer.echo(f"would prune before {human(result.cutoff)}: {deleted}; {result.events} events, "
+                   f"{result.restated} open rows carried over (dry run: nothing changed)")
+        return
+    typer.echo(f"pruned before {human(result.cutoff)}: {deleted}; {result.events} events, {result.restated} open "
+               "rows carried over")
+    if vacuum:
+        _vacuum(database)
+
+
+@app.command()
+@_reported
+def vacuum(ctx: typer.Context) -> None:
+    """Give the space freed by `audit prune` back to the file system (SQLite's VACUUM), and say how much.
+
+    Safe while the server runs: it takes the database's write lock while it works, and the server's audit writes
+    wait for it. They wait at most 10 seconds (the busy timeout); a vacuum that takes longer makes logins fail
+    closed until it ends, so on a large log run it at a quiet hour. It needs free disk space about the size of
+    the database.
+
+    Example: bastion audit vacuum
+    """
+    _vacuum(config_of(ctx).database)
+
+
+def _vacuum(database: Path) -> None:
+    result = vacuum_database(database)
+    typer.echo(f"vacuumed {database}: {human_bytes(result.before)} -> {human_bytes(result.after)} "
+               f"({human_bytes(max(0, result.before - result.after))} given back)")
 
 
 @app.command()
@@ -318,7 +359,8 @@ def export(
 
     Example: bastion audit export /srv/archive/bastion-audit-2026-11.jsonl    |    bastion audit export - | gzip
     """
-    trailer = export_chain(config_of(ctx).database, file, utc_now())
+    with progress_bar() as progress:
+        trailer = export_chain(config_of(ctx).database, file, utc_now(), progress)
     where = "standard output" if is_stdout(file) else file
     typer.echo(f"exported {trailer['events']} events to {where}; head {trailer['head_seq']}:{trailer['head_hash']}",
                err=is_stdout(file))  # with -, standard output is the export alone

@@ -10,7 +10,7 @@ import re
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import typer
 from rich.cells import cell_len
@@ -194,6 +194,32 @@ def show_table(fitted: FittedTable) -> None:
     if fitted.dropped:
         out.print(f"(left out at {fitted.width} columns: {', '.join(fitted.dropped)}; --json has all)",
                   markup=False, style="dim")
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Callable[[str, int, int | None], None] | None]:
+    """A progress callback for long work (audit/chain.py's Progress) that draws a bar on standard error when that
+    is a terminal, and gone when the work is done; None (nothing drawn, nothing written) when it is a pipe or a
+    file, so scripts and logs see only the result."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    tasks: dict[str, TaskID] = {}
+
+    def update(what: str, done: int, total: int | None) -> None:
+        if what not in tasks:
+            for earlier in tasks.values():  # one step at a time: the step before is over
+                bar.update(earlier, visible=False)
+            tasks[what] = bar.add_task(what, total=total)
+        bar.update(tasks[what], completed=done, total=total)
+
+    with bar:
+        yield update
 
 
 def human_bytes(count: int | None) -> str:
