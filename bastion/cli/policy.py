@@ -110,6 +110,9 @@ def describe_plan(diff: PolicyDiff, plan: PolicyPlan, losses: list[LiveLoss]) ->
                                             + [f"- {name}" for name in diff.groups_removed]))
     for name in diff.users_added:
         lines.append(f"new user {name}")
+    lines += [f"  + CA {name} trusted for user certificates" for name in diff.cas_added]
+    lines += [f"  - CA {name} no longer trusted: its certificates stop working" for name in diff.cas_removed]
+    lines += [f"  - CA {name} changed (keys or settings)" for name in diff.cas_changed]
     for user, key in plan.keys_added:
         lines.append(f"  + {user}: key {key.key_type} {key.fingerprint} {key.comment}".rstrip())
     for user, key in plan.keys_removed:

@@ -42,14 +42,16 @@ def load_policy_files(paths: Iterable[Path]) -> tuple[Policy, list[Path]]:
     files = policy_paths(paths)
     users: dict = {}
     groups: dict = {}
+    cas: dict = {}
     defined_in: dict[tuple[str, str], Path] = {}
     for path in files:
         policy = load_policy_file(path)
-        for section, entries, merged in (("users", policy.users, users), ("groups", policy.groups, groups)):
+        for section, entries, merged in (("users", policy.users, users), ("groups", policy.groups, groups),
+                                         ("cas", policy.cas, cas)):
             for name, entry in entries.items():
                 first = defined_in.setdefault((section, name), path)
                 if first != path:
                     raise PolicyFileError(f"{path}: {section}.{name} is already defined in {first}; "
-                                          "define each user and group in one file")
+                                          "define each user, group and CA in one file")
                 merged[name] = entry
-    return Policy(users, groups), files
+    return Policy(users, groups, cas), files

@@ -1,5 +1,5 @@
 """What a policy change does to people's access: grants added, removed or narrowed, per user, and groups
-added or removed. Built on effective access (access.py), so a rule that moves from a user to a group they are
+added or removed, and trusted user CAs added, removed or changed. Built on effective access (access.py), so a rule that moves from a user to a group they are
 in, unchanged, shows as moved rather than as lost.
 
 Pure: no I/O, no clock; `now` is a parameter.
@@ -38,14 +38,18 @@ class PolicyDiff:
     groups_added: tuple[str, ...]
     groups_removed: tuple[str, ...]
     users_added: tuple[str, ...]
+    cas_added: tuple[str, ...] = ()
+    cas_removed: tuple[str, ...] = ()
+    cas_changed: tuple[str, ...] = ()  # other keys or settings under the same name
 
     @property
     def removes_access(self) -> bool:
-        return any(change.removes_access for change in self.changes)
+        return any(change.removes_access for change in self.changes) or bool(self.cas_removed or self.cas_changed)
 
     @property
     def empty(self) -> bool:
-        return not (self.changes or self.groups_added or self.groups_removed or self.users_added)
+        return not (self.changes or self.groups_added or self.groups_removed or self.users_added
+                    or self.cas_added or self.cas_removed or self.cas_changed)
 
 
 def _identity(grant: Grant) -> tuple[str, str, str, str]:
@@ -70,4 +74,8 @@ def policy_diff(before: Policy, after: Policy, now: datetime) -> PolicyDiff:
         groups_added=tuple(sorted(set(after.groups) - set(before.groups))),
         groups_removed=tuple(sorted(set(before.groups) - set(after.groups))),
         users_added=tuple(sorted(set(after.users) - set(before.users))),
+        cas_added=tuple(sorted(set(after.cas) - set(before.cas))),
+        cas_removed=tuple(sorted(set(before.cas) - set(after.cas))),
+        cas_changed=tuple(sorted(name for name in set(before.cas) & set(after.cas)
+                                 if before.cas[name] != after.cas[name])),
     )

@@ -13,6 +13,11 @@ form "FILE:LINE: what is wrong; expected what", so an operator can fix it withou
     deny = ["10.20.0.9"]                                # a deny without ports covers every port
     expires = 2027-01-31T00:00:00Z                      # optional, must carry a timezone
 
+    [cas.corp]                                          # a trusted user CA (#21): its certificates log users in
+    key = "ssh-ed25519 AAAA... ca@corp"                 # or keys = [...] (both may be given)
+    require_known_user = true                           # default: the login user must be a [users.NAME]
+    principals_as_groups = false                        # default (true is not supported yet)
+
 tomllib reports no positions for values, so semantic errors find their line by searching the
 text for the table, key and value in turn; a good guess is worth more than no line at all.
 """
@@ -31,6 +36,7 @@ from typing import Any, NoReturn
 from .. import toml_input
 from .keys import describe_key, weak_key_reason
 from .model import (
+    CertAuthority,
     ListenRule,
     parse_listen_rule,
     NAME_HINT,
@@ -51,6 +57,7 @@ KEY_TYPES = frozenset({
 USER_KEYS = ("keys", "groups", "allow", "deny", "listen", "expires")
 GROUP_KEYS = ("allow", "deny", "listen")
 RULE_KEYS = ("target", "expires")
+CA_KEYS = ("key", "keys", "principals_as_groups", "require_known_user")
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _RULE_HINT = '; expected HOST[:PORTS] such as "10.1.2.3:22", "*.corp.internal:22,443" or "[fd00::/64]:22"'
 _TIME_HINT = "a TOML date-time with a timezone such as 2027-01-31T00:00:00Z"
@@ -126,7 +133,11 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
             "deny": [_rule_to_json(rule) for rule in group.deny],
             "listen": [_rule_to_json(rule) for rule in group.listen],
         } for name, group in policy.groups.items()},
-    }
+    } | ({"cas": {name: {
+            "keys": list(ca.keys),
+            "principals_as_groups": ca.principals_as_groups,
+            "require_known_user": ca.require_known_user,
+        } for name, ca in policy.cas.items()}} if policy.cas else {})  # absent when none: older readers agree
 
 
 def policy_from_dict(data: dict[str, Any]) -> Policy:
@@ -137,6 +148,7 @@ def policy_from_dict(data: dict[str, Any]) -> Policy:
                    for name, user in _mapping(data.get("users", {}), "users").items()},
             groups={name: _group_from_json(name, group)
                     for name, group in _mapping(data.get("groups", {}), "groups").items()},
+            cas={name: _ca_from_json(name, ca) for name, ca in _mapping(data.get("cas", {}), "cas").items()},
         )
     except (PolicyError, TypeError, AttributeError) as err:
         raise PolicyFileError(f"<stored policy>: {err}") from None
@@ -174,6 +186,16 @@ def _group_from_json(name: str, data: dict[str, Any]) -> GroupPolicy:
         deny=tuple(_rule_from_json(r, deny=True) for r in data.get("deny", ())),
         listen=tuple(_listen_from_json(r) for r in data.get("listen", ())),
     )
+
+
+def _ca_from_json(name: str, data: dict[str, Any]) -> CertAuthority:
+    _check_name("CA", name)
+    data = _mapping(data, f"cas.{name}")
+    keys = tuple(check_key_line(k) for k in data["keys"])
+    if not keys:
+        raise PolicyError(f"cas.{name} has no keys")
+    return CertAuthority(name=name, keys=keys, principals_as_groups=bool(data.get("principals_as_groups", False)),
+                         require_known_user=bool(data.get("require_known_user", True)))
 
 
 def _listen_from_json(item: str | dict[str, Any]) -> ListenRule:
@@ -238,14 +260,16 @@ class _FileReader:
 
     def policy(self, data: dict[str, Any]) -> Policy:
         for key in data:
-            if key not in ("users", "groups"):
-                self._fail(f"unknown top-level key {key!r}; expected [users.NAME] or "
-                           "[groups.NAME] tables", key)
+            if key not in ("users", "groups", "cas"):
+                self._fail(f"unknown top-level key {key!r}; expected [users.NAME] or [groups.NAME] tables, "
+                           "or [cas.NAME] for a user certificate authority", key)
         users = self._tables(data.get("users", {}), "users")
         groups = self._tables(data.get("groups", {}), "groups")
+        cas = self._tables(data.get("cas", {}), "cas")
         return Policy(
             users={name: self._user(name, table) for name, table in users.items()},
             groups={name: self._group(name, table) for name, table in groups.items()},
+            cas={name: self._ca(name, table) for name, table in cas.items()},
         )
 
     def _tables(self, value: Any, kind: str) -> dict[str, dict[str, Any]]:
@@ -282,6 +306,40 @@ class _FileReader:
             deny=self._rules(table.get("deny", []), where, "deny"),
             listen=self._rules(table.get("listen", []), where, "listen"),
         )
+
+    def _ca(self, name: str, table: dict[str, Any]) -> CertAuthority:
+        where = ("cas", name)
+        path = f"cas.{name}"
+        self._known_keys(table, CA_KEYS, where)
+        lines: list[str] = []
+        if "key" in table:
+            if not isinstance(table["key"], str):
+                self._fail(f"{path}.key must be one OpenSSH public key line", *where, "key")
+            lines.append(table["key"])
+        if "keys" in table:
+            if not isinstance(table["keys"], list) or not all(isinstance(k, str) for k in table["keys"]):
+                self._fail(f"{path}.keys must be a list of OpenSSH public key lines", *where, "keys")
+            lines += table["keys"]
+        if not lines:
+            self._fail(f"{path} has no key; expected key = \"ssh-ed25519 AAAA... ca@corp\" (the CA's .pub line)",
+                       *where)
+        for number, line in enumerate(lines, 1):
+            try:
+                check_key_line(line)
+            except PolicyError as err:
+                hint = ("use an Ed25519 CA key (ssh-keygen -t ed25519)" if isinstance(err, WeakKeyError)
+                        else "expected the line of the CA's .pub file")
+                self._fail(f"{path}: key {number}: {err}; {hint}", *where, line[:60])
+        flags = {}
+        for flag, default in (("principals_as_groups", False), ("require_known_user", True)):
+            value = table.get(flag, default)
+            if not isinstance(value, bool):
+                self._fail(f"{path}.{flag} must be true or false", *where, flag)
+            flags[flag] = value
+        if flags["principals_as_groups"]:
+            self._fail(f"{path}.principals_as_groups = true is not supported yet; expected false (a certificate's "
+                       "principals name the login user)", *where, "principals_as_groups")
+        return CertAuthority(name=name, keys=tuple(dict.fromkeys(lines)), **flags)
 
     def _known_keys(self, table: dict[str, Any], allowed: tuple[str, ...],
                     where: tuple[str, str]) -> None:
@@ -375,9 +433,10 @@ class _FileReader:
 
 
 def to_toml(data: dict) -> str:
-    """The policy dict as TOML: [users.NAME] / [groups.NAME] tables of strings, lists and inline tables."""
+    """The policy dict as TOML: [cas.NAME] / [groups.NAME] / [users.NAME] tables of strings, booleans, lists and
+    inline tables."""
     lines: list[str] = []
-    for section in ("groups", "users"):
+    for section in ("cas", "groups", "users"):
         for name, entry in data.get(section, {}).items():
             lines.append(f"[{section}.{name}]")
             for key, value in entry.items():

@@ -328,23 +328,39 @@ class GroupPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class CertAuthority:
+    """A trusted OpenSSH user CA (#21): certificates its keys signed log users in (policy/certificates.py).
+
+    `keys` are OpenSSH public key lines ("ssh-ed25519 AAAA… ca@corp"), checked by the policy file reader.
+    `principals_as_groups`: a principal naming a group grants that group's rules (not supported yet: the file
+    reader refuses true). `require_known_user`: the login user must be a user of the policy."""
+
+    name: str
+    keys: tuple[str, ...]
+    principals_as_groups: bool = False
+    require_known_user: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
-    """All users and groups; an immutable value, swapped whole on reload."""
+    """All users, groups and trusted user CAs; an immutable value, swapped whole on reload."""
 
     users: Mapping[str, UserPolicy] = field(default_factory=dict)
     groups: Mapping[str, GroupPolicy] = field(default_factory=dict)
+    cas: Mapping[str, CertAuthority] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "users", MappingProxyType(dict(self.users)))
         object.__setattr__(self, "groups", MappingProxyType(dict(self.groups)))
+        object.__setattr__(self, "cas", MappingProxyType(dict(self.cas)))
 
     def declared_over(self, current: Policy) -> Policy:
-        """This policy as the whole declared state over `current`: its groups only; its users as defined here,
+        """This policy as the whole declared state over `current`: its groups and CAs only; its users as defined here,
         and every other user of `current` kept (users are removed only by hand) but with no grants. Keys are
         not policy: the result carries none (the store keeps them)."""
         users = {name: UserPolicy(name=name) for name in current.users}
         users.update({name: dataclasses.replace(user, keys=None) for name, user in self.users.items()})
-        return Policy(users, self.groups)
+        return Policy(users, self.groups, self.cas)
 
     def problems(self) -> list[str]:
         """Inconsistencies worth a warning that do not stop the policy from loading."""

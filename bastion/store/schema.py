@@ -153,6 +153,14 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE user_keys ADD COLUMN source TEXT NOT NULL DEFAULT 'cli'
         CHECK (source IN ('cli', 'import', 'policy'));
     """,
+    # 5 (#21): trusted user certificate authorities, declared in the policy like groups (policy/file.py [cas.NAME])
+    """
+    CREATE TABLE cas (
+        name TEXT PRIMARY KEY,
+        definition TEXT NOT NULL,          -- JSON: keys, principals_as_groups, require_known_user
+        updated_at TEXT NOT NULL
+    ) STRICT;
+    """,
 )
 
 

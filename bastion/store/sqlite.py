@@ -209,9 +209,11 @@ class Store:
             version = int(self._db.execute("SELECT value FROM meta WHERE key = 'policy_version'").fetchone()[0])
             users = self._db.execute("SELECT name, definition FROM users").fetchall()
             groups = self._db.execute("SELECT name, definition FROM groups").fetchall()
+            cas = self._db.execute("SELECT name, definition FROM cas").fetchall()
         data = {
             "users": {name: json.loads(definition) for name, definition in users},
             "groups": {name: json.loads(definition) for name, definition in groups},
+            "cas": {name: json.loads(definition) for name, definition in cas},
         }
         return version, policy_from_dict(data)
 
@@ -240,7 +242,7 @@ class Store:
 
     def apply_policy(self, declared: Policy, *, expected_version: int | None = None) -> PolicyPlan:
         """Make the stored policy equal to `declared`, in one transaction (all or nothing):
-        - every group is the file's, and groups it does not name are removed;
+        - every group is the file's, and groups it does not name are removed; the same for trusted CAs (#21);
         - every user it names gets exactly its definition; a user it does not name keeps its keys but loses
           its grants (users are removed only by `user remove`);
         - keys: a user's `keys` in the file are added, and keys that an earlier policy file added and this one
@@ -272,6 +274,18 @@ class Store:
                         definition = policy_to_dict(Policy(users={}, groups={name: group}))["groups"][name]
                         self._db.execute(
                             "INSERT INTO groups (name, definition, updated_at) VALUES (?, ?, ?) "
+                            "ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, "
+                            "updated_at = excluded.updated_at",
+                            [name, json.dumps(definition), now],
+                        )
+                    self._db.execute(
+                        f"DELETE FROM cas WHERE name NOT IN ({','.join('?' * len(plan.target.cas))})",
+                        list(plan.target.cas),
+                    )
+                    for name, ca in plan.target.cas.items():
+                        definition = policy_to_dict(Policy(cas={name: ca}))["cas"][name]
+                        self._db.execute(
+                            "INSERT INTO cas (name, definition, updated_at) VALUES (?, ?, ?) "
                             "ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, "
                             "updated_at = excluded.updated_at",
                             [name, json.dumps(definition), now],
