@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import sys
@@ -21,7 +20,8 @@ from rich.text import Text
 from ..clock import human
 from ..config import Config, load_config
 from ..errors import BastionError
-from ..printable import PrintableFormatter, printable
+from ..printable import printable
+from ..service import logs
 from ..service.control import notify
 from ..store.sqlite import Store
 
@@ -51,13 +51,10 @@ def open_store(ctx: typer.Context) -> Iterator[Store]:
         store.close()
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, log_format: str = "text") -> None:
     """The server's operational log on stderr, one line per record whatever a client put in its name, version
-    or target (see printable.py)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    or target: text (no timestamps under journald) or JSON lines (service/logs.py)."""
+    logs.configure(level, log_format)
 
 
 def notify_server(ctx: typer.Context, why: str) -> None:
