@@ -18,6 +18,7 @@ from .. import transport
 from ..audit.writer import AUDIT_DOWN, AuditUnavailable, SessionRecord
 from ..clock import utc_now
 from ..policy.authorized_keys import key_login_refusal
+from ..policy.certificates import Certificate, certificate_key_options, certificate_refusal, describe_certificate
 from ..policy.decide import login_refusal, session_cap_refusal
 from ..policy.keys import weak_key_reason
 from ..policy.limits import is_exempt
@@ -78,6 +79,8 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         self._server_fault = False  # refused for our own failure (audit down): not the source's fault
         self._session_row_queued = False  # the session row is on its way to the audit log: end it on close
         self._session_timer: asyncio.TimerHandle | None = None
+        self._offered_ca: str | None = None  # the CA of the certificate examine_certificate just accepted (#21)
+        self._certificate_key_type = ""
         self.log = ConnectionLog(log, self)
         self.auth_log = AuthEvents(self)  # the OpenSSH-worded lines fail2ban reads (auth_log.py)
 
@@ -215,6 +218,7 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
                     return False
                 self.key_fingerprint = fingerprint
                 self.key_options = self._keys[fingerprint].options  # from=, permitopen=, … of its line
+                self.certificate = None  # a certificate offered before this key does not log in
                 return True
         else:
             reason = "key not accepted"
@@ -230,6 +234,46 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
                                        "too many authentication failures")
             self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures")
         return False
+
+    def examine_certificate(self, username: str, certificate: Certificate, key: asyncssh.SSHKey) -> bool:
+        """Return True if this user certificate may log the user in (policy/certificates.py; called by
+        transport/certificates.py once asyncssh has checked the CA's signature). asyncssh checks it again and the
+        client proves possession of `key` afterwards, so success is recorded when the session begins. A refusal is
+        logged and audited with the certificate's key id, serial and CA, and counts toward max_auth_tries."""
+        assert self._login_policy is not None
+        fingerprint = key.get_fingerprint("sha256")
+        self._offered_ca = None
+        reason = certificate_refusal(self._login_policy, certificate, self.user, ipaddress.ip_address(self.client_ip),
+                                     utc_now())
+        if reason is None:
+            if not self.ctx.audit.healthy:
+                self._refuse_unaudited(fingerprint)
+                return False
+            self._offered_ca = certificate.ca_fingerprint
+            self.certificate = certificate
+            self.key_fingerprint = fingerprint
+            self.key_options = certificate_key_options(certificate)  # no permit-port-forwarding: no tunnels
+            algorithm = key.get_algorithm()
+            self._certificate_key_type = algorithm.decode() if isinstance(algorithm, bytes) else str(algorithm)
+            return True
+        self.failed_auths += 1
+        reason = f"certificate refused: {reason}: {describe_certificate(certificate)}"
+        self.log.info("key %s refused: %s", fingerprint, reason)
+        self.auth_log.failed_publickey(key)
+        self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure",
+                                   reason)
+        if self.failed_auths >= self.ctx.config.max_auth_tries and self.conn is not None:
+            self.log.info("too many authentication failures (%d)", self.failed_auths)
+            self.auth_log.too_many_failures()
+            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", None, "failure",
+                                       "too many authentication failures")
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures")
+        return False
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """Return True only for the CA of the certificate that `examine_certificate` has just accepted: a
+        certificate nobody examined (the transport hook missing) is refused."""
+        return self._offered_ca is not None and key.get_fingerprint("sha256") == self._offered_ca
 
     def _refuse_unaudited(self, fingerprint: str | None) -> None:
         """Fail closed: nothing may happen that the audit log cannot record. The refusal is itself a write,
@@ -253,7 +297,8 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         self.session_id = secrets.token_hex(6)
         self.started_at = utc_now()
         accepted = self._keys.get(self.key_fingerprint)
-        self.auth_log.accepted_publickey(accepted.key_type if accepted else "", self.key_fingerprint)
+        self.auth_log.accepted_publickey(accepted.key_type if accepted else self._certificate_key_type,
+                                         self.key_fingerprint)
         ctx.sessions_by_user.setdefault(self.user, set()).add(self)
         self.session_committed = asyncio.ensure_future(self._begin_session())
         refusal = session_cap_refusal(self.user, len(ctx.sessions_of(self.user)), ctx.config.max_sessions_per_user)
@@ -281,9 +326,13 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
             self._forget_session()
             self.disconnect("internal error while checking the login; ask your bastion admin to check its log")
             return
-        refusal = login_refusal(policy, self.user, self.key_fingerprint, frozenset(keys), utc_now())
-        if refusal is None:  # the key's options as stored now: an import may have narrowed them meanwhile
-            self.key_options = keys[self.key_fingerprint].options
+        if self.certificate is not None:  # (#21) the certificate against the policy as it is now
+            refusal = certificate_refusal(policy, self.certificate, self.user, ipaddress.ip_address(self.client_ip),
+                                          utc_now())
+        else:
+            refusal = login_refusal(policy, self.user, self.key_fingerprint, frozenset(keys), utc_now())
+        if refusal is None and self.certificate is None:  # the key's options as stored now: an import may have
+            self.key_options = keys[self.key_fingerprint].options  # narrowed them meanwhile
             refusal = key_login_refusal(self.key_options, ipaddress.ip_address(self.client_ip), utc_now())
         if self.conn is None:  # gone while we read: no session to record
             self._forget_session()
@@ -295,9 +344,12 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
             self._forget_session()
             self.disconnect(f"login refused: {refusal}")
             return
+        accepted = "key accepted" if self.certificate is None else \
+            f"certificate accepted: {describe_certificate(self.certificate)}"
         self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", self.key_fingerprint,
-                                   "success", "key accepted")
-        self.log.info("logged in from %s:%d with %s", self.client_ip, self.client_port, self.key_fingerprint)
+                                   "success", accepted)
+        self.log.info("logged in from %s:%d with %s%s", self.client_ip, self.client_port, self.key_fingerprint,
+                      "" if self.certificate is None else f" ({accepted})")
         self._session_row_queued = True
         try:
             await self.ctx.audit.open_session(SessionRecord(

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..policy.authorized_keys import KeyOptions
+from ..policy.certificates import Certificate, certificate_session_refusal
 from ..policy.decide import evaluate, login_refusal
 from ..policy.model import Policy
 from .context import ServerContext
@@ -33,6 +34,7 @@ class SessionChannels:
         self.started_at = None
         self.key_fingerprint: str | None = None
         self.key_options = KeyOptions()  # the authorized_keys options of the key that logged in
+        self.certificate: Certificate | None = None  # the user certificate that logged in, if one did (#21)
         self.end_reason: str | None = None
         self.session_committed: asyncio.Future | None = None  # the session row; channels wait for it
         self.tunnels: set[Tunnel] = set()
@@ -65,7 +67,10 @@ class SessionChannels:
         are no longer granted. Returns what was ended, for the operator."""
         if self.session_id is None:
             return []
-        reason = login_refusal(policy, self.user, self.key_fingerprint, fingerprints, now)
+        if self.certificate is not None:
+            reason = certificate_session_refusal(policy, self.certificate.ca_fingerprint, self.user, now)
+        else:
+            reason = login_refusal(policy, self.user, self.key_fingerprint, fingerprints, now)
         if reason is not None:
             self.log.info("ending session: %s", reason)
             self.disconnect(reason)

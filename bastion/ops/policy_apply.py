@@ -49,7 +49,10 @@ def live_losses(database: Path, plan: PolicyPlan, guard: NetGuard, now: datetime
         conn.close()
     losses: list[LiveLoss] = []
     ending: set[str] = set()
+    stored_keys = {(user, fingerprint) for user, fingerprint in stored}
     for session_id, user, fingerprint in sessions:
+        if (user, fingerprint) not in stored_keys:
+            continue  # no stored key: a certificate login (#21); not previewed (its CA is not on the session row)
         reason = login_refusal(plan.target, user, fingerprint, frozenset(keys_after.get(user, ())), now)
         if reason is not None:
             ending.add(session_id)

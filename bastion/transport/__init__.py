@@ -5,7 +5,7 @@ process before the server starts, `status()` for the startup line and `doctor`, 
 `host_key_pairs()` for the listener, and three per-connection hooks the gateway uses on the byte path
 (`receive_in_place`, `after_read`, `quick_ack`). What each patch does and why is in its own module:
 the fast path (the AES-GCM/ChaCha20 packet path: pins, send, receive, in_place, keepalive, aead, keys; pinned to
-the asyncssh version it was written for), quickack, kex_guess, zlib_limit and algorithms. Nothing outside
+the asyncssh version it was written for), quickack, kex_guess, zlib_limit, algorithms and certificates. Nothing outside
 transport/ imports those modules (tests/unit/test_import_contract.py).
 """
 
@@ -15,7 +15,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import algorithms, kex_guess, pins, quickack, zlib_limit
+from . import algorithms, certificates, kex_guess, pins, quickack, zlib_limit
 from .algorithms import host_key_pairs, server_options
 from .in_place import receive_in_place
 from .receive import after_read
@@ -48,6 +48,7 @@ def install(fast_path: bool = True) -> TransportStatus:
     kex_guess.apply()  # RFC 4253's rule for a guessed kex packet (dropbear's dbclient guesses)
     zlib_limit.apply()  # when compression is on, no packet inflates beyond the packet limit
     algorithms.apply()  # user-auth signatures held to the server's signature_algs (no ssh-rsa/SHA-1)
+    certificates.apply()  # the gateway sees each user certificate offered, to check and audit it (#21)
     _status = _fast_path_status(fast_path)
     return _status
 
