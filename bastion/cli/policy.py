@@ -48,7 +48,7 @@ def apply(
     try:
         declared, paths = load_policy_files(files)
     except PolicyFileError as exc:
-        _refused(str(exc))
+        _refused(f"policy not applied: {exc}")
     now = utc_now()
     with open_store(ctx) as store:
         try:

@@ -33,7 +33,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int = 
 def test_policy_apply_refuses_a_deeply_nested_file_in_one_line(tmp_path, value):
     policy = tmp_path / "deep.toml"
     policy.write_text(f'[users.alice]\nallow = ["10.1.2.3:22"]\nlisten = {value}\n')
-    error = assert_one_line_error(bastion("--home", str(tmp_path / "home"), "policy", "apply", str(policy)))
+    # an invalid policy is refused (exit 1, a problem found), not a usage error
+    error = assert_one_line_error(bastion("--home", str(tmp_path / "home"), "policy", "apply", str(policy)), code=1)
     assert error == (f"error: policy not applied: {policy}:4: tables and arrays nested more than {MAX_DEPTH} "
                      "levels deep; expected valid TOML\n")
 
