@@ -126,7 +126,8 @@ def describe_plan(diff: PolicyDiff, plan: PolicyPlan, losses: list[LiveLoss]) ->
 
 def _grant(grant: Grant | None) -> str:
     assert grant is not None
-    return f"{grant.kind} {grant.rule} via {grant.via}" + _limits(grant, prefix="; ")
+    ports = "*" if grant.ports == "any" else grant.ports  # the rule's ports spelled out: "10.1.2.3" is port 22
+    return f"{grant.kind} {grant.target}:{ports} via {grant.via}" + _limits(grant, prefix="; ")
 
 
 def _limits(grant: Grant | None, prefix: str = "") -> str:
