@@ -145,7 +145,9 @@ def list_users(ctx: typer.Context, json: bool = typer.Option(False, "--json", he
                 "comment": k["comment"] if k else "",
                 "options": k["options"] if k else "",
             })
-    print_table(rows, ["user", "fingerprint", "type", "comment", "options", "groups", "expires"], empty="no users")
+    print_table(rows, ["user", "fingerprint", "type", "comment", "options", "groups", "expires"], empty="no users",
+                # options wrap (a narrowed key must show it is narrowed); the rest is left out first when narrow
+                drop=["expires", "groups", "type", "comment"], text={"comment": 12, "options": 16})
 
 
 @app.command("remove")
