@@ -18,7 +18,13 @@ from .. import transport
 from ..audit.writer import AUDIT_DOWN, AuditUnavailable, SessionRecord
 from ..clock import utc_now
 from ..policy.authorized_keys import key_login_refusal
-from ..policy.certificates import Certificate, certificate_key_options, certificate_refusal, describe_certificate
+from ..policy.certificates import (
+    Certificate,
+    certificate_key_options,
+    certificate_refusal,
+    describe_certificate,
+    unreadable_refusal,
+)
 from ..policy.decide import login_refusal, session_cap_refusal
 from ..policy.keys import weak_key_reason
 from ..policy.limits import is_exempt
@@ -256,10 +262,18 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
             algorithm = key.get_algorithm()
             self._certificate_key_type = algorithm.decode() if isinstance(algorithm, bytes) else str(algorithm)
             return True
-        self.failed_auths += 1
-        reason = f"certificate refused: {reason}: {describe_certificate(certificate)}"
-        self.log.info("key %s refused: %s", fingerprint, reason)
         self.auth_log.failed_publickey(key)
+        self._certificate_refused(fingerprint, f"certificate refused: {reason}: {describe_certificate(certificate)}")
+        return False
+
+    def certificate_unreadable(self, username: str, key_data: bytes, problem: str) -> None:
+        """A certificate asyncssh could not read (an unknown critical option, a bad signature) was refused: audit
+        it, named by what it claims, and count it toward max_auth_tries like any refused key."""
+        self._certificate_refused(None, unreadable_refusal(key_data, problem))
+
+    def _certificate_refused(self, fingerprint: str | None, reason: str) -> None:
+        self.failed_auths += 1
+        self.log.info("key %s refused: %s", fingerprint or "(certificate)", reason)
         self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure",
                                    reason)
         if self.failed_auths >= self.ctx.config.max_auth_tries and self.conn is not None:
@@ -268,7 +282,6 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
             self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", None, "failure",
                                        "too many authentication failures")
             self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures")
-        return False
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         """Return True only for the CA of the certificate that `examine_certificate` has just accepted: a

@@ -130,6 +130,87 @@ def certificate_session_refusal(policy: Policy, ca_fingerprint: str, user: str, 
     return reason
 
 
+# The fields of each certificate type's key, between the nonce and the serial (OpenSSH's PROTOCOL.certkeys);
+# an mpint is a length-prefixed string too.
+_KEY_FIELDS = {
+    "ssh-rsa": 2, "ssh-dss": 4, "ecdsa-sha2-nistp256": 2, "ecdsa-sha2-nistp384": 2, "ecdsa-sha2-nistp521": 2,
+    "ssh-ed25519": 1, "sk-ecdsa-sha2-nistp256@openssh.com": 3, "sk-ssh-ed25519@openssh.com": 2,
+}
+_KNOWN_CRITICAL = ("force-command", "source-address")
+
+
+class _Reader:
+    def __init__(self, blob: bytes):
+        self.blob, self.offset = blob, 0
+
+    def take(self, size: int) -> bytes:
+        if self.offset + size > len(self.blob):
+            raise ValueError("truncated")
+        chunk = self.blob[self.offset:self.offset + size]
+        self.offset += size
+        return chunk
+
+    def uint(self, size: int) -> int:
+        return int.from_bytes(self.take(size), "big")
+
+    def string(self) -> bytes:
+        return self.take(self.uint(4))
+
+
+def _names(data: bytes) -> tuple[str, ...]:
+    """The names of a critical options or extensions field: (string name, string data) pairs."""
+    reader, names = _Reader(data), []
+    while reader.offset < len(data):
+        names.append(reader.string().decode("utf-8", "replace"))
+        reader.string()
+    return tuple(names)
+
+
+def read_certificate_blob(blob: bytes) -> Certificate | None:
+    """An OpenSSH certificate's fields as it claims them, read without checking its CA's signature, or None if it
+    is not one we can read. Only for naming a certificate asyncssh refused to decode (an unknown critical option,
+    a bad signature) in the audit row: nothing read here is trusted."""
+    try:
+        reader = _Reader(blob)
+        algorithm = reader.string().decode("ascii")
+        key_type = algorithm.removesuffix("-cert-v01@openssh.com")
+        if key_type == algorithm or key_type not in _KEY_FIELDS:
+            return None
+        reader.string()  # nonce
+        for _ in range(_KEY_FIELDS[key_type]):
+            reader.string()
+        serial, cert_type = reader.uint(8), reader.uint(4)
+        key_id = reader.string().decode("utf-8", "replace")
+        principals = []
+        principal_reader = _Reader(reader.string())
+        while principal_reader.offset < len(principal_reader.blob):
+            principals.append(principal_reader.string().decode("utf-8", "replace"))
+        valid_after, valid_before = reader.uint(8), reader.uint(8)
+        critical, extensions = _names(reader.string()), _names(reader.string())
+        reader.string()  # reserved
+        ca_key = reader.string()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return Certificate(
+        key_id=key_id, serial=serial, user_certificate=cert_type == 1, principals=tuple(principals),
+        valid_after=valid_after, valid_before=valid_before,
+        ca_fingerprint="SHA256:" + base64.b64encode(hashlib.sha256(ca_key).digest()).decode().rstrip("="),
+        critical_options=critical, extensions=frozenset(extensions),
+    )
+
+
+def unreadable_refusal(blob: bytes, problem: str) -> str:
+    """The audited reason for a certificate asyncssh refused to decode (`problem`: its words). Named by the fields
+    it claims, marked unverified; an unknown critical option is named."""
+    cert = read_certificate_blob(blob)
+    if cert is None:
+        return f"certificate refused: unreadable certificate ({_shown(problem)})"
+    unknown = [name for name in cert.critical_options if name not in _KNOWN_CRITICAL]
+    why = f"certificate has unsupported critical option {_shown(unknown[0])}" if unknown else \
+        f"unreadable certificate ({_shown(problem)})"
+    return f"certificate refused: {why}: {describe_certificate(cert)} (as it claims, not verified)"
+
+
 def certificate_key_options(cert: Certificate) -> KeyOptions:
     """The session's narrowing from the certificate's extensions: no tunnels without permit-port-forwarding."""
     return KeyOptions(port_forwarding="permit-port-forwarding" in cert.extensions)

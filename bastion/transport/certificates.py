@@ -11,8 +11,10 @@ it. asyncssh's own checks (type, principal, validity, source-address) still run 
 
 If a later asyncssh lacks the method, nothing is patched and certificates are refused: the gateway's
 `validate_ca_key` accepts only a CA that `examine_certificate` has just accepted (fails closed).
-A certificate asyncssh cannot decode (an unknown critical option, a bad CA signature) is refused before this
-point, with no callback to the owner.
+A certificate asyncssh cannot decode (an unknown critical option, a bad CA signature, a key id that is not UTF-8)
+is refused before that point; `_validate_client_certificate` is wrapped too, so that when it refuses a blob whose
+algorithm names an OpenSSH certificate, the owner's `certificate_unreadable(username, key_data, problem)` hears of it
+(decoding again, for asyncssh's words, only on that failure path).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import functools
 from typing import Any
 
 from asyncssh.connection import SSHServerConnection
-from asyncssh.public_key import CERT_TYPE_USER
+from asyncssh.public_key import CERT_TYPE_USER, KeyImportError, decode_ssh_certificate
 
 from ..policy.certificates import Certificate
 
@@ -46,13 +48,34 @@ def certificate_fields(cert: Any) -> Certificate:
     )
 
 
+def _certificate_algorithm(key_data: bytes) -> str | None:
+    """The algorithm name a public key blob starts with, if it names an OpenSSH certificate."""
+    length = int.from_bytes(key_data[:4], "big")
+    name = key_data[4:4 + min(length, 128)].decode("ascii", "replace")
+    return name if name.endswith("-cert-v01@openssh.com") else None
+
+
 def apply() -> bool:
-    """Wrap the certificate check (idempotent). Returns whether the hook is in place."""
+    """Wrap the certificate checks (idempotent). Returns whether the hook is in place."""
     original = getattr(SSHServerConnection, "_validate_openssh_certificate", None)
-    if original is None:
+    client_original = getattr(SSHServerConnection, "_validate_client_certificate", None)
+    if original is None or client_original is None:
         return False
     if getattr(original, _PATCHED, False):
         return True
+
+    @functools.wraps(client_original)
+    async def validate_client_certificate(self: SSHServerConnection, username: str, key_data: bytes) -> Any:
+        key = await client_original(self, username, key_data)
+        if key is None:
+            algorithm = _certificate_algorithm(key_data)
+            unreadable = getattr(self._owner, "certificate_unreadable", None)
+            if algorithm is not None and unreadable is not None:
+                try:
+                    decode_ssh_certificate(key_data)
+                except KeyImportError as exc:
+                    unreadable(username, key_data, str(exc))
+        return key
 
     @functools.wraps(original)
     async def validate_openssh_certificate(self: SSHServerConnection, username: str, cert: Any) -> Any:
@@ -63,4 +86,5 @@ def apply() -> bool:
 
     setattr(validate_openssh_certificate, _PATCHED, True)
     SSHServerConnection._validate_openssh_certificate = validate_openssh_certificate  # type: ignore[method-assign]
+    SSHServerConnection._validate_client_certificate = validate_client_certificate  # type: ignore[method-assign]
     return True

@@ -3,6 +3,7 @@ trips, the store's declared state, the diff) and the pure certificate checks of 
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -19,7 +20,9 @@ from bastion.policy.certificates import (
     certificate_session_refusal,
     describe_certificate,
     key_fingerprint,
+    read_certificate_blob,
     trusted_authority,
+    unreadable_refusal,
 )
 from bastion.policy.diff import policy_diff
 from bastion.policy.file import PolicyFileError, parse_policy, policy_from_dict, policy_to_dict, to_toml
@@ -186,3 +189,49 @@ def test_hostile_certificate_fields_give_a_short_printable_reason(key_id, princi
     for text in (reason or "", describe_certificate(cert)):
         assert text.isprintable()
         assert len(text) < 400
+
+
+
+# ---- a certificate asyncssh will not decode, named by what it claims ------------------------------------------------
+
+def make_certificate(tmp_path, key_type: str, *options: str) -> bytes:
+    ca, key = tmp_path / f"ca-{key_type}", tmp_path / f"id-{key_type}"
+    for path in (ca, key):
+        subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", "", "-f", path], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-s", ca, "-I", "alice@corp", "-z", "42", "-n", "alice,ops",
+                    "-V", "20260101000000:20270101000000", *options, f"{key}.pub"], check=True, capture_output=True)
+    return base64.b64decode((tmp_path / f"id-{key_type}-cert.pub").read_text().split()[1])
+
+
+@pytest.mark.parametrize("key_type", ["ed25519", "ecdsa", "rsa"])
+def test_read_certificate_blob_reads_ssh_keygens_certificates(tmp_path, key_type):
+    blob = make_certificate(tmp_path, key_type, "-O", "source-address=10.0.0.0/8", "-O", "no-pty")
+    cert = read_certificate_blob(blob)
+    ca_line = (tmp_path / f"ca-{key_type}.pub").read_text()
+    assert cert is not None
+    assert (cert.key_id, cert.serial, cert.user_certificate, cert.principals) == ("alice@corp", 42, True,
+                                                                                  ("alice", "ops"))
+    assert (cert.valid_after, cert.valid_before) == (
+        int(datetime(2026, 1, 1, tzinfo=UTC).timestamp()), int(datetime(2027, 1, 1, tzinfo=UTC).timestamp()))
+    assert cert.ca_fingerprint == key_fingerprint(ca_line) and cert.critical_options == ("source-address",)
+    assert "permit-port-forwarding" in cert.extensions and "permit-pty" not in cert.extensions
+
+
+def test_an_unknown_critical_option_is_named_in_the_refusal(tmp_path):
+    blob = make_certificate(tmp_path, "ed25519", "-O", "critical:bastion-test@example.com")
+    fingerprint = key_fingerprint((tmp_path / "ca-ed25519.pub").read_text())
+    assert unreadable_refusal(blob, "Invalid OpenSSH certificate") == (
+        "certificate refused: certificate has unsupported critical option bastion-test@example.com: key id alice@corp "
+        f"serial 42 CA {fingerprint} (as it claims, not verified)")
+    assert unreadable_refusal(blob[:40], "Invalid OpenSSH certificate") == \
+        "certificate refused: unreadable certificate (Invalid OpenSSH certificate)"
+
+
+@given(blob=st.binary(max_size=600), problem=st.text(max_size=500))
+def test_hostile_certificate_blobs_never_raise(blob, problem):
+    read_certificate_blob(blob)
+    prefixed = b"\x00\x00\x00\x20ssh-ed25519-cert-v01@openssh.com" + blob
+    read_certificate_blob(prefixed)
+    for candidate in (blob, prefixed):
+        reason = unreadable_refusal(candidate, problem)
+        assert reason.startswith("certificate refused: ") and reason.isprintable() and len(reason) < 400
