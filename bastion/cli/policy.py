@@ -34,8 +34,9 @@ def apply(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; change nothing."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before removing access (asked only on a terminal)."),
 ) -> None:
-    """Make the policy in force equal to the given files: their groups, users and trusted CAs, nothing else. A user the files
-    do not name keeps their keys but loses their grants; keys are never removed unless a policy file added them.
+    """Make the policy in force equal to the given files: their groups, users and trusted CAs, nothing else. A user
+    the files do not name keeps their keys but loses their grants; keys are never removed unless a policy file added
+    them.
     Prints what changes first: access granted and removed, and the live sessions and tunnels that would close.
     All or nothing. Exit 0 applied (or shown, with --dry-run), 1 refused (an invalid policy), 2 bad usage.
 
