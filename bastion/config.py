@@ -69,6 +69,8 @@ class Config:
     log_format: str = "text"
     # Where users are told to jump through in the session banner; defaults to the listen address.
     public_name: str = ""
+    # HOST:PORT serving Prometheus metrics over plain HTTP (service/metrics.py); "" (the default) serves none.
+    metrics_listen: str = ""
 
     @property
     def database(self) -> Path:
@@ -128,6 +130,15 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             except ValueError as exc:  # its message already says "listen address ..." or "listen port ..."
                 raise ConfigError(f"{where}: {exc}") from None
             return value
+        if name == "metrics_listen":
+            if not isinstance(value, str):
+                raise ValueError("must be a string HOST:PORT, or empty for off")
+            if value.strip():
+                try:
+                    split_listen(value.strip())
+                except ValueError:
+                    raise ValueError(f"{value!r} must be HOST:PORT, e.g. 127.0.0.1:9122, or empty for off") from None
+            return value.strip()
         if name in _FLAGS:
             if isinstance(value, bool):
                 return value
@@ -253,4 +264,7 @@ def render_config(config: Config) -> str:
         f"workers = {config.workers}\n"
         '# "uvloop" (faster) or "asyncio" (the standard library\'s loop).\n'
         f'event_loop = "{config.event_loop}"\n'
+        "# Prometheus metrics over plain HTTP at http://HOST:PORT/metrics, e.g. \"127.0.0.1:9122\"; empty: off.\n"
+        "# No login guards it: keep it on loopback or a management network (counts only, no names or addresses).\n"
+        f'metrics_listen = "{config.metrics_listen}"\n'
     )

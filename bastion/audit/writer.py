@@ -111,6 +111,14 @@ class AuditLog:
         # False from a failed write until the next successful one; read by the event loop to refuse new
         # logins while nothing could be recorded (fail closed).
         self.healthy = True
+        # Told of each row change as it is queued (an awaited one once committed): observer(table, row_id, values),
+        # on the event loop. service/metrics.py counts from it; it must be quick and must not raise.
+        self.observer: Callable[[str, Any, dict[str, Any]], None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Row changes queued and not yet taken by the writer thread."""
+        return self._queue.qsize()
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -242,6 +250,8 @@ class AuditLog:
 
     def _submit(self, table: str, row_id: Any, values: dict[str, Any]) -> None:
         self._queue.put(_Change(table, row_id, values))
+        if self.observer is not None:
+            self.observer(table, row_id, values)
 
     async def _commit(self, table: str, row_id: Any, values: dict[str, Any]) -> Any:
         """Queue a change and wait until it is committed; returns the row's id."""
@@ -254,7 +264,10 @@ class AuditLog:
         if self._thread is None:
             raise AuditUnavailable("audit log is not running")
         self._queue.put(_Change(table, row_id, values, done))
-        return await future
+        committed = await future
+        if self.observer is not None and table:
+            self.observer(table, row_id, values)
+        return committed
 
     # ---- typed records ----------------------------------------------------------------------
 

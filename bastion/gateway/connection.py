@@ -104,6 +104,7 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         self._exempt = is_exempt(self.client_ip, ctx.config.penalty_exempt)
         if not self._exempt and ctx.penalties.refused_until(self.client_ip, now) is not None:
             self.log.debug("dropped: source %s is penalized", self.client_ip)
+            ctx.metrics.dropped("penalized")
             conn.abort()
             return
         # An exempt source still counts as unauthenticated (so others are dropped sooner), but is not dropped.
@@ -114,12 +115,14 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
                             ctx.startup_limit)
                 ctx.audit.record_auth("", self.client_ip, self.client_port, "none", None, "failure",
                                       f"startup limit {ctx.startup_limit} reached; dropping connections")
+            ctx.metrics.dropped("startup_limit")
             conn.abort()
             return
         if ctx.unauthenticated < ctx.startup_limit.start:
             ctx.dropping = False
         ctx.unauthenticated += 1
         self._counted_unauthenticated = True
+        self.accepted_at = ctx.metrics.clock()  # handshake_done measures from here
         ctx.connections.add(self)
         ctx.no_connections.clear()
         transport.receive_in_place(conn)
@@ -167,6 +170,7 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
             return  # penalty_exempt: never penalized (the login timeout above is still audited)
         length = self.ctx.penalties.failed(self.client_ip, asyncio.get_running_loop().time())
         if length is not None:
+            self.ctx.metrics.penalized()
             reason = f"source refused for {length:g}s after repeated failed connections"
             self.log.warning("%s: %s", self.client_ip, reason)
             self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "none", None, "failure", reason)
@@ -185,6 +189,7 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         The user's keys and the policy (for the account's expiry) are read here; an unknown user simply has
         none, so it fails exactly like a known user with an unknown key. Both are read again when the session
         would begin (`_begin_session`): what changes during the login counts."""
+        self.accepted_at = self.ctx.metrics.handshake_done(self.accepted_at)  # the first request only
         self.user = username[:256]
         self._keys, self._login_policy = await self._read_identity()
         self.auth_log.user_named(self.user in self._login_policy.users)
@@ -397,7 +402,7 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         """direct-tcpip (ssh -J / -W / -L / -D): returns a coroutine that asyncssh awaits before confirming
         the channel. It resolves to the Tunnel, or raises ChannelOpenError (administratively prohibited for
         a refusal, connect failed for an unreachable target)."""
-        return open_tunnel(self, dest_host, dest_port)
+        return self.ctx.metrics.channel_open("direct-tcpip", open_tunnel(self, dest_host, dest_port))
 
     def server_requested(self, listen_host: str, listen_port: int) -> Any:
         """tcpip-forward (ssh -R): returns a coroutine that asyncssh awaits; it resolves to our own listener

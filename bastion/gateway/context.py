@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 import logging
 from datetime import datetime
@@ -17,6 +18,7 @@ from ..policy.limits import SourcePenalties, StartupLimit
 from ..policy.model import Policy
 from ..policy.netguard import NetGuard
 from ..store.interface import AccessStore
+from .metrics import GatewayMetrics
 from .relay import Tunnel
 
 
@@ -59,17 +61,24 @@ class PolicyCache:
         self._version = -1
         self._policy: Policy | None = None
         self._on_change = on_change
+        self.loaded_at: float | None = None  # time.time() when the version held was loaded (metrics: its age)
 
     @property
     def latest(self) -> Policy | None:
         """The newest policy loaded so far, without asking the store (for a last check before a channel opens)."""
         return self._policy
 
+    @property
+    def version(self) -> int:
+        """The version of the policy held (-1 before the first load)."""
+        return self._version
+
     def _refresh(self) -> tuple[bool, Policy]:
         with self._lock:
             version = self._store.policy_version()
             if version != self._version or self._policy is None:
                 self._version, self._policy = self._store.load_policy()
+                self.loaded_at = time.time()
                 return True, self._policy
             return False, self._policy
 
@@ -97,6 +106,7 @@ class ServerContext:
     no_connections: asyncio.Event = field(default_factory=asyncio.Event)
     unauthenticated: int = 0
     dropping: bool = False  # inside a burst of startup-limit drops (audited once per burst)
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)  # a no-op unless metrics_listen is set
 
     sessions_by_user: dict[str, set["ChannelOwner"]] = field(default_factory=dict)
 

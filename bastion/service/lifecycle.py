@@ -26,6 +26,7 @@ from ..store.sqlite import Store
 from . import event_loop, sd_notify
 from .control import serve_lock, start_control_server
 from .home import load_host_keys
+from .metrics import Metrics, start_metrics_server
 
 log = logging.getLogger("bastion.service")
 
@@ -47,6 +48,14 @@ class Gateway:
             startup_limit=StartupLimit.parse(config.max_startups),
             penalties=SourcePenalties(config.penalty_threshold, config.penalty_seconds, config.penalty_max_seconds),
         )
+        # Prometheus metrics (service/metrics.py) only when metrics_listen is set; else the context's no-op.
+        self.metrics: Metrics | None = None
+        if config.metrics_listen:
+            self.metrics = self.context.metrics = Metrics()
+            self.metrics.watch(self.context)
+            self.audit.observer = self.metrics.audited
+        self._metrics_server: asyncio.AbstractServer | None = None
+        self.metrics_address: tuple[str, int] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._control: asyncio.AbstractServer | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -60,9 +69,19 @@ class Gateway:
         # one is refused here, before anything is started.
         host_keys = transport.host_key_pairs(load_host_keys(self.config))
         self.audit.start(recover=self.worker is None)  # with workers, the supervisor recovered once
+        if self.metrics is not None:
+            try:
+                self._metrics_server = await start_metrics_server(self.metrics, self.config.metrics_listen)
+            except ConfigError:
+                self.audit.stop()
+                raise
+            host, port = self.metrics_address = self._metrics_server.sockets[0].getsockname()[:2]
+            log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
         try:
             self._server = await self._listen(host_keys)
         except OSError as exc:
+            if self._metrics_server is not None:
+                self._metrics_server.close()
             self.audit.stop()
             raise ConfigError(f"cannot listen on {self.config.listen}: {exc.strerror or exc}") from None
         sockname = self._server.sockets[0].getsockname()
@@ -179,7 +198,8 @@ class Gateway:
             sd_notify.ready()
             return
         # The listener was made with these; a new value takes effect at the next start, not now.
-        for key in ("listen", "compression", "fast_path", "workers", "event_loop", "log_level", "log_format"):
+        for key in ("listen", "compression", "fast_path", "workers", "event_loop", "log_level", "log_format",
+                    "metrics_listen"):
             running = getattr(self.config, key)
             if getattr(config, key) != running:
                 log.warning("%s changes need a restart; keeping %s", key, running)
@@ -218,6 +238,8 @@ class Gateway:
                 await _wait(ctx.no_tunnels, 5.0)
             if ctx.connections or ctx.tunnels:
                 log.warning("%d connections, %d tunnels did not close in time", len(ctx.connections), len(ctx.tunnels))
+        if self._metrics_server is not None:  # served through the drain, so it can be watched
+            self._metrics_server.close()
         self.audit.stop()
         self.store.close()
         log.info("stopped")
@@ -263,6 +285,9 @@ def run(config: Config) -> int:
     if config.workers <= 1:
         event_loop.run(serve(config, drain), config.event_loop)
         return 0
+    if config.metrics_listen:
+        raise ConfigError("metrics_listen needs workers = 1: each worker counts only its own connections and they "
+                          "cannot share one metrics port; set workers = 1 or leave metrics_listen empty")
     if config.listen_port == 0:
         raise ConfigError("--workers needs a fixed port: with port 0 every worker would get its own")
     with serve_lock(config.home):  # the workers inherit the descriptor: the lock lives while any of them does
