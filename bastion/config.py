@@ -50,6 +50,9 @@ class Config:
     penalty_max_seconds: float = 3600.0
     # Sources never penalized nor dropped by max_startups (sshd's PerSourcePenaltyExemptList), e.g. a NAT.
     penalty_exempt: tuple[IPNetwork, ...] = ()
+    # Load balancers (CIDRs) whose connections must start with a PROXY protocol header (v1 or v2, HAProxy's
+    # send-proxy-v2): the client address in it is the one audited, penalized, limited and matched. Empty: off.
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
     # After authentication; 0 turns a timeout off.
     unused_timeout_seconds: float = 600.0
     max_session_seconds: float = 43200.0
@@ -116,12 +119,15 @@ _ZERO_MEANS_OFF = {"shutdown_grace_seconds", "unused_timeout_seconds", "max_sess
 def _coerce(name: str, value: Any, where: str) -> Any:
     """Turn a TOML/env value into the field's type, or raise ConfigError naming where it came from."""
     try:
-        if name in ("internal_networks", "penalty_exempt"):
+        if name in ("internal_networks", "penalty_exempt", "proxy_protocol_from"):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError("must be a list of CIDR strings")
-            return parse_networks(value)
+            networks = parse_networks(value)
+            if name == "proxy_protocol_from" and any(n.prefixlen == 0 for n in networks):
+                raise ValueError("must name the load balancers, not every address (anyone could claim any address)")
+            return networks
         if name == "listen":
             if not isinstance(value, str):
                 raise ValueError("must be a string HOST:PORT")
@@ -222,6 +228,7 @@ def render_config(config: Config) -> str:
     """The config.toml that `init` writes: every key with its value, so operators see what they can change."""
     networks = ", ".join(f'"{n}"' for n in config.internal_networks)
     exempt = ", ".join(f'"{n}"' for n in config.penalty_exempt)
+    balancers = ", ".join(f'"{n}"' for n in config.proxy_protocol_from)
     return (
         "# bastion configuration. Environment BASTION_<KEY> and CLI flags override these.\n"
         f'listen = "{config.listen}"\n'
@@ -250,6 +257,9 @@ def render_config(config: Config) -> str:
         f"penalty_max_seconds = {config.penalty_max_seconds:g}\n"
         "# Sources (CIDRs) never penalized nor dropped by max_startups, e.g. a NAT many users share.\n"
         f"penalty_exempt = [{exempt}]\n"
+        "# Load balancers (CIDRs) that put a PROXY protocol header (v1 or v2) before each connection; their\n"
+        "# connections must have one, nobody else's may. Empty: off. See README, Behind a load balancer.\n"
+        f"proxy_protocol_from = [{balancers}]\n"
         "# After authentication (0 turns a timeout off): close sessions with no open channel for this\n"
         "# long, and any session after max_session_seconds; keepalives drop dead clients.\n"
         f"unused_timeout_seconds = {config.unused_timeout_seconds:g}\n"

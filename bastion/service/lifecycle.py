@@ -19,6 +19,7 @@ from ..errors import BastionError, ConfigError
 from ..gateway.connection import GatewayConnection
 from ..gateway.context import PolicyCache, ServerContext
 from ..gateway.local_addresses import make_guard
+from ..gateway.proxied import ProxyHeaderEvents
 from ..policy.decide import next_expiry
 from ..policy.limits import SourcePenalties, StartupLimit
 from ..policy.model import Policy
@@ -110,7 +111,21 @@ class Gateway:
             keepalive_interval=self.config.keepalive_interval,
             keepalive_count_max=self.config.keepalive_count_max,
             reuse_port=self.worker is not None,
+            **self._proxy_protocol(),
         )
+
+    def _proxy_protocol(self) -> dict:
+        """With proxy_protocol_from set, a PROXY header check in front of asyncssh (#22), through asyncssh's
+        `tunnel` listener hook (transport/proxy_protocol.py); the list is read per connection, so a reload
+        changes it. Empty: nothing in front, as without the feature."""
+        if not self.config.proxy_protocol_from:
+            return {}
+        self.proxy_events = ProxyHeaderEvents(self.context)
+        log.info("connections from %s must start with a PROXY protocol header",
+                 ", ".join(map(str, self.config.proxy_protocol_from)))
+        return {"tunnel": transport.ProxyProtocolListener(lambda: self.context.config.proxy_protocol_from,
+                                                          self.proxy_events, reuse_address=True,
+                                                          reuse_port=self.worker is not None)}
 
     # ---- the control socket -----------------------------------------------------------------
 
@@ -204,6 +219,10 @@ class Gateway:
             if getattr(config, key) != running:
                 log.warning("%s changes need a restart; keeping %s", key, running)
                 config = dataclasses.replace(config, **{key: running})
+        if bool(config.proxy_protocol_from) != bool(self.config.proxy_protocol_from):  # a listener of another kind
+            log.warning("turning proxy_protocol_from on or off needs a restart; keeping %s",
+                        list(map(str, self.config.proxy_protocol_from)))
+            config = dataclasses.replace(config, proxy_protocol_from=self.config.proxy_protocol_from)
         self.config = config
         self.context.config = config
         self.context.guard = make_guard(config)

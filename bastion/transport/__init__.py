@@ -19,9 +19,11 @@ from . import algorithms, certificates, kex_guess, pins, quickack, zlib_limit
 from .algorithms import host_key_pairs, server_options
 from .in_place import receive_in_place
 from .receive import after_read
+from .proxy_protocol import ProxyEvents, ProxyProtocolListener  # the PROXY header before SSH (#22)
 
 __all__ = ["TransportStatus", "after_read", "host_key_pairs", "install", "quick_ack", "receive_in_place",
            "server_options", "status", "watch_send_buffer"]
+__all__ += ["ProxyEvents", "ProxyProtocolListener"]
 
 
 @dataclass(frozen=True, slots=True)
