@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -232,8 +233,6 @@ def test_refused_with_workers_in_one_line(home):
 
 
 def test_a_metrics_port_in_use_is_one_line(home):
-    import socket
-
     taken = socket.create_server(("127.0.0.1", 0))
     try:
         config = home / "config.toml"
@@ -245,3 +244,50 @@ def test_a_metrics_port_in_use_is_one_line(home):
         assert len(result.stderr.strip().splitlines()) == 1
     finally:
         taken.close()
+
+
+def test_drops_and_penalties_are_counted(home):
+    """1. one connection waits unauthenticated 2. a second is dropped by max_startups = 1 3. the first and a
+    third close without logging in: with penalty_threshold = 2 the source is penalized 4. a fourth is dropped
+    as penalized. Each drop and the penalty counted once; no handshake finished, so none measured."""
+    config = home / "config.toml"
+    config.write_text(config.read_text().replace('metrics_listen = ""', 'metrics_listen = "127.0.0.1:0"')
+                      .replace('max_startups = "10:30:100"', 'max_startups = "1"')
+                      .replace("penalty_threshold = 5", "penalty_threshold = 2"))
+    server = Serve(home)
+
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+    def dropped(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(256) == b""
+        except ConnectionResetError:
+            return True
+        finally:
+            sock.close()
+
+    try:
+        url = server.metrics_url
+        before = samples(scrape(url))
+        waiting = connect()
+        assert waiting.recv(256).startswith(b"SSH-2.0-bastion")  # accepted: it counts as unauthenticated
+        assert dropped(connect())
+        waiting.close()
+        wait_for(url, lambda s: value(s, "bastion_connections_unauthenticated") == 0, "the first connection gone")
+        third = connect()
+        assert third.recv(256).startswith(b"SSH-2.0-bastion")
+        third.close()
+        wait_for(url, lambda s: value(s, "bastion_penalties_total") == 1, "a penalty")
+        assert dropped(connect())
+        after = wait_for(url, lambda s: value(s, "bastion_connections_dropped_total", reason="penalized") == 1,
+                         "a penalized drop")
+        assert moved(before, after) == {
+            key("bastion_connections_dropped_total", reason="startup_limit"): 1,
+            key("bastion_connections_dropped_total", reason="penalized"): 1,
+            key("bastion_penalties_total"): 1,
+            key("bastion_auth_attempts_total", method="none", result="failure", reason="startup_limit"): 1,
+            key("bastion_auth_attempts_total", method="none", result="failure", reason="penalty"): 1,
+        }
+    finally:
+        server.stop()
