@@ -9,9 +9,11 @@ import typer
 
 from ..errors import BastionError, StoreError
 from ..store.sqlite import parse_public_keys
+from . import totp
 from .common import notify_server, open_store, print_json, print_table
 
 app = typer.Typer(help="Add, list and remove users and their public keys.", no_args_is_help=True)
+app.add_typer(totp.app, name="totp")  # one-time codes after the key (#21)
 
 
 @app.command("add")

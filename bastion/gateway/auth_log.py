@@ -102,6 +102,18 @@ class AuthEvents:
         self._log(f"Accepted publickey for {self._user()} from {self._where()} ssh2: "
                   f"{key_type_name(algorithm)} {fingerprint}")
 
+    def partial_publickey(self, algorithm: str, fingerprint: str) -> None:
+        """The key is proved and a one-time code comes next (#21; sshd's line under AuthenticationMethods)."""
+        self._log(f"Partial publickey for {self._user()} from {self._where()} ssh2: "
+                  f"{key_type_name(algorithm)} {fingerprint}")
+
+    def failed_keyboard_interactive(self) -> None:
+        """A wrong or used one-time code (fail2ban's sshd filter counts "Failed <method> for")."""
+        self._log(f"Failed keyboard-interactive for {self._for()} from {self._where()} ssh2")
+
+    def accepted_keyboard_interactive(self) -> None:
+        self._log(f"Accepted keyboard-interactive for {self._user()} from {self._where()} ssh2")
+
     def too_many_failures(self) -> None:
         """sshd's two lines when MaxAuthTries is reached; the connection is then closed by us."""
         self._log(f"maximum authentication attempts exceeded for {self._for()} from {self._where()} ssh2 [preauth]")

@@ -37,6 +37,7 @@ from .context import ServerContext
 from .direct_tcpip import open_tunnel
 from .remote_forward import open_listener
 from .session import SessionChannels
+from .totp import SecondFactor
 
 log = logging.getLogger("bastion.sshd")
 
@@ -69,7 +70,7 @@ class ConnectionLog(logging.LoggerAdapter):
         return f"[{context}] {msg}", kwargs
 
 
-class GatewayConnection(SessionChannels, asyncssh.SSHServer):
+class GatewayConnection(SecondFactor, SessionChannels, asyncssh.SSHServer):
     """asyncssh's callbacks for one SSH connection: the limits before login, authentication, and the channel
     requests, handed to direct_tcpip, remote_forward and banner. The session's state and its channels are
     SessionChannels' (session.py)."""
@@ -193,6 +194,7 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         self.user = username[:256]
         self._keys, self._login_policy = await self._read_identity()
         self.auth_log.user_named(self.user in self._login_policy.users)
+        await self.second_factor_begin(self._login_policy)  # a one-time code after the key? (totp.py, #21)
         return True
 
     async def _read_identity(self) -> tuple[dict[str, PublicKey], Policy]:
@@ -200,14 +202,9 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         policy = await self.ctx.policy.current()
         return {key.fingerprint: key for key in keys}, policy
 
-    def public_key_auth_supported(self) -> bool:
-        """Public keys are the only method offered."""
-        return True
+    # public_key_auth_supported, kbdint_auth_supported: SecondFactor's (keys first, then a one-time code if needed)
 
     def password_auth_supported(self) -> bool:
-        return False
-
-    def kbdint_auth_supported(self) -> bool:
         return False
 
     def host_based_auth_supported(self) -> bool:
@@ -315,8 +312,11 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         self.session_id = secrets.token_hex(6)
         self.started_at = utc_now()
         accepted = self._keys.get(self.key_fingerprint)
-        self.auth_log.accepted_publickey(accepted.key_type if accepted else self._certificate_key_type,
-                                         self.key_fingerprint)
+        if self.totp_verified:  # sshd names the last method of the chain
+            self.auth_log.accepted_keyboard_interactive()
+        else:
+            self.auth_log.accepted_publickey(accepted.key_type if accepted else self._certificate_key_type,
+                                             self.key_fingerprint)
         ctx.sessions_by_user.setdefault(self.user, set()).add(self)
         self.session_committed = asyncio.ensure_future(self._begin_session())
         refusal = session_cap_refusal(self.user, len(ctx.sessions_of(self.user)), ctx.config.max_sessions_per_user)
@@ -352,19 +352,22 @@ class GatewayConnection(SessionChannels, asyncssh.SSHServer):
         if refusal is None and self.certificate is None:  # the key's options as stored now: an import may have
             self.key_options = keys[self.key_fingerprint].options  # narrowed them meanwhile
             refusal = key_login_refusal(self.key_options, ipaddress.ip_address(self.client_ip), utc_now())
+        refusal = refusal or self.second_factor_refusal(policy)  # (#21) a code the policy wants now
         if self.conn is None:  # gone while we read: no session to record
             self._forget_session()
             return
         if refusal is not None:
             self.log.info("login refused: %s during login", refusal)
-            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", self.key_fingerprint,
-                                       "failure", f"{refusal} during login")
+            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, self.auth_method,
+                                       self.key_fingerprint, "failure", f"{refusal} during login")
             self._forget_session()
             self.disconnect(f"login refused: {refusal}")
             return
         accepted = "key accepted" if self.certificate is None else \
             f"certificate accepted: {describe_certificate(self.certificate)}"
-        self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", self.key_fingerprint,
+        if self.totp_verified:
+            accepted += " with a verification code"
+        self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, self.auth_method, self.key_fingerprint,
                                    "success", accepted)
         self.log.info("logged in from %s:%d with %s%s", self.client_ip, self.client_port, self.key_fingerprint,
                       "" if self.certificate is None else f" ({accepted})")

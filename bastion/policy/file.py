@@ -12,6 +12,8 @@ form "FILE:LINE: what is wrong; expected what", so an operator can fix it withou
     allow = ["10.1.2.3:22,8000-8100", {target = "10.9.9.9:22", expires = 2026-12-01T18:00:00Z}]
     deny = ["10.20.0.9"]                                # a deny without ports covers every port
     expires = 2027-01-31T00:00:00Z                      # optional, must carry a timezone
+    require_totp = true                                 # optional (#21): a one-time code after the key; also
+                                                        # per group: every member then needs one
 
     [cas.corp]                                          # a trusted user CA (#21): its certificates log users in
     key = "ssh-ed25519 AAAA... ca@corp"                 # or keys = [...] (both may be given)
@@ -54,8 +56,8 @@ KEY_TYPES = frozenset({
     "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
     "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
 })
-USER_KEYS = ("keys", "groups", "allow", "deny", "listen", "expires")
-GROUP_KEYS = ("allow", "deny", "listen")
+USER_KEYS = ("keys", "groups", "allow", "deny", "listen", "expires", "require_totp")
+GROUP_KEYS = ("allow", "deny", "listen", "require_totp")
 RULE_KEYS = ("target", "expires")
 CA_KEYS = ("key", "keys", "principals_as_groups", "require_known_user")
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
@@ -127,12 +129,13 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
             "listen": [_rule_to_json(rule) for rule in user.listen],
             "expires": None if user.expires is None else format_time(user.expires),
             "keys": None if user.keys is None else list(user.keys),
-        } for name, user in policy.users.items()},
+        } | ({"require_totp": True} if user.require_totp else {})  # absent when false: older readers agree
+            for name, user in policy.users.items()},
         "groups": {name: {
             "allow": [_rule_to_json(rule) for rule in group.allow],
             "deny": [_rule_to_json(rule) for rule in group.deny],
             "listen": [_rule_to_json(rule) for rule in group.listen],
-        } for name, group in policy.groups.items()},
+        } | ({"require_totp": True} if group.require_totp else {}) for name, group in policy.groups.items()},
     } | ({"cas": {name: {
             "keys": list(ca.keys),
             "principals_as_groups": ca.principals_as_groups,
@@ -174,7 +177,15 @@ def _user_from_json(name: str, data: dict[str, Any]) -> UserPolicy:
         listen=tuple(_listen_from_json(r) for r in data.get("listen", ())),
         expires=_time_from_json(data.get("expires")),
         keys=None if keys is None else tuple(check_key_line(k) for k in keys),
+        require_totp=_flag_from_json(data, "require_totp", f"users.{name}"),
     )
+
+
+def _flag_from_json(data: dict[str, Any], key: str, where: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise PolicyError(f"{where}.{key} must be true or false")
+    return value
 
 
 def _group_from_json(name: str, data: dict[str, Any]) -> GroupPolicy:
@@ -185,6 +196,7 @@ def _group_from_json(name: str, data: dict[str, Any]) -> GroupPolicy:
         allow=tuple(_rule_from_json(r, deny=False) for r in data.get("allow", ())),
         deny=tuple(_rule_from_json(r, deny=True) for r in data.get("deny", ())),
         listen=tuple(_listen_from_json(r) for r in data.get("listen", ())),
+        require_totp=_flag_from_json(data, "require_totp", f"groups.{name}"),
     )
 
 
@@ -295,6 +307,7 @@ class _FileReader:
             expires=self._time(table["expires"], f"users.{name}.expires", *where, "expires")
             if "expires" in table else None,
             keys=self._keys(table["keys"], where) if "keys" in table else None,
+            require_totp=self._flag(table, "require_totp", where),
         )
 
     def _group(self, name: str, table: dict[str, Any]) -> GroupPolicy:
@@ -305,7 +318,14 @@ class _FileReader:
             allow=self._rules(table.get("allow", []), where, "allow"),
             deny=self._rules(table.get("deny", []), where, "deny"),
             listen=self._rules(table.get("listen", []), where, "listen"),
+            require_totp=self._flag(table, "require_totp", where),
         )
+
+    def _flag(self, table: dict[str, Any], key: str, where: tuple[str, str]) -> bool:
+        value = table.get(key, False)
+        if not isinstance(value, bool):
+            self._fail(f"{'.'.join(where)}.{key} must be true or false", *where, key)
+        return value
 
     def _ca(self, name: str, table: dict[str, Any]) -> CertAuthority:
         where = ("cas", name)

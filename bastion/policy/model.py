@@ -317,6 +317,7 @@ class UserPolicy:
     expires: datetime | None = None
     keys: tuple[str, ...] | None = None  # None: the file said nothing, keep the stored keys
     listen: tuple[ListenRule, ...] = ()  # remote-forward grants, see ListenRule
+    require_totp: bool = False  # a one-time code after the key (#21; policy/totp.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +326,7 @@ class GroupPolicy:
     allow: tuple[TargetRule, ...] = ()
     deny: tuple[TargetRule, ...] = ()
     listen: tuple[ListenRule, ...] = ()
+    require_totp: bool = False  # every member needs a one-time code after the key (#21)
 
 
 @dataclass(frozen=True, slots=True)

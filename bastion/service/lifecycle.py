@@ -101,7 +101,7 @@ class Gateway:
             server_version=f"bastion_{__version__}",
             login_timeout=self.config.login_grace_seconds,
             password_auth=False,
-            kbdint_auth=False,
+            kbdint_auth=True,  # only for a one-time code after the key (gateway/totp.py, #21)
             gss_host=None,
             agent_forwarding=False,
             x11_forwarding=False,

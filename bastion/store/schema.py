@@ -161,6 +161,15 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at TEXT NOT NULL
     ) STRICT;
     """,
+    # 6 (#21): TOTP secrets (`user totp enroll`) and the last time step accepted, so a code is used once
+    """
+    CREATE TABLE totp (
+        user TEXT PRIMARY KEY REFERENCES users(name) ON DELETE CASCADE,
+        secret TEXT NOT NULL,              -- base32 (RFC 6238); never in the audit log or the log
+        last_step INTEGER,                 -- the last time step accepted; NULL until the first login
+        enrolled_at TEXT NOT NULL
+    ) STRICT;
+    """,
 )
 
 

@@ -300,6 +300,40 @@ class Store:
                 raise StoreError(f"policy not applied: database error: {exc}") from None
         return plan
 
+    # ---- the second factor (#21) -----------------------------------------------------------------
+
+    def totp_enroll(self, name: str, secret: str, *, force: bool = False) -> None:
+        """Give the user a TOTP secret (policy/totp.py). An enrolled user keeps theirs unless `force`: a new
+        secret makes their authenticator app's codes wrong. Never logged or audited."""
+        with self._lock, self._db.conn:
+            if self._db.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone() is None:
+                raise StoreError(f"no user named {name!r}; add it with `bastion user add {name} --key FILE`")
+            if not force and self._db.execute("SELECT 1 FROM totp WHERE user = ?", [name]).fetchone():
+                raise StoreError(f"{name} is already enrolled; `--force` gives a new secret (the old codes stop "
+                                 "working), `user totp reset` removes it")
+            self._db.execute("INSERT INTO totp (user, secret, last_step, enrolled_at) VALUES (?, ?, NULL, ?) "
+                             "ON CONFLICT (user) DO UPDATE SET secret = excluded.secret, last_step = NULL, "
+                             "enrolled_at = excluded.enrolled_at", [name, secret, iso(utc_now())])
+
+    def totp_reset(self, name: str) -> None:
+        """Remove the user's TOTP secret: a user who needs a code cannot log in until enrolled again."""
+        with self._lock, self._db.conn:
+            if not self._db.execute("DELETE FROM totp WHERE user = ?", [name]).rowcount:
+                raise StoreError(f"{name!r} has no TOTP secret (not enrolled)")
+
+    def totp_secret(self, name: str) -> tuple[str, int | None] | None:
+        """The user's TOTP secret and the last time step accepted (None: none yet); None when not enrolled."""
+        with self._lock:
+            row = self._db.execute("SELECT secret, last_step FROM totp WHERE user = ?", [name]).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def totp_accept(self, name: str, step: int) -> bool:
+        """Record that the code for `step` was used; False when that step or a later one already was (a replay,
+        also from another worker process or a concurrent login: the update is one statement)."""
+        with self._lock, self._db.conn:
+            return self._db.execute("UPDATE totp SET last_step = ? WHERE user = ? AND (last_step IS NULL OR "
+                                    "last_step < ?)", [step, name, step]).rowcount == 1
+
     def _bump_policy_version(self) -> None:
         self._db.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'policy_version'")
 

@@ -5,7 +5,8 @@ process before the server starts, `status()` for the startup line and `doctor`, 
 `host_key_pairs()` for the listener, and three per-connection hooks the gateway uses on the byte path
 (`receive_in_place`, `after_read`, `quick_ack`). What each patch does and why is in its own module:
 the fast path (the AES-GCM/ChaCha20 packet path: pins, send, receive, in_place, keepalive, aead, keys; pinned to
-the asyncssh version it was written for), quickack, kex_guess, zlib_limit, algorithms and certificates. Nothing outside
+the asyncssh version it was written for), quickack, kex_guess, zlib_limit, algorithms, certificates and
+partial_auth (`second_factor_supported()` says whether a login can ask for a second method). Nothing outside
 transport/ imports those modules (tests/unit/test_import_contract.py).
 """
 
@@ -15,14 +16,14 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import algorithms, certificates, kex_guess, pins, quickack, zlib_limit
+from . import algorithms, certificates, kex_guess, partial_auth, pins, quickack, zlib_limit
 from .algorithms import host_key_pairs, server_options
 from .in_place import receive_in_place
 from .receive import after_read
 from .proxy_protocol import ProxyEvents, ProxyProtocolListener  # the PROXY header before SSH (#22)
 
 __all__ = ["TransportStatus", "after_read", "host_key_pairs", "install", "quick_ack", "receive_in_place",
-           "server_options", "status", "watch_send_buffer"]
+           "second_factor_supported", "server_options", "status", "watch_send_buffer"]
 __all__ += ["ProxyEvents", "ProxyProtocolListener"]
 
 
@@ -51,6 +52,7 @@ def install(fast_path: bool = True) -> TransportStatus:
     zlib_limit.apply()  # when compression is on, no packet inflates beyond the packet limit
     algorithms.apply()  # user-auth signatures held to the server's signature_algs (no ssh-rsa/SHA-1)
     certificates.apply()  # the gateway sees each user certificate offered, to check and audit it (#21)
+    partial_auth.apply()  # a login may need a second method after the key: partial success (#21, TOTP)
     _status = _fast_path_status(fast_path)
     return _status
 
@@ -75,6 +77,13 @@ def _fast_path_status(wanted: bool, install: bool = True) -> TransportStatus:
     if install:
         pins.apply()
     return TransportStatus(True, "", version)
+
+
+def second_factor_supported() -> bool:
+    """Whether a server connection can answer a proved key with "partial success" and ask for another method
+    (partial_auth.py: the owner's `more_auth_required`). False before `install()`, or on an asyncssh without the
+    method it wraps: then nobody who needs a second factor can log in."""
+    return partial_auth.installed()
 
 
 def quick_ack(sock: Any) -> None:
