@@ -269,7 +269,7 @@ async def start_metrics_server(metrics: Metrics, listen: str) -> asyncio.Abstrac
                 status, body, kind = b"200 OK", metrics.exposition(), CONTENT_TYPE
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind + b"\r\nContent-Length: "
                          + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
-                         + (b"" if parts[0] == b"HEAD" else body))
+                         + (b"" if parts[:1] == [b"HEAD"] else body))
             await writer.drain()
         except asyncio.CancelledError:
             raise

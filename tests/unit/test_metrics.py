@@ -189,6 +189,7 @@ def test_endpoint_answers_only_get_metrics(monkeypatch):
             assert (await _ask(port, b"GET / HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 404")
             assert (await _ask(port, b"POST /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405")
             assert (await _ask(port, b"hello\r\n\r\n")).startswith(b"HTTP/1.1 400")
+            assert (await _ask(port, b"\r\n\r\n")).startswith(b"HTTP/1.1 400")
             assert await _ask(port, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n") == b""
             assert await _ask(port, b"GET /metrics HTTP/1.1\r\n") == b""  # never finishes: dropped
         finally:
