@@ -248,14 +248,23 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _REQUEST_LIMIT = 8192  # bytes of request line and headers
 _REQUEST_SECONDS = 5.0  # a scraper that sends nothing is dropped after this long
+# Scrapes answered at once; past it a connection is closed unanswered, so idle connections to the metrics port
+# cannot use up the file descriptors the SSH side needs (a Prometheus server makes one at a time).
+_MAX_CLIENTS = 16
 
 
 async def start_metrics_server(metrics: Metrics, listen: str) -> asyncio.AbstractServer:
     """Serve GET /metrics on `listen` (HOST:PORT) from the running loop; anything else gets 404 or 405.
     ConfigError (one line) if the address cannot be bound."""
     host, port = split_listen(listen)
+    clients = 0
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal clients
+        if clients >= _MAX_CLIENTS:
+            writer.transport.abort()
+            return
+        clients += 1
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_SECONDS)
             parts = head.split(b"\r\n", 1)[0].split()
@@ -278,6 +287,7 @@ async def start_metrics_server(metrics: Metrics, listen: str) -> asyncio.Abstrac
         except Exception:
             log.exception("metrics: cannot answer a scrape")
         finally:
+            clients -= 1
             writer.close()
 
     try:

@@ -165,11 +165,14 @@ def test_handshake_is_measured_once():
 
 async def _ask(port: int, request: bytes) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    await writer.drain()
-    answer = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    return answer
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    except ConnectionResetError:  # closed unanswered
+        return b""
+    finally:
+        writer.close()
 
 
 def test_endpoint_answers_only_get_metrics(monkeypatch):
@@ -208,5 +211,26 @@ def test_a_taken_port_is_a_config_error():
                 await start_metrics_server(Metrics(), f"127.0.0.1:{port}")
         finally:
             first.close()
+
+    asyncio.run(run())
+
+
+def test_idle_connections_cannot_pile_up(monkeypatch):
+    """Past _MAX_CLIENTS connections at once, the next is closed unanswered; once they go, scrapes work again."""
+    monkeypatch.setattr(metrics_module, "_MAX_CLIENTS", 3)
+
+    async def run():
+        server = await start_metrics_server(Metrics(), "127.0.0.1:0")
+        port = server.sockets[0].getsockname()[1]
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        try:
+            await asyncio.sleep(0.1)  # the server has taken them
+            assert await _ask(port, b"GET /metrics HTTP/1.1\r\n\r\n") == b""
+        finally:
+            for _, writer in idle:
+                writer.close()
+        await asyncio.sleep(0.1)
+        assert (await _ask(port, b"GET /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        server.close()
 
     asyncio.run(run())
