@@ -2,7 +2,8 @@
 refuses a connection or sees a health check. A refusal is logged and audited as an auth row with the TCP peer's
 address and the reason; a balancer that lost its `send-proxy-v2`, or a scanner repeating a forged header, could
 repeat one per connection, so each (peer, kind) gets at most one row a minute (policy/throttle.py), which says how
-many were left out. Health checks are counted and logged at debug level only: they are no one's login."""
+many were left out. Health checks, and connections reset before they were accepted, are counted and logged at debug level
+only: they are no one's login."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class ProxyHeaderEvents:
         self.ctx = ctx
         self.throttle = RowThrottle(interval)
         self.refusals = 0
-        self.health_checks = 0
+        self.no_clients = 0  # health checks, and connections reset before they were accepted
 
     def refused(self, peer: tuple[str, int], kind: str, reason: str, balancer: bool) -> None:
         """Log and audit (at most one row per peer and kind a minute). A forged header is the source's doing
@@ -40,6 +41,7 @@ class ProxyHeaderEvents:
         log.warning("refused connection from %s port %d: %s", peer[0], peer[1], reason)
         self.ctx.audit.record_auth("", peer[0], peer[1], "none", None, "failure", reason)
 
-    def health_check(self, peer: tuple[str, int], what: str) -> None:
-        self.health_checks += 1
-        log.debug("load balancer %s port %d: health check (%s), closed", peer[0], peer[1], what)
+    def no_client(self, peer: tuple[str, int], what: str) -> None:
+        """A health check, or a connection reset before it was accepted: counted, logged at debug level."""
+        self.no_clients += 1
+        log.debug("connection from %s port %d with no client (%s): closed", peer[0], peer[1], what)

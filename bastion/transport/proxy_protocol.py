@@ -9,7 +9,8 @@ event loop's own TCP server, and each accepted socket's first protocol is a _Fir
   HEADER_TIMEOUT seconds and at most `max_length` bytes, then makes the SSH connection, sets the client's address
   as its `peername` extra info (what the gateway reads in connection_made, so audit rows, penalties, the startup
   limit, penalty_exempt, logs and `from=` all see the client) and hands it the socket transport itself, with
-  whatever followed the header. A v2 LOCAL header (the balancer's health check) is closed quietly; a missing,
+  whatever followed the header. A v2 LOCAL header (the balancer's health check) is closed quietly (as is a
+  connection reset before it was accepted, which has no peer address at all: HAProxy's checks often are); a missing,
   malformed, incomplete or late header, or one naming no TCP client, is refused: `events.refused`, then abort.
 - from anyone else: hands the socket to the SSH connection at once (the server speaks first, as without a
   balancer) but sees the client's first bytes before it does: a PROXY signature there is a forged header,
@@ -41,8 +42,9 @@ class ProxyEvents(Protocol):
         """A connection closed for its header: `kind` is one of "forged", "missing", "malformed", "timeout",
         "no client"; `balancer` whether the peer is in proxy_protocol_from."""
 
-    def health_check(self, peer: tuple[str, int], what: str) -> None:
-        """A balancer's connection that had no client: a v2 LOCAL header, or closed before sending a byte."""
+    def no_client(self, peer: tuple[str, int], what: str) -> None:
+        """A connection with no client behind it, closed quietly: the balancer's health check (a v2 LOCAL
+        header, or closed before sending a byte), or one reset before it was accepted."""
 
 
 def _canonical(host: str) -> str:
@@ -90,7 +92,14 @@ class _FirstBytes(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        peer = transport.get_extra_info("peername")
+        if not peer:
+            # Reset before we accepted it (getpeername: ENOTCONN), as HAProxy's checks often are: nobody to
+            # serve, audit or penalize, and no way to tell a balancer's connection from anyone else's.
+            self._done = True
+            self._listener.events.no_client(self._peer, "reset before it was accepted")
+            transport.abort()
+            return
         self._peer = (_canonical(peer[0]), int(peer[1]))
         if self._listener.is_balancer(self._peer[0]):
             self._timer = asyncio.get_running_loop().call_later(self._listener.timeout, self._timed_out)
@@ -140,7 +149,7 @@ class _FirstBytes(asyncio.Protocol):
         rest, self._buffer = self._buffer[header.length:], b""
         if header.local:
             self._done = True
-            self._listener.events.health_check(self._peer, "PROXY v2 LOCAL")
+            self._listener.events.no_client(self._peer, "PROXY v2 LOCAL")
             assert self._transport is not None
             self._transport.close()
             return
@@ -200,7 +209,7 @@ class _FirstBytes(asyncio.Protocol):
                 self._listener.events.refused(self._peer, "malformed", "the load balancer closed the connection "
                                               "inside the PROXY header", True)
             else:
-                self._listener.events.health_check(self._peer, "closed before sending a byte")
+                self._listener.events.no_client(self._peer, "closed before sending a byte")
 
     def pause_writing(self) -> None:
         if self._next is not None:

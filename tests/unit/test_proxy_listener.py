@@ -13,6 +13,7 @@ import socket
 
 import asyncssh
 import pytest
+import uvloop
 
 from bastion import transport
 from bastion.policy.netguard import parse_networks
@@ -27,7 +28,7 @@ class Recorder:
     def refused(self, peer, kind, reason, balancer):
         self.refusals.append((peer, kind, reason, balancer))
 
-    def health_check(self, peer, what):
+    def no_client(self, peer, what):
         self.checks.append((peer, what))
 
 
@@ -80,6 +81,17 @@ class Bed:
         return received
 
 
+LOOPS = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+_loop = ["uvloop"]
+
+
+@pytest.fixture(autouse=True, params=sorted(LOOPS))
+def event_loop_kind(request):
+    """Every test on both loops `serve` can run (event_loop): their transports differ where it matters here."""
+    _loop[0] = request.param
+    return request.param
+
+
 def run(test, in_place: bool = True, timeout: float = 5.0, max_length: int = 4096):
     async def main():
         transport.install(fast_path=True)
@@ -101,7 +113,8 @@ def run(test, in_place: bool = True, timeout: float = 5.0, max_length: int = 409
             server.close()
             await server.wait_closed()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=LOOPS[_loop[0]]) as runner:
+        runner.run(main())
 
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["fast path reads", "asyncssh reads"])
@@ -208,5 +221,29 @@ def test_a_health_check_is_closed_quietly():
             await asyncio.sleep(0.01)
         assert [what for _, what in bed.events.checks] == ["PROXY v2 LOCAL"] * 3 + ["closed before sending a byte"]
         assert bed.peers == [] and bed.events.refusals == []
+
+    run(test)
+
+
+def test_a_connection_reset_before_it_is_accepted_has_no_peer_and_is_closed_quietly():
+    """HAProxy's checks send the LOCAL header and reset at once; when the reset comes before the accept, the socket
+    has no peer address (getpeername: ENOTCONN). Nobody to serve, audit or penalize: it must not be taken for a
+    direct client at 0.0.0.0 (seen with HAProxy in tests/e2e/test_e2e_haproxy.py before this was handled)."""
+    async def test(bed):
+        for first in (v2_header(None), b""):
+            # blocking, without yielding to the loop: the kernel completes the handshake, the loop accepts later
+            sock = socket.create_connection(("127.0.0.1", bed.port), timeout=5)
+            sock.sendall(first)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.close()  # RST, before the listener's accept runs
+        for _ in range(100):
+            if len(bed.events.checks) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert bed.peers == [] and bed.events.refusals == []
+        # uvloop asks the socket for its peer (none after a reset); asyncio keeps the address accept() gave
+        expected = {"uvloop": ["reset before it was accepted"] * 2,
+                    "asyncio": ["PROXY v2 LOCAL", "closed before sending a byte"]}[_loop[0]]
+        assert [what for _, what in bed.events.checks] == expected
 
     run(test)
