@@ -7,6 +7,7 @@ session), the code computed here with pyotp from the secret `user totp enroll` p
 3. the same code twice: the second login is refused as used; the next step's code still works
 4. a user without require_totp logs in by key alone (BatchMode), unaffected
 5. ProxyJump: the jump leg asks for the code, the inner leg is a second bastion with a key only
+6. wrong codes count toward the source penalty; a certificate login needs the code too
 """
 
 from __future__ import annotations
@@ -245,3 +246,53 @@ def test_proxyjump_prompts_on_the_jump_leg(home, echo_server, tmp_path):
         [("alice", "publickey+totp")]
     assert [(r["user"], r["method"]) for r in auth_rows(inner_home) if r["result"] == "success"] == \
         [("bob", "publickey")]
+
+
+def test_wrong_codes_count_toward_the_source_penalty(home, echo_server, tmp_path):
+    """Two connections that give only wrong codes (threshold 2): the third, with the right code, is dropped."""
+    config = home / "config.toml"
+    config.write_text(config.read_text().replace("penalty_threshold = 5", "penalty_threshold = 2"))
+    keys = setup(home, tmp_path, echo_server)
+    totp = enroll(home, "alice")
+    proc, port = start_serve(home)
+    try:
+        client = Client(tmp_path, home, port)
+        for _ in range(2):
+            wrong = client.tunnel("alice", keys["alice"], f"127.0.0.2:{echo_server}",
+                                  f"{(int(totp.now()) + 500000) % 1000000:06d}")
+            assert wrong.returncode == 255 and b"Permission denied (keyboard-interactive)" in wrong.stderr
+        dropped = client.tunnel("alice", keys["alice"], f"127.0.0.2:{echo_server}", fresh_code(totp))
+        assert dropped.returncode == 255 and dropped.stdout == b""
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    reasons = [r["reason"] for r in auth_rows(home) if r["result"] == "failure"]
+    assert reasons.count("wrong verification code") == 6  # 3 prompts (OpenSSH's default) per connection
+    assert "source refused for 30s after repeated failed connections" in reasons
+
+
+def test_a_certificate_login_needs_the_code_too(home, echo_server, tmp_path):
+    ca = keygen(tmp_path / "ca")
+    key = keygen(tmp_path / "id_alice")
+    subprocess.run(["ssh-keygen", "-q", "-s", str(ca), "-I", "alice@corp", "-z", "7", "-n", "alice",
+                    "-V", "-5m:+1h", f"{key}.pub"], check=True, capture_output=True)
+    assert (tmp_path / "id_alice-cert.pub").exists()  # beside the key: OpenSSH offers it by itself
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[cas.corp]\nkey = "{Path(f"{ca}.pub").read_text().strip()}"\n\n'
+                      f'[users.alice]\nrequire_totp = true\nallow = ["127.0.0.2:{echo_server}"]\n')
+    applied = bastion(home, "policy", "apply", str(policy))
+    assert applied.returncode == 0, applied.stderr
+    totp = enroll(home, "alice")  # the policy made the user; no key in the store
+    proc, port = start_serve(home)
+    try:
+        client = Client(tmp_path, home, port)
+        ok = client.tunnel("alice", key, f"127.0.0.2:{echo_server}", fresh_code(totp))
+        assert ok.stdout == b"ping\n", ok.stderr
+        assert b'Authenticated using "publickey" with partial success' in ok.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    success = [r for r in auth_rows(home) if r["result"] == "success"]
+    assert len(success) == 1 and success[0]["method"] == "publickey+totp"
+    assert success[0]["reason"].startswith("certificate accepted: key id alice@corp serial 7")
+    assert success[0]["reason"].endswith(" with a verification code")
