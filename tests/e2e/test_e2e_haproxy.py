@@ -1,5 +1,5 @@
 """Behind a real HAProxy (#22): two bastion nodes, each its own home (the same host keys, user and policy applied
-to both), HAProxy in `mode tcp` with `send-proxy-v2 check` and `balance roundrobin` in front, the real OpenSSH
+to both), HAProxy in `mode tcp` with `send-proxy-v2 check` and `balance roundrobin` in front (deploy/haproxy.cfg), the real OpenSSH
 client through it with `-W` to an echo target, every host in its own namespace on one bridge (testbed/fleet.py):
 
     client 10.98.0.50 --> haproxy 10.98.0.5:22 --PROXY v2--> node1 10.98.0.11:22 --> echo 10.98.0.100:7
@@ -16,6 +16,7 @@ import shutil
 import socket
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -34,24 +35,17 @@ BALANCER, NODES, CLIENT, TARGET = f"{FLEET_NET}.5", (f"{FLEET_NET}.11", f"{FLEET
     f"{FLEET_NET}.100"
 ECHO = 7
 
-HAPROXY_CFG = """\
-global
-    log stdout format raw local0
-defaults
-    mode tcp
-    log global
-    option tcplog
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-frontend ssh
-    bind {balancer}:22
-    default_backend bastions
-backend bastions
-    balance roundrobin
-    server node1 {node1}:22 send-proxy-v2 check inter 300ms
-    server node2 {node2}:22 send-proxy-v2 check inter 300ms
-"""
+DEPLOY_CFG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy.cfg"
+
+
+def haproxy_cfg() -> str:
+    """deploy/haproxy.cfg, the README's example, with the testbed's addresses and checks 300 ms apart."""
+    text = DEPLOY_CFG.read_text()
+    for example, ours in [("10.0.0.5:", f"{BALANCER}:"), ("10.0.0.11:", f"{NODES[0]}:"),
+                          ("10.0.0.12:", f"{NODES[1]}:"), ("send-proxy-v2 check\n", "send-proxy-v2 check inter 300ms\n")]:
+        assert example in text, f"deploy/haproxy.cfg no longer has {example!r}"
+        text = text.replace(example, ours)
+    return text
 
 
 @pytest.fixture
@@ -86,7 +80,7 @@ def test_two_nodes_behind_haproxy_audit_the_clients_address(fleet, keys, tmp_pat
         for node in nodes:
             node.start()
         cfg = tmp_path / "haproxy.cfg"
-        cfg.write_text(HAPROXY_CFG.format(balancer=BALANCER, node1=NODES[0], node2=NODES[1]))
+        cfg.write_text(haproxy_cfg())
         fleet.start("haproxy", fleet.hosts["lb"], [HAPROXY, "-db", "-f", cfg], 22)
 
         # 1. HAProxy's checks reach both nodes as v2 LOCAL headers, and are closed without SSH

@@ -177,3 +177,15 @@ def test_the_balancers_client_is_the_one_audited_matched_and_refused(home, echo_
         relay.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="needs HAProxy (Debian `haproxy`; .ci/run installs it)")
+def test_the_example_haproxy_config_is_valid():
+    """deploy/haproxy.cfg, which the README shows, passes `haproxy -c` (the e2e test runs it for real)."""
+    cfg = Path(__file__).resolve().parents[2] / "deploy" / "haproxy.cfg"
+    result = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "send-proxy-v2 check" in cfg.read_text()
