@@ -8,6 +8,8 @@ from typing import List, Optional
 import typer
 
 from ..errors import BastionError, StoreError
+from ..policy.authorized_keys import cert_authority_key, cert_authority_toml
+from ..policy.model import valid_name
 from ..store.sqlite import parse_public_keys
 from . import totp
 from .common import notify_server, open_store, print_json, print_table
@@ -45,6 +47,7 @@ def add_key(
 
 
 def _add(ctx: typer.Context, name: str, paths: List[Path], *, create: bool) -> None:
+    _refuse_cert_authorities([(name, path) for path in paths])
     keys = [key for path in paths for key in parse_public_keys(_read_key_file(path), str(path))]
     with open_store(ctx) as store:
         changes = store.add_user(name, keys, create=create)
@@ -69,6 +72,7 @@ def import_keys(
     Example: bastion user import /home/*/.ssh/authorized_keys
     """
     sources = _import_sources(files, user)
+    _refuse_cert_authorities(sources)
     keys_by_user: dict[str, list] = {}
     problems = []
     for owner, path in sources:
@@ -106,6 +110,36 @@ def _import_sources(files: List[Path], user: Optional[str]) -> list[tuple[str, P
             raise BastionError(f"{path}: cannot tell whose keys these are; give --user NAME, or a path like "
                                "/home/NAME/.ssh/authorized_keys")
     return sources
+
+
+def _refuse_cert_authorities(sources: list[tuple[str, Path]]) -> None:
+    """A `cert-authority` line trusts a CA, and trusted CAs are policy (declared in the policy files; an apply
+    replaces them), so a key import must not add one that the next apply would remove (#21). Print the ready
+    [cas.NAME] lines for a policy file, and refuse the whole import in one line."""
+    found: dict[str, dict] = {}  # the key's base64 -> its line's text and who held it
+    places = []
+    for owner, path in sources:
+        for number, line in enumerate(_read_key_file(path).splitlines(), start=1):
+            authority = cert_authority_key(line)
+            if authority is None:
+                continue
+            key_text, principals, others = authority
+            places.append(f"{path}:{number}")
+            entry = found.setdefault(key_text.split()[1] if len(key_text.split()) > 1 else key_text,
+                                     {"key": key_text, "users": {}})
+            entry["users"][owner] = (principals, others)
+    if not found:
+        return
+    for index, entry in enumerate(found.values(), start=1):
+        comment = entry["key"].split()[2].lower() if len(entry["key"].split()) > 2 else ""  # "ca@corp": corp
+        name = next((part for part in comment.split("@")[::-1] if valid_name(part)), "imported")
+        names = [n for n in (name, f"{name}{index}") if n not in [e.get("name") for e in found.values()]]
+        entry["name"] = names[0]
+        typer.echo(cert_authority_toml(entry["name"], entry["key"], entry["users"]))
+    more = f" (and {len(places) - 1} more)" if len(places) > 1 else ""
+    raise BastionError(f"nothing imported: {places[0]}{more}: a cert-authority line trusts a CA, and CAs are "
+                       "policy: add the [cas.NAME] lines printed above to a policy file and run `bastion policy "
+                       "apply`, then import again without those lines")
 
 
 def _read_key_file(path: Path) -> str:

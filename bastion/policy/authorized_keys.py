@@ -34,8 +34,8 @@ ALWAYS_IN_FORCE = frozenset({"no-pty", "no-x11-forwarding", "no-agent-forwarding
 REFUSED_HINTS = {
     "command": "a bastion runs no commands",
     "environment": "a bastion starts no shell to pass it to",
-    "cert-authority": "certificate authorities are not supported yet (issue 21)",
-    "principals": "only meaningful with cert-authority, which is not supported yet",
+    "cert-authority": "a trusted CA is policy: declare it as [cas.NAME] in a policy file (see cert_authority_toml)",
+    "principals": "only meaningful with cert-authority, which is declared in the policy as [cas.NAME]",
     "tunnel": "tun/tap forwarding is never offered",
     "pty": "a bastion gives no terminal",
     "x11-forwarding": "X11 forwarding is never offered",
@@ -316,3 +316,56 @@ def key_listen_refusal(options: KeyOptions, host: str, port: int) -> str | None:
         if host_ok and allowed_port in ("*", str(port)):
             return None
     return f"this key may only listen on {', '.join(options.permit_listen)} (permitlisten)"
+
+
+def cert_authority_key(line: str) -> tuple[str, tuple[str, ...] | None, tuple[str, ...]] | None:
+    """(key text, principals= names or None, the line's other option names) when `line` is an authorized_keys
+    `cert-authority` line, else None (also for lines that cannot be read: parse_options names their problem)."""
+    try:
+        options_text, key_text = split_line(line)
+        tokens = _tokens(options_text) if options_text else []
+    except PolicyError:
+        return None
+    if "cert-authority" not in [name for name, _ in tokens]:
+        return None
+    principals = next((value for name, value in tokens if name == "principals"), None)
+    listed = tuple(p for p in principals.split(",") if p) if principals is not None else None
+    others = tuple(dict.fromkeys(name for name, _ in tokens if name not in ("cert-authority", "principals")))
+    return " ".join(key_text.split()), listed, others
+
+
+CertAuthorityLine = tuple[tuple[str, ...] | None, tuple[str, ...]]  # principals= (None: absent), other options
+
+
+def cert_authority_toml(name: str, key_text: str, users: dict[str, CertAuthorityLine]) -> str:
+    """The `[cas.NAME]` lines of a policy file that trust the CA of an authorized_keys `cert-authority` line
+    (#21), with comments where the line meant something the policy says differently. `users`: whose
+    authorized_keys held the line, with its principals= and other options.
+
+    In OpenSSH the line trusts the CA for logins as that one user, and principals= lists the certificate
+    principals accepted for that login. Here a trusted CA logs in any known user its certificate names as a
+    principal (require_known_user = true). principals= naming just that user means the same; any other list,
+    and options such as from=, have no equivalent here and are said so, never silently widened or dropped."""
+    holders = _printable(", ".join(sorted(users)))
+    lines = [f"[cas.{name}]",
+             f"# from the cert-authority line in the authorized_keys of {holders}; here it logs in any user of the",
+             "# policy whom a certificate it signed names as a principal",
+             f"key = {_toml_string(key_text)}",
+             "require_known_user = true"]
+    for user, (principals, others) in sorted(users.items()):
+        shown = _printable(user)
+        if principals is not None and principals != (user,):
+            lines.append(f'# {shown}: principals="{_printable(",".join(principals))}" has no equivalent here: a '
+                         f"certificate must name the login user ({shown}) as a principal")
+        if others:
+            lines.append(f"# {shown}: options {_printable(','.join(others))} of the line have no equivalent here")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string of `text`, made printable first (a key's comment is the file's, maybe hostile)."""
+    return '"' + _printable(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)
