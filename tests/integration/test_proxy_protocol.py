@@ -189,3 +189,23 @@ def test_the_example_haproxy_config_is_valid():
     result = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "send-proxy-v2 check" in cfg.read_text()
+
+
+def test_a_reloaded_list_applies_to_the_next_connection(home, tmp_path):
+    """SIGHUP re-reads proxy_protocol_from: once 127.0.0.1 is no longer listed, its header is a forged one."""
+    config = home / "config.toml"
+    config.write_text(config.read_text().replace("proxy_protocol_from = []", 'proxy_protocol_from = ["127.0.0.1/32"]'))
+    proc, port = start_serve(home)
+    try:
+        assert exchange("127.0.0.1", port, v2_header(CLIENT) + b"SSH-2.0-Probe\r\n").startswith(b"SSH-2.0-")
+        config.write_text(config.read_text().replace('"127.0.0.1/32"', '"127.0.0.9/32"'))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not any("which is not in proxy_protocol_from" in r["reason"] for r in auth_rows(home)):
+            assert time.monotonic() < deadline, auth_rows(home)
+            exchange("127.0.0.1", port, v2_header(CLIENT) + b"SSH-2.0-Probe\r\n")
+            time.sleep(0.2)
+        assert all(r["client_ip"] == "127.0.0.1" for r in auth_rows(home) if "PROXY" in r["reason"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
