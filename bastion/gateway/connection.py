@@ -36,6 +36,7 @@ from .banner import BannerSession
 from .context import ServerContext
 from .direct_tcpip import open_tunnel
 from .remote_forward import open_listener
+from .security_keys import SecurityKeys
 from .session import SessionChannels
 from .totp import SecondFactor
 
@@ -70,7 +71,7 @@ class ConnectionLog(logging.LoggerAdapter):
         return f"[{context}] {msg}", kwargs
 
 
-class GatewayConnection(SecondFactor, SessionChannels, asyncssh.SSHServer):
+class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SSHServer):
     """asyncssh's callbacks for one SSH connection: the limits before login, authentication, and the channel
     requests, handed to direct_tcpip, remote_forward and banner. The session's state and its channels are
     SessionChannels' (session.py)."""
@@ -220,6 +221,7 @@ class GatewayConnection(SecondFactor, SessionChannels, asyncssh.SSHServer):
             reason = weak_key_reason(key) or login_refusal(self._login_policy, self.user, fingerprint,
                                                            frozenset(self._keys), utc_now()) \
                 or key_login_refusal(self._keys[fingerprint].options, ipaddress.ip_address(self.client_ip), utc_now())
+            reason = reason or self.security_key_type_refusal(key)  # (#21) only security keys? security_keys.py
             if reason is None:
                 if not self.ctx.audit.healthy:
                     self._refuse_unaudited(fingerprint)
@@ -253,6 +255,7 @@ class GatewayConnection(SecondFactor, SessionChannels, asyncssh.SSHServer):
         self._offered_ca = None
         reason = certificate_refusal(self._login_policy, certificate, self.user, ipaddress.ip_address(self.client_ip),
                                      utc_now())
+        reason = reason or self.security_key_type_refusal(key)  # (#21) only security keys? security_keys.py
         if reason is None:
             if not self.ctx.audit.healthy:
                 self._refuse_unaudited(fingerprint)
@@ -353,6 +356,8 @@ class GatewayConnection(SecondFactor, SessionChannels, asyncssh.SSHServer):
             self.key_options = keys[self.key_fingerprint].options  # narrowed them meanwhile
             refusal = key_login_refusal(self.key_options, ipaddress.ip_address(self.client_ip), utc_now())
         refusal = refusal or self.second_factor_refusal(policy)  # (#21) a code the policy wants now
+        refusal = refusal or self.security_key_session_refusal(  # (#21) security keys as the policy wants now
+            policy, self._certificate_key_type if self.certificate is not None else keys[self.key_fingerprint].key_type)
         if self.conn is None:  # gone while we read: no session to record
             self._forget_session()
             return
@@ -365,6 +370,7 @@ class GatewayConnection(SecondFactor, SessionChannels, asyncssh.SSHServer):
             return
         accepted = "key accepted" if self.certificate is None else \
             f"certificate accepted: {describe_certificate(self.certificate)}"
+        accepted += self.security_key_note()  # (#21) what the security key asserted
         if self.totp_verified:
             accepted += " with a verification code"
         self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, self.auth_method, self.key_fingerprint,

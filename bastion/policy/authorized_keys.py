@@ -10,6 +10,8 @@ Options that mean something here are kept and enforced (sshd(8) AUTHORIZED_KEYS 
 - `permitopen=` / `permitlisten=`: narrow that key's tunnels (-L/-W/-D and -R) further than the policy does.
 - `restrict`, `no-port-forwarding`: the key may log in but opens no tunnel (`restrict,port-forwarding` re-allows).
 - `no-pty`, `no-X11-forwarding`, `no-agent-forwarding`, `no-user-rc`: already always in force here.
+- `no-touch-required`, `verify-required` (#21): a security key's signatures need not assert user presence (touch),
+  or must assert user verification (PIN); see policy/security_keys.py. As in sshd, other key types ignore them.
 Any other option (`command=`, `environment=`, `cert-authority`, …) is refused by name: silently ignoring a
 restriction would grant more than the file says.
 
@@ -41,9 +43,8 @@ REFUSED_HINTS = {
     "x11-forwarding": "X11 forwarding is never offered",
     "agent-forwarding": "agent forwarding is never offered",
     "user-rc": "a bastion runs no rc files",
-    "no-touch-required": "security keys are not supported in this form yet (issue 21)",
-    "verify-required": "security keys are not supported in this form yet (issue 21)",
 }
+SECURITY_KEY_OPTIONS = frozenset({"no-touch-required", "verify-required"})  # (#21)
 _EXPIRY = re.compile(r"(\d{8})(\d{4}(\d{2})?)?(Z)?")
 
 
@@ -56,6 +57,8 @@ class KeyOptions:
     permit_open: tuple[str, ...] = ()  # "host:port" as written; port may be "*"
     permit_listen: tuple[str, ...] = ()  # "[host:]port" as written
     port_forwarding: bool = True
+    touch_required: bool = True  # False: no-touch-required (a security key's signature need not assert presence)
+    verify_required: bool = False  # verify-required: a security key's signature must assert user verification
 
     @property
     def restricts(self) -> bool:
@@ -73,6 +76,10 @@ class KeyOptions:
             data["permitlisten"] = list(self.permit_listen)
         if not self.port_forwarding:
             data["port_forwarding"] = False
+        if not self.touch_required:
+            data["no_touch_required"] = True
+        if self.verify_required:
+            data["verify_required"] = True
         return data
 
     @classmethod
@@ -84,6 +91,8 @@ class KeyOptions:
             permit_open=tuple(data.get("permitopen", ())),
             permit_listen=tuple(data.get("permitlisten", ())),
             port_forwarding=bool(data.get("port_forwarding", True)),
+            touch_required=not data.get("no_touch_required", False),
+            verify_required=bool(data.get("verify_required", False)),
         )
 
     def describe(self) -> str:
@@ -95,6 +104,7 @@ class KeyOptions:
             parts.append("no-port-forwarding")
         parts += [f'permitopen="{value}"' for value in self.permit_open]
         parts += [f'permitlisten="{value}"' for value in self.permit_listen]
+        parts += ["no-touch-required"] * (not self.touch_required) + ["verify-required"] * self.verify_required
         return ",".join(parts)
 
 
@@ -169,10 +179,12 @@ def parse_options(text: str, local_zone: tzinfo = timezone.utc) -> KeyOptions:
     permit_listen: list[str] = []
     expires: datetime | None = None
     restrict = explicit_forwarding = no_forwarding = False
+    security_key_options: set[str] = set()
     for name, value in _tokens(text):
         valued = name in ("from", "expiry-time", "permitopen", "permitlisten")
         if name in REFUSED_HINTS or (not valued and name not in ALWAYS_IN_FORCE
-                                     and name not in ("restrict", "no-port-forwarding", "port-forwarding")):
+                                     and name not in ("restrict", "no-port-forwarding", "port-forwarding")
+                                     and name not in SECURITY_KEY_OPTIONS):
             hint = REFUSED_HINTS.get(name, "not an option this bastion knows")
             raise PolicyError(f"option {name} is refused: {hint}")
         if valued and value is None:
@@ -194,8 +206,12 @@ def parse_options(text: str, local_zone: tzinfo = timezone.utc) -> KeyOptions:
             no_forwarding = True
         elif name == "port-forwarding":
             explicit_forwarding = True
+        elif name in SECURITY_KEY_OPTIONS:
+            security_key_options.add(name)
     forwarding = not no_forwarding and (not restrict or explicit_forwarding)
-    return KeyOptions(tuple(sources), expires, tuple(permit_open), tuple(permit_listen), forwarding)
+    return KeyOptions(tuple(sources), expires, tuple(permit_open), tuple(permit_listen), forwarding,
+                      touch_required="no-touch-required" not in security_key_options,
+                      verify_required="verify-required" in security_key_options)
 
 
 def _check_sources(value: str) -> str:

@@ -212,8 +212,10 @@ def unreadable_refusal(blob: bytes, problem: str) -> str:
 
 
 def certificate_key_options(cert: Certificate) -> KeyOptions:
-    """The session's narrowing from the certificate's extensions: no tunnels without permit-port-forwarding."""
-    return KeyOptions(port_forwarding="permit-port-forwarding" in cert.extensions)
+    """The session's narrowing from the certificate's extensions: no tunnels without permit-port-forwarding; a
+    security key's touch waived by no-touch-required (#21, policy/security_keys.py; sshd honours it too)."""
+    return KeyOptions(port_forwarding="permit-port-forwarding" in cert.extensions,
+                      touch_required="no-touch-required" not in cert.extensions)
 
 
 def _time(seconds: int) -> str:

@@ -14,6 +14,10 @@ form "FILE:LINE: what is wrong; expected what", so an operator can fix it withou
     expires = 2027-01-31T00:00:00Z                      # optional, must carry a timezone
     require_totp = true                                 # optional (#21): a one-time code after the key; also
                                                         # per group: every member then needs one
+    require_security_key = true                         # optional (#21), also per group: only security keys
+                                                        # (ssh-keygen -t ed25519-sk) log in
+    require_user_verification = true                    # optional (#21), also per group: and they assert a
+                                                        # PIN or biometric (policy/security_keys.py)
 
     [cas.corp]                                          # a trusted user CA (#21): its certificates log users in
     key = "ssh-ed25519 AAAA... ca@corp"                 # or keys = [...] (both may be given)
@@ -58,6 +62,9 @@ KEY_TYPES = frozenset({
 })
 USER_KEYS = ("keys", "groups", "allow", "deny", "listen", "expires", "require_totp")
 GROUP_KEYS = ("allow", "deny", "listen", "require_totp")
+SECURITY_KEY_FLAGS = ("require_security_key", "require_user_verification")  # (#21) users and groups
+USER_KEYS += SECURITY_KEY_FLAGS
+GROUP_KEYS += SECURITY_KEY_FLAGS
 RULE_KEYS = ("target", "expires")
 CA_KEYS = ("key", "keys", "principals_as_groups", "require_known_user")
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
@@ -130,12 +137,14 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
             "expires": None if user.expires is None else format_time(user.expires),
             "keys": None if user.keys is None else list(user.keys),
         } | ({"require_totp": True} if user.require_totp else {})  # absent when false: older readers agree
+          | _true_flags(user, SECURITY_KEY_FLAGS)
             for name, user in policy.users.items()},
         "groups": {name: {
             "allow": [_rule_to_json(rule) for rule in group.allow],
             "deny": [_rule_to_json(rule) for rule in group.deny],
             "listen": [_rule_to_json(rule) for rule in group.listen],
-        } | ({"require_totp": True} if group.require_totp else {}) for name, group in policy.groups.items()},
+        } | ({"require_totp": True} if group.require_totp else {}) | _true_flags(group, SECURITY_KEY_FLAGS)
+            for name, group in policy.groups.items()},
     } | ({"cas": {name: {
             "keys": list(ca.keys),
             "principals_as_groups": ca.principals_as_groups,
@@ -178,7 +187,14 @@ def _user_from_json(name: str, data: dict[str, Any]) -> UserPolicy:
         expires=_time_from_json(data.get("expires")),
         keys=None if keys is None else tuple(check_key_line(k) for k in keys),
         require_totp=_flag_from_json(data, "require_totp", f"users.{name}"),
+        **{flag: _flag_from_json(data, flag, f"users.{name}") for flag in SECURITY_KEY_FLAGS},
     )
+
+
+def _true_flags(entry: Any, flags: tuple[str, ...]) -> dict[str, bool]:
+    """The boolean settings of a user or group that are on, by name; those off are left out, so the dict (and the
+    stored JSON) of a policy that does not use them stays as it was."""
+    return {flag: True for flag in flags if getattr(entry, flag)}
 
 
 def _flag_from_json(data: dict[str, Any], key: str, where: str) -> bool:
@@ -197,6 +213,7 @@ def _group_from_json(name: str, data: dict[str, Any]) -> GroupPolicy:
         deny=tuple(_rule_from_json(r, deny=True) for r in data.get("deny", ())),
         listen=tuple(_listen_from_json(r) for r in data.get("listen", ())),
         require_totp=_flag_from_json(data, "require_totp", f"groups.{name}"),
+        **{flag: _flag_from_json(data, flag, f"groups.{name}") for flag in SECURITY_KEY_FLAGS},
     )
 
 
@@ -308,6 +325,7 @@ class _FileReader:
             if "expires" in table else None,
             keys=self._keys(table["keys"], where) if "keys" in table else None,
             require_totp=self._flag(table, "require_totp", where),
+            **{flag: self._flag(table, flag, where) for flag in SECURITY_KEY_FLAGS},
         )
 
     def _group(self, name: str, table: dict[str, Any]) -> GroupPolicy:
@@ -319,6 +337,7 @@ class _FileReader:
             deny=self._rules(table.get("deny", []), where, "deny"),
             listen=self._rules(table.get("listen", []), where, "listen"),
             require_totp=self._flag(table, "require_totp", where),
+            **{flag: self._flag(table, flag, where) for flag in SECURITY_KEY_FLAGS},
         )
 
     def _flag(self, table: dict[str, Any], key: str, where: tuple[str, str]) -> bool:

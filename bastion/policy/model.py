@@ -318,6 +318,8 @@ class UserPolicy:
     keys: tuple[str, ...] | None = None  # None: the file said nothing, keep the stored keys
     listen: tuple[ListenRule, ...] = ()  # remote-forward grants, see ListenRule
     require_totp: bool = False  # a one-time code after the key (#21; policy/totp.py)
+    require_security_key: bool = False  # only security keys (sk-*) log in (#21; policy/security_keys.py)
+    require_user_verification: bool = False  # ... and their signatures assert a PIN or biometric (#21)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +329,8 @@ class GroupPolicy:
     deny: tuple[TargetRule, ...] = ()
     listen: tuple[ListenRule, ...] = ()
     require_totp: bool = False  # every member needs a one-time code after the key (#21)
+    require_security_key: bool = False  # every member logs in with a security key only (#21)
+    require_user_verification: bool = False  # ... whose signature asserts a PIN or biometric (#21)
 
 
 @dataclass(frozen=True, slots=True)

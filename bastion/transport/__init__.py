@@ -6,7 +6,8 @@ process before the server starts, `status()` for the startup line and `doctor`, 
 (`receive_in_place`, `after_read`, `quick_ack`). What each patch does and why is in its own module:
 the fast path (the AES-GCM/ChaCha20 packet path: pins, send, receive, in_place, keepalive, aead, keys; pinned to
 the asyncssh version it was written for), quickack, kex_guess, zlib_limit, algorithms, certificates and
-partial_auth (`second_factor_supported()` says whether a login can ask for a second method). Nothing outside
+partial_auth (`second_factor_supported()` says whether a login can ask for a second method) and security_keys
+(`security_key_flags_supported()`: whether the gateway sees each security-key signature's flags). Nothing outside
 transport/ imports those modules (tests/unit/test_import_contract.py).
 """
 
@@ -16,14 +17,15 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import algorithms, certificates, kex_guess, partial_auth, pins, quickack, zlib_limit
+from . import algorithms, certificates, kex_guess, partial_auth, pins, quickack, security_keys, zlib_limit
 from .algorithms import host_key_pairs, server_options
 from .in_place import receive_in_place
 from .receive import after_read
 from .proxy_protocol import ProxyEvents, ProxyProtocolListener  # the PROXY header before SSH (#22)
 
 __all__ = ["TransportStatus", "after_read", "host_key_pairs", "install", "quick_ack", "receive_in_place",
-           "second_factor_supported", "server_options", "status", "watch_send_buffer"]
+           "second_factor_supported", "security_key_flags_supported", "server_options", "status",
+           "watch_send_buffer"]
 __all__ += ["ProxyEvents", "ProxyProtocolListener"]
 
 
@@ -53,6 +55,7 @@ def install(fast_path: bool = True) -> TransportStatus:
     algorithms.apply()  # user-auth signatures held to the server's signature_algs (no ssh-rsa/SHA-1)
     certificates.apply()  # the gateway sees each user certificate offered, to check and audit it (#21)
     partial_auth.apply()  # a login may need a second method after the key: partial success (#21, TOTP)
+    security_keys.apply()  # the gateway judges each security-key signature's flags: touch, PIN (#21)
     _status = _fast_path_status(fast_path)
     return _status
 
@@ -84,6 +87,13 @@ def second_factor_supported() -> bool:
     (partial_auth.py: the owner's `more_auth_required`). False before `install()`, or on an asyncssh without the
     method it wraps: then nobody who needs a second factor can log in."""
     return partial_auth.installed()
+
+
+def security_key_flags_supported() -> bool:
+    """Whether the gateway sees the flags (user presence, user verification) of each security-key signature
+    (security_keys.py: the owner's `security_key_signed`). False before `install()`, or on an asyncssh without the
+    method it wraps: then nobody whose policy needs user verification can log in."""
+    return security_keys.installed()
 
 
 def quick_ack(sock: Any) -> None:

@@ -131,7 +131,8 @@ def test_require_totp_round_trips_through_json_and_toml():
     ('[users.alice]\nrequire_totp = "yes"\n', "p.toml:2: users.alice.require_totp must be true or false"),
     ("[groups.ops]\n\nrequire_totp = 1\n", "p.toml:3: groups.ops.require_totp must be true or false"),
     ("[users.alice]\nrequire_tot = true\n", "p.toml:2: users.alice has unknown key 'require_tot'; allowed keys are "
-                                            "keys, groups, allow, deny, listen, expires, require_totp"),
+                                            "keys, groups, allow, deny, listen, expires, require_totp, "
+                                            "require_security_key, require_user_verification"),
 ])
 def test_a_bad_require_totp_names_file_and_line(text, message):
     with pytest.raises(PolicyFileError) as caught:
