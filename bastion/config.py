@@ -16,7 +16,9 @@ from typing import Any, Mapping
 from . import toml_input
 from .errors import ConfigError
 from .policy.limits import StartupLimit
+from .policy.model import PolicyError
 from .policy.netguard import DEFAULT_INTERNAL_NETWORKS, IPNetwork, parse_networks
+from .policy.signing import parse_validity
 
 DEFAULT_HOME = Path("/var/lib/bastion")
 CONFIG_FILE = "config.toml"
@@ -74,6 +76,8 @@ class Config:
     public_name: str = ""
     # HOST:PORT serving Prometheus metrics over plain HTTP (service/metrics.py); "" (the default) serves none.
     metrics_listen: str = ""
+    # The longest validity `bastion ca sign --valid` may give a certificate (#21): 30m, 8h, 2d, 1w.
+    ca_max_validity: str = "24h"
 
     @property
     def database(self) -> Path:
@@ -145,6 +149,12 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 except ValueError:
                     raise ValueError(f"{value!r} must be HOST:PORT, e.g. 127.0.0.1:9122, or empty for off") from None
             return value.strip()
+        if name == "ca_max_validity":
+            try:
+                parse_validity(str(value))
+            except PolicyError as exc:
+                raise ValueError(f"must be a length of time such as 8h or 2d ({exc})") from None
+            return str(value).strip()
         if name in _FLAGS:
             if isinstance(value, bool):
                 return value
@@ -277,4 +287,6 @@ def render_config(config: Config) -> str:
         "# Prometheus metrics over plain HTTP at http://HOST:PORT/metrics, e.g. \"127.0.0.1:9122\"; empty: off.\n"
         "# No login guards it: keep it on loopback or a management network (counts only, no names or addresses).\n"
         f'metrics_listen = "{config.metrics_listen}"\n'
+        "# The longest validity `bastion ca sign --valid` may give a user certificate, e.g. \"8h\" or \"2d\".\n"
+        f'ca_max_validity = "{config.ca_max_validity}"\n'
     )

@@ -16,8 +16,9 @@ from ..errors import BastionError
 from ..ops.backup import backup_database
 from ..ops.ssh_config import ClientSetup, known_hosts_lines, render_ssh_config, split_public_name
 from ..policy.netguard import TargetError, parse_host
+from ..policy.signing import with_home_authority
 from ..safe_files import is_stdout, new_file
-from ..service.home import host_public_keys
+from ..service.home import HomeAuthority, host_public_keys
 from .common import config_of, configure_logging, home_of, human_bytes, open_store, print_json, progress_bar
 
 
@@ -58,6 +59,9 @@ def ssh_config(
     known_hosts_file: Optional[str] = typer.Option(None, "--known-hosts-file",
                                                    help="Pin the bastion's keys in this file instead of "
                                                    "~/.ssh/known_hosts (a path on the user's machine)."),
+    certificate_file: Optional[str] = typer.Option(
+        None, "--certificate-file", help="The user's OpenSSH certificate (e.g. from `bastion ca sign`), as a path "
+        "on the user's machine: CertificateFile, with its key beside it; no key need be stored at the bastion."),
     known_hosts: bool = typer.Option(False, "--known-hosts", help="Print only the known_hosts lines."),
     output: Path = typer.Option(Path("-"), "--output", "-o", help="Write to this new file (never over an existing "
                                 "one, never through a link) instead of standard output (-)."),
@@ -65,7 +69,9 @@ def ssh_config(
     """Print a ready ~/.ssh/config block for user NAME, with the bastion's known_hosts lines.
 
     `Host bastion`, ProxyJump for every target NAME may reach on port 22, and the bastion's host keys as
-    known_hosts lines, so the first connection needs no trust-on-first-use.
+    known_hosts lines, so the first connection needs no trust-on-first-use. A user who logs in with a
+    certificate needs no key pinned: --certificate-file writes CertificateFile (its key is the same path
+    without -cert.pub), and where the policy trusts a CA the config says how to use one.
 
     Example: bastion ssh-config alice --host bastion.example.com --identity-file ~/.ssh/id_ed25519 -o alice.conf
     """
@@ -78,10 +84,11 @@ def ssh_config(
     with open_store(ctx) as store:
         _, policy = store.load_policy()
         users = {user["name"] for user in store.list_users()}
+    policy = with_home_authority(policy, HomeAuthority(config)())  # (#21) the home CA counts as a trusted CA
     if name not in users and name not in policy.users:
         raise BastionError(f"no user named {name!r}; add one with `bastion user add {name} --key FILE.pub`")
     setup = ClientSetup(user=name, host=host, port=port, identity_file=identity_file,
-                        known_hosts_file=known_hosts_file)
+                        known_hosts_file=known_hosts_file, certificate_file=certificate_file)
     try:
         text = render_ssh_config(setup, policy, host_keys, utc_now())
     except ValueError as exc:

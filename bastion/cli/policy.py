@@ -20,6 +20,8 @@ from ..policy.decide import evaluate
 from ..policy.file import PolicyFileError, policy_to_dict, to_toml
 from ..policy.diff import PolicyDiff, policy_diff
 from ..policy.model import AccessRequest, format_time
+from ..policy.signing import with_home_authority
+from ..service.home import HomeAuthority
 from ..store.sqlite import PolicyPlan, PolicyRefused
 from ..policy.netguard import TargetError, parse_host, parse_port
 from .common import config_of, notify_server, open_store, print_json
@@ -153,6 +155,7 @@ def show(
     """
     with open_store(ctx) as store:
         _, policy = store.load_policy()
+    policy = with_home_authority(policy, HomeAuthority(config_of(ctx))())  # the home CA is in force too (#21)
     data = policy_to_dict(policy)
     for user in data.get("users", {}).values():
         user.pop("keys", None)  # keys are shown by `user list`

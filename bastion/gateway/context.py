@@ -15,8 +15,9 @@ from ..audit.writer import AuditLog
 from ..config import Config
 from ..policy.authorized_keys import KeyOptions
 from ..policy.limits import SourcePenalties, StartupLimit
-from ..policy.model import Policy
+from ..policy.model import CertAuthority, Policy
 from ..policy.netguard import NetGuard
+from ..policy.signing import with_home_authority
 from ..store.interface import AccessStore
 from .metrics import GatewayMetrics
 from .relay import Tunnel
@@ -55,12 +56,16 @@ class PolicyCache:
     after the one before it and a slow, older load cannot install a stale policy over a newer one. Only the
     newest policy reports a change (its re-check and expiry timer), whatever order the threads finish in."""
 
-    def __init__(self, store: AccessStore, on_change: Callable[[Policy], None] | None = None):
+    def __init__(self, store: AccessStore, on_change: Callable[[Policy], None] | None = None,
+                 home_authority: Callable[[], CertAuthority | None] | None = None):
         self._store = store
         self._lock = threading.Lock()
         self._version = -1
         self._policy: Policy | None = None
         self._on_change = on_change
+        # the home CA (`bastion ca init`, #21), trusted as CA `home` over the stored policy; a new one is a change
+        self._home_authority = home_authority
+        self._authority: CertAuthority | None = None
         self.loaded_at: float | None = None  # time.time() when the version held was loaded (metrics: its age)
 
     @property
@@ -76,8 +81,10 @@ class PolicyCache:
     def _refresh(self) -> tuple[bool, Policy]:
         with self._lock:
             version = self._store.policy_version()
-            if version != self._version or self._policy is None:
-                self._version, self._policy = self._store.load_policy()
+            authority = self._home_authority() if self._home_authority is not None else None
+            if version != self._version or self._policy is None or authority != self._authority:
+                self._version, stored = self._store.load_policy()
+                self._authority, self._policy = authority, with_home_authority(stored, authority)
                 self.loaded_at = time.time()
                 return True, self._policy
             return False, self._policy

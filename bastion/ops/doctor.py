@@ -29,9 +29,11 @@ import psutil
 from ..clock import utc_now
 from ..config import DEFAULT_HOME, Config, load_config, split_listen
 from ..errors import BastionError
-from ..policy.model import Policy, TargetRule
+from ..policy.certificates import key_fingerprint
+from ..policy.model import CertAuthority, Policy, TargetRule
 from ..policy.netguard import IPNetwork, NetGuard
-from ..service.home import host_key_problem
+from ..policy.signing import HOME_CA
+from ..service.home import HomeAuthority, host_key_problem, user_ca_path
 from ..store.schema import MIGRATIONS
 
 OK, NOTE, WARNING, PROBLEM = "ok", "note", "warning", "problem"
@@ -195,13 +197,36 @@ def policy_findings(policy: Policy, users: list[dict]) -> list[Finding]:
         findings.append(Finding("policy", WARNING, "no user may reach anything: the policy grants nothing",
                                 "write a policy file (see policies/example.toml) and run: bastion policy apply FILE"))
     for user in users:
-        if not user["keys"]:
+        if not user["keys"] and not policy.cas:  # with a trusted CA (#21) a certificate logs them in
             findings.append(Finding("users", WARNING, f"user {user['name']} has no public key and cannot log in",
                                     f"run: bastion user add {user['name']} --key FILE.pub"))
     for problem in policy.problems():
         findings.append(Finding("policy", WARNING, problem, "define the group, or remove it from the user"))
     if not findings:
         findings.append(Finding("policy", OK, f"{len(users)} users, all with keys; the policy grants access"))
+    return findings
+
+
+def home_ca_findings(policy: Policy, home_ca: CertAuthority | None, key_mode: int | None) -> list[Finding]:
+    """The home's user CA (`bastion ca init`, #21): trusted as CA `home`, unless the policy's own [cas.home] holds
+    another key (then `ca sign`'s certificates are refused); its private key readable by others."""
+    if home_ca is None:
+        return []
+    findings = []
+    declared = policy.cas.get(HOME_CA)
+    fingerprint = key_fingerprint(home_ca.keys[0])
+    if declared is not None and fingerprint not in {key_fingerprint(line) for line in declared.keys}:
+        findings.append(Finding("home CA", WARNING, f"the policy's [cas.{HOME_CA}] does not hold the home CA key "
+                                f"{fingerprint}: certificates from `bastion ca sign` are refused",
+                                "put the line of user_ca_key.pub in [cas.home], or name the policy's CA otherwise"))
+    else:
+        settings = declared or home_ca
+        findings.append(Finding("home CA", OK, f"{fingerprint} (user_ca_key) trusted as CA {HOME_CA} "
+                                f"(require_known_user = {str(settings.require_known_user).lower()}, "
+                                f"principals_as_groups = {str(settings.principals_as_groups).lower()})"))
+    if key_mode is not None and key_mode & 0o077:
+        findings.append(Finding("home CA", PROBLEM, f"user_ca_key is readable by others (mode {key_mode & 0o777:o})",
+                                "run: chmod 600 user_ca_key in the home"))
     return findings
 
 
@@ -333,8 +358,10 @@ def _policy_checks(config: Config) -> list[Finding]:
             store.close()
     except (BastionError, sqlite3.Error) as exc:
         return [Finding("policy", PROBLEM, f"cannot read the policy: {exc}", "see the database finding above")]
+    key = _stat(user_ca_path(config))
     return (policy_findings(policy, users) + expiry_findings(policy, utc_now())
-            + grant_findings(policy, make_guard(config)))
+            + grant_findings(policy, make_guard(config))
+            + home_ca_findings(policy, HomeAuthority(config)(), None if key is None else key.st_mode))
 
 
 def _stat(path: Path) -> os.stat_result | None:

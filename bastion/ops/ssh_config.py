@@ -38,7 +38,8 @@ _SAFE_WORD = re.compile(r"[A-Za-z0-9_.,:/@%+=~-]+", re.ASCII)
 
 @dataclass(frozen=True, slots=True)
 class ClientSetup:
-    """Who connects and how: the values of `bastion ssh-config NAME --host ... [--port] [--identity-file]`."""
+    """Who connects and how: the values of `bastion ssh-config NAME --host ... [--port] [--identity-file]
+    [--certificate-file]`."""
 
     user: str
     host: str  # the bastion's name or address as users reach it
@@ -46,6 +47,7 @@ class ClientSetup:
     identity_file: str | None = None
     known_hosts_file: str | None = None
     alias: str = "bastion"
+    certificate_file: str | None = None  # an OpenSSH user certificate (#21), e.g. ~/.ssh/id_ed25519-cert.pub
 
 
 def octet_patterns(low: int, high: int) -> list[str]:
@@ -172,8 +174,13 @@ def render_ssh_config(
         f"    Port {setup.port}",
         f"    User {_value(setup.user)}",
     ]
-    if setup.identity_file:
-        lines += [f"    IdentityFile {_value(setup.identity_file)}", "    IdentitiesOnly yes"]
+    identity_file = setup.identity_file
+    if identity_file is None and setup.certificate_file and setup.certificate_file.endswith("-cert.pub"):
+        identity_file = setup.certificate_file.removesuffix("-cert.pub")  # ssh's own pairing: KEY and KEY-cert.pub
+    if identity_file:
+        lines += [f"    IdentityFile {_value(identity_file)}", "    IdentitiesOnly yes"]
+    if setup.certificate_file:
+        lines.append(f"    CertificateFile {_value(setup.certificate_file)}")
     if setup.known_hosts_file:
         lines.append(f"    UserKnownHostsFile {_value(setup.known_hosts_file)}")
     lines += [
@@ -185,6 +192,12 @@ def render_ssh_config(
         "    ForwardX11 no",
         "",
     ]
+    if policy.cas and not setup.certificate_file:
+        lines[-1:-1] = [
+            "    # With a user certificate (`bastion ca sign` or your CA), no key of yours is stored at the bastion:",
+            "    # keep it beside its key as id_ed25519-cert.pub (ssh offers it by itself), or name it here:",
+            "    #   CertificateFile ~/.ssh/id_ed25519-cert.pub",
+        ]
 
     user = policy.users.get(setup.user)
     if user is not None and user.expires is not None and now >= user.expires:

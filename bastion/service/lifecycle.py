@@ -26,7 +26,7 @@ from ..policy.model import Policy
 from ..store.sqlite import Store
 from . import event_loop, sd_notify
 from .control import serve_lock, start_control_server
-from .home import load_host_keys
+from .home import HomeAuthority, load_host_keys
 from .metrics import Metrics, start_metrics_server
 
 log = logging.getLogger("bastion.service")
@@ -44,7 +44,7 @@ class Gateway:
             config=config,
             store=self.store,
             audit=self.audit,
-            policy=PolicyCache(self.store, on_change=self._policy_changed),
+            policy=PolicyCache(self.store, on_change=self._policy_changed, home_authority=HomeAuthority(config)),
             guard=make_guard(config),
             startup_limit=StartupLimit.parse(config.max_startups),
             penalties=SourcePenalties(config.penalty_threshold, config.penalty_seconds, config.penalty_max_seconds),
