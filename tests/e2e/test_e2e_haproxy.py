@@ -5,7 +5,8 @@ client through it with `-W` to an echo target, every host in its own namespace o
     client 10.98.0.50 --> haproxy 10.98.0.5:22 --PROXY v2--> node1 10.98.0.11:22 --> echo 10.98.0.100:7
                                                --PROXY v2--> node2 10.98.0.12:22 --^
 
-1. HAProxy's health checks (v2 LOCAL) reach both nodes and are never audited. 2. Logins land on both nodes and
+1. HAProxy's health checks (a v2 LOCAL header, or a socket reset before the node accepted it) reach both nodes
+and are never audited. 2. Logins land on both nodes and
 each audits the client's own address, never the balancer's. 3. The same header sent straight to a node from the
 client's address is forged: refused and audited as the client's."""
 
@@ -83,8 +84,9 @@ def test_two_nodes_behind_haproxy_audit_the_clients_address(fleet, keys, tmp_pat
         cfg.write_text(haproxy_cfg())
         fleet.start("haproxy", fleet.hosts["lb"], [HAPROXY, "-db", "-f", cfg], 22)
 
-        # 1. HAProxy's checks reach both nodes as v2 LOCAL headers, and are closed without SSH
-        wait_until(lambda: all("with no client (PROXY v2 LOCAL)" in node.log() for node in nodes), 10,
+        # 1. HAProxy's checks reach both nodes and are closed without SSH: a v2 LOCAL header, or (when HAProxy's
+        # reset comes before the node accepts, as it often does on a busy machine) a socket without a peer
+        wait_until(lambda: all("with no client (" in node.log() for node in nodes), 10,
                    "HAProxy's health checks on both nodes")
 
         # 2. logins through HAProxy, spread round robin, each audited with the client's address
@@ -123,13 +125,13 @@ def test_two_nodes_behind_haproxy_audit_the_clients_address(fleet, keys, tmp_pat
             (CLIENT, f"PROXY header from {CLIENT}, which is not in proxy_protocol_from")]
 
         # health checks ran all along (300 ms apart): never an audit row, never a penalty for the balancer
-        wait_until(lambda: all(node.log().count("with no client (PROXY v2 LOCAL)") >= 4 for node in nodes), 10,
-                   "more health checks")
+        wait_until(lambda: all(node.log().count("with no client (") >= 4 for node in nodes), 10, "more health checks")
         for node in nodes:
             assert not [r for r in node.audit("auth") if r["client_ip"] == BALANCER]
             assert "Traceback" not in node.log()
         print(f"\n  HAProxy, 2 nodes, 4 logins and a forged header in {time.monotonic() - started:.1f}s; "
-              f"health checks seen: {[node.log().count('PROXY v2 LOCAL') for node in nodes]}")
+              f"health checks seen (v2 LOCAL, reset before accepted): "
+              f"{[(node.log().count('(PROXY v2 LOCAL)'), node.log().count('(reset before')) for node in nodes]}")
     finally:
         for node in nodes:
             node.close()
