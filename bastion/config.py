@@ -7,6 +7,7 @@ CLI flags override both. Errors name the file (or variable) and the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from dataclasses import dataclass
@@ -76,6 +77,10 @@ class Config:
     public_name: str = ""
     # HOST:PORT serving Prometheus metrics over plain HTTP (service/metrics.py); "" (the default) serves none.
     metrics_listen: str = ""
+    # OpenSSH KRLs (ssh-keygen -k) or text files of public keys, like sshd's RevokedKeys (#21): keys and
+    # certificates they revoke are refused, and live sessions using them end. Re-read when a file changes and on
+    # SIGHUP; one that cannot be read refuses every key and certificate login until it can.
+    revoked_keys: tuple[str, ...] = ()
     # The longest validity `bastion ca sign --valid` may give a certificate (#21): 30m, 8h, 2d, 1w.
     ca_max_validity: str = "24h"
 
@@ -140,6 +145,12 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             except ValueError as exc:  # its message already says "listen address ..." or "listen port ..."
                 raise ConfigError(f"{where}: {exc}") from None
             return value
+        if name == "revoked_keys":  # (#21) absolute paths
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith("/") for v in value):
+                raise ValueError('must be a list of absolute paths of KRL files, e.g. ["/etc/bastion/revoked.krl"]')
+            return tuple(dict.fromkeys(value))
         if name == "metrics_listen":
             if not isinstance(value, str):
                 raise ValueError("must be a string HOST:PORT, or empty for off")
@@ -289,4 +300,7 @@ def render_config(config: Config) -> str:
         f'metrics_listen = "{config.metrics_listen}"\n'
         "# The longest validity `bastion ca sign --valid` may give a user certificate, e.g. \"8h\" or \"2d\".\n"
         f'ca_max_validity = "{config.ca_max_validity}"\n'
+        "# Revoked keys and certificates: OpenSSH KRL files (ssh-keygen -k) or lists of public keys, like sshd's\n"
+        "# RevokedKeys. Re-read when they change; one that cannot be read refuses every key and certificate login.\n"
+        f"revoked_keys = [{', '.join(json.dumps(path) for path in config.revoked_keys)}]\n"
     )

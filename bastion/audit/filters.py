@@ -1,5 +1,5 @@
-"""What the audit filters mean (`--user --since --until --target --denied --session --client`), as values and as
-SQL, in one place. Pure: no connection, no clock (relative times take `now` as an argument).
+"""What the audit filters mean (`--user --since --until --target --denied --session --client --cert-serial
+--key-id`), as values and as SQL, in one place. Pure: no connection, no clock (relative times take `now` as an argument).
 
 Addresses are compared by `ip_key()`, a sortable text form (32 hex digits of the IPv6 address, IPv4 as
 ::ffff:a.b.c.d), so a CIDR is one BETWEEN range; channels store it in the indexed `target_ip_key` column.
@@ -144,8 +144,12 @@ class Filters:
     session: str | None = None
     client: tuple[str, str] | None = None
     limit: int | None = None
+    cert_serial: int | None = None  # (#21) logins and sessions by the certificate that logged in
+    key_id: str | None = None
 
     def __post_init__(self) -> None:
+        if self.cert_serial is not None and not 0 <= self.cert_serial <= 2**64 - 1:
+            raise FilterError("--cert-serial must be a certificate serial, 0 to 18446744073709551615")
         if self.since is not None and self.until is not None and self.until <= self.since:
             raise FilterError(f"--until ({iso(self.until)}) is not after --since ({iso(self.since)})")
         if self.limit is not None and self.limit < 1:
@@ -198,6 +202,14 @@ def where_clause(table: str, filters: Filters, time_first: bool = False) -> tupl
             clauses.append(f"EXISTS (SELECT 1 FROM sessions s WHERE s.id = {table}.session_id "
                            "AND ip_key(s.client_ip) BETWEEN ? AND ?)")
         params.extend(filters.client)
+    for value, column in ((filters.cert_serial, "cert_serial"), (filters.key_id, "cert_key_id")):
+        if value is None:
+            continue
+        if table in ("auth", "sessions"):  # (#21) indexed, partial: only certificate rows
+            clauses.append(f"{column} = ?")
+        else:  # a channel or listener of a session that logged in with that certificate
+            clauses.append(f"session_id IN (SELECT id FROM sessions WHERE {column} = ?)")
+        params.append(str(value))
     if filters.target is not None:
         if table == "auth":
             raise FilterError("--target does not apply to auth rows; query sessions or channels")

@@ -22,10 +22,13 @@ from ..store.schema import MIGRATIONS, connect
 from .filters import TABLES, TIME_COLUMN, Filters, ip_key, parse_client, parse_target, where_clause
 from .filters import parse_moment as _parse_moment
 
+# the certificate that logged in (#21); NULL for a key login
+CERT_COLUMNS = ["cert_key_id", "cert_serial", "cert_ca", "cert_principals", "cert_valid_after", "cert_valid_before"]
 COLUMNS = {
-    "auth": ["id", "time", "user", "client_ip", "client_port", "method", "key_fingerprint", "result", "reason"],
+    "auth": ["id", "time", "user", "client_ip", "client_port", "method", "key_fingerprint", "result", "reason",
+             *CERT_COLUMNS],
     "sessions": ["id", "user", "client_ip", "client_port", "key_fingerprint", "client_version", "started_at",
-                 "ended_at", "end_reason", "bytes_up", "bytes_down"],
+                 "ended_at", "end_reason", "bytes_up", "bytes_down", *CERT_COLUMNS],
     "channels": ["id", "session_id", "user", "kind", "target_host", "target_ip", "target_port", "decision", "rule",
                  "reason", "opened_at", "closed_at", "close_reason", "bytes_up", "bytes_down", "listener_id", "peer_ip",
                  "peer_port"],
@@ -81,10 +84,22 @@ def select(conn: sqlite3.Connection, table: str, filters: Filters) -> Iterator[d
     if filters.limit is not None:
         rows = conn.execute(sql + f" ORDER BY {time_column} DESC, rowid DESC LIMIT ?", [*params, filters.limit])
         for values in reversed(rows.fetchall()):
-            yield dict(zip(columns, values))
+            yield _typed(dict(zip(columns, values)))
         return
     for values in conn.execute(sql + f" ORDER BY {time_column}, rowid", params):
-        yield dict(zip(columns, values))
+        yield _typed(dict(zip(columns, values)))
+
+
+def _typed(row: dict[str, Any]) -> dict[str, Any]:
+    """A certificate's serial as a number and its principals as a list (stored as text: a uint64, a JSON array)."""
+    if row.get("cert_serial") is not None:
+        row["cert_serial"] = int(row["cert_serial"])
+    if row.get("cert_principals") is not None:
+        try:
+            row["cert_principals"] = json.loads(row["cert_principals"])
+        except ValueError:
+            pass  # shown as stored
+    return row
 
 
 _PROBE_ROWS = 20_000
@@ -119,6 +134,8 @@ def make_filters(
     client: str | None = None,
     limit: int | None = None,
     now: datetime | None = None,
+    cert_serial: int | None = None,
+    key_id: str | None = None,
 ) -> Filters:
     """Filters from the CLI's spelling: times as datetimes or text ('2h', ISO 8601), target and client as text."""
     now = now or utc_now()
@@ -131,6 +148,8 @@ def make_filters(
         session=session,
         client=parse_client(client) if client is not None else None,
         limit=limit,
+        cert_serial=cert_serial,
+        key_id=key_id,
     )
 
 
@@ -160,7 +179,7 @@ def session_record(conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:
     ))
     return {
         "session": session,
-        "auth": [dict(zip(COLUMNS["auth"], row)) for row in auth],
+        "auth": [_typed(dict(zip(COLUMNS["auth"], row))) for row in auth],
         "channels": list(select(conn, "channels", Filters(session=session_id))),
         "listeners": list(select(conn, "listeners", Filters(session=session_id))),
     }
@@ -174,9 +193,13 @@ def timeline(record: dict[str, Any]) -> list[dict[str, Any]]:
         entries.append((row["time"], 0, {"time": row["time"], "event": f"login {row['result']}",
                                          "what": f"{row['method']} {row['key_fingerprint'] or ''}".strip(),
                                          "reason": row["reason"]}))
+    certificate = "" if not session.get("cert_key_id") and session.get("cert_serial") is None else (
+        f" with certificate key id {session['cert_key_id']} serial {session['cert_serial']} CA {session['cert_ca']}"
+        f" valid {session['cert_valid_after']} to {session['cert_valid_before']}")  # (#21)
     entries.append((session["started_at"], 1, {
         "time": session["started_at"], "event": "session start",
-        "what": f"{session['user']} from {session['client_ip']}:{session['client_port']} ({session['client_version']})",
+        "what": f"{session['user']} from {session['client_ip']}:{session['client_port']} ({session['client_version']})"
+                f"{certificate}",
         "reason": ""}))
     for row in record["channels"]:
         where = f"{row['target_host']}:{row['target_port']}"

@@ -12,16 +12,18 @@ Every row change is also appended, in the same transaction, to the hash chain in
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import sqlite3
 import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from ..clock import iso, utc_now
+from ..policy.certificates import Certificate
 from ..store.schema import connect
 from .chain import AUDIT_TABLES, CHAIN_TABLE, Head, adopt_existing_rows, append, read_head
 from .checkpoint import Checkpointer
@@ -51,6 +53,7 @@ class SessionRecord:
     key_fingerprint: str
     client_version: str
     started_at: datetime
+    certificate: Certificate | None = None  # the certificate that logged in (#21): its columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,29 @@ class _Change:
     row_id: Any
     values: dict[str, Any]
     done: Callable[[Any], None] | None = None
+
+
+_FOREVER = 253402300799  # 9999-12-31T23:59:59Z; ssh-keygen's "forever" is 2**64-1
+CERTIFICATE_COLUMNS = ("cert_key_id", "cert_serial", "cert_ca", "cert_principals", "cert_valid_after",
+                       "cert_valid_before")
+
+
+def certificate_columns(cert: Certificate | None) -> dict[str, Any]:
+    """The auth and session rows' certificate columns (#21): NULL for a key login. The serial is a uint64, so
+    text; principals a JSON array; validity ISO 8601 in UTC, "forever" past year 9999."""
+    if cert is None:
+        return {}
+    return {
+        "cert_key_id": cert.key_id, "cert_serial": str(cert.serial), "cert_ca": cert.ca_fingerprint,
+        "cert_principals": json.dumps(list(cert.principals), ensure_ascii=False),
+        "cert_valid_after": _cert_time(cert.valid_after), "cert_valid_before": _cert_time(cert.valid_before),
+    }
+
+
+def _cert_time(seconds: int) -> str:
+    if seconds >= _FOREVER:
+        return "forever"
+    return iso(datetime.fromtimestamp(max(seconds, 0), timezone.utc))
 
 
 class AuditLog:
@@ -280,10 +306,13 @@ class AuditLog:
         key_fingerprint: str | None,
         result: str,
         reason: str,
+        certificate: Certificate | None = None,
     ) -> None:
+        """`certificate`: the certificate offered, for its columns (#21)."""
         self._submit("auth", None, {
             "time": iso(self._clock()), "user": user, "client_ip": client_ip, "client_port": client_port,
             "method": method, "key_fingerprint": key_fingerprint, "result": result, "reason": reason,
+            **certificate_columns(certificate),
         })
 
     async def open_session(self, record: SessionRecord) -> None:
@@ -291,7 +320,7 @@ class AuditLog:
         await self._commit("sessions", None, {
             "id": record.id, "user": record.user, "client_ip": record.client_ip, "client_port": record.client_port,
             "key_fingerprint": record.key_fingerprint, "client_version": record.client_version,
-            "started_at": iso(record.started_at),
+            "started_at": iso(record.started_at), **certificate_columns(record.certificate),
         })
 
     def end_session(self, session_id: str, reason: str, bytes_up: int, bytes_down: int) -> None:

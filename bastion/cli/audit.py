@@ -76,6 +76,11 @@ DENIED = typer.Option(False, "--denied", help="Only refusals: failed logins, ref
                                               "sessions with a refusal.")
 SESSION = typer.Option(None, "--session", help="Only this session id.")
 CLIENT = typer.Option(None, "--client", help="Only clients from this address or CIDR.")
+CERT_SERIAL = typer.Option(None, "--cert-serial", min=0, max=2**64 - 1,
+                           help="Only logins with the certificate of this serial (channels, listeners: of sessions "
+                                "that logged in with it).")
+KEY_ID = typer.Option(None, "--key-id", help="Only logins with a certificate of this key id (as `ssh-keygen -I` "
+                                             "set it); channels, listeners: of such sessions.")
 JSON = typer.Option(False, "--json", help="Print a JSON array of the stored values.")
 JSONL = typer.Option(False, "--jsonl", help="Print one JSON object per line (for SIEM shippers).")
 CSV = typer.Option(False, "--csv", help="Print CSV with a header line.")
@@ -91,6 +96,8 @@ def _list_command(table: str, example: str) -> Callable:
         denied: bool = DENIED,
         session: Optional[str] = SESSION,
         client: Optional[str] = CLIENT,
+        cert_serial: Optional[int] = CERT_SERIAL,
+        key_id: Optional[str] = KEY_ID,
         limit: Optional[int] = typer.Option(None, "--limit", min=1, max=_MOST,
                                             help="At most this many (the newest)."),
         json: bool = JSON,
@@ -100,7 +107,7 @@ def _list_command(table: str, example: str) -> Callable:
         shape = _format(json, jsonl, csv)
         shown_limit = limit if limit is not None or shape != "table" else _TABLE_LIMIT + 1
         filters = make_filters(user=user, since=since, until=until, target=target, denied=denied, session=session,
-                               client=client, limit=shown_limit)
+                               client=client, limit=shown_limit, cert_serial=cert_serial, key_id=key_id)
         conn = open_reader(config_of(ctx).database)
         try:
             rows = select(conn, table, filters)
@@ -126,7 +133,8 @@ def _list_command(table: str, example: str) -> Callable:
 
 
 app.command("auth")(_list_command("auth", "bastion audit auth --denied --since 1h --client 203.0.113.0/24"))
-app.command("sessions")(_list_command("sessions", "bastion audit sessions --user alice --since 2h"))
+app.command("sessions")(_list_command("sessions", "bastion audit sessions --user alice --since 2h    |    "
+                                                 "bastion audit sessions --cert-serial 7"))
 app.command("channels")(_list_command("channels", "bastion audit channels --target 10.0.0.0/16:22 --since 7d --json"))
 app.command("listeners")(_list_command("listeners", "bastion audit listeners --user alice --since 1d"))
 assert set(output.SHOWN) == set(COLUMNS) == set(TABLES)

@@ -22,8 +22,8 @@ from .common import FittedTable, fit_table, human_bytes, screen_width, show_tabl
 
 # what a person wants to see per table; programs get every stored column
 SHOWN = {
-    "auth": ["time", "user", "client", "method", "key_fingerprint", "result", "reason"],
-    "sessions": ["id", "user", "client", "started_at", "duration", "end_reason", "up", "down"],
+    "auth": ["time", "user", "client", "method", "key_fingerprint", "result", "reason", "certificate"],
+    "sessions": ["id", "user", "client", "started_at", "duration", "end_reason", "up", "down", "certificate"],
     "channels": ["id", "session_id", "user", "kind", "target", "decision", "reason", "opened_at", "duration",
                  "up", "down", "close_reason"],
     "listeners": ["id", "session_id", "user", "listen", "decision", "reason", "opened_at", "duration",
@@ -32,11 +32,11 @@ SHOWN = {
 # free text: wraps at spaces, and a word too long for the column may lose its end ('…'), with the narrowest the
 # column may become (`what` names addresses: wide enough for one); every other column (ids, fingerprints,
 # addresses, times) is never broken
-_TEXT = {"reason": 16, "what": 24, "outcome": 12, "end_reason": 12, "close_reason": 12, "client_version": 12}
+_TEXT = {"certificate": 12, "reason": 16, "what": 24, "outcome": 12, "end_reason": 12, "close_reason": 12, "client_version": 12}
 # what goes first when the terminal is too narrow for all of SHOWN (`--json` and `--csv` keep everything)
 _DROP = {
-    "auth": ["method", "key_fingerprint", "client"],
-    "sessions": ["down", "up", "duration", "client"],
+    "auth": ["certificate", "method", "key_fingerprint", "client"],
+    "sessions": ["certificate", "down", "up", "duration", "client"],
     "channels": ["kind", "id", "down", "up", "duration", "close_reason", "session_id"],
     "listeners": ["id", "duration", "close_reason", "session_id"],
     "timeline": ["down", "up", "duration"],
@@ -100,6 +100,8 @@ def for_people(table: str, row: dict[str, Any]) -> dict[str, Any]:
     shown = dict(row)
     if "client_ip" in row:
         shown["client"] = _address(row["client_ip"], row["client_port"])
+    if row.get("cert_serial") is not None:  # (#21) the certificate that logged in: key id and serial
+        shown["certificate"] = f"{row.get('cert_key_id') or ''} #{row['cert_serial']}"
     if table == "channels":
         target = _address(row["target_host"], row["target_port"])
         if row.get("target_ip") and row["target_ip"] != row["target_host"]:
@@ -155,7 +157,7 @@ def write_csv(columns: list[str], rows: Iterable[dict[str, Any]]) -> None:
     writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow(row)
+        writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
 
 
 def timeline_table(entries: list[dict[str, Any]]) -> FittedTable:

@@ -27,9 +27,11 @@ from ..policy.certificates import (
 )
 from ..policy.decide import login_refusal, session_cap_refusal
 from ..policy.keys import weak_key_reason
+from ..policy.krl import Credential
 from ..policy.limits import is_exempt
 from ..policy.model import Policy
 from ..policy.netguard import canonical_address
+from ..policy.revocation import revocation_refusal
 from ..store.interface import PublicKey
 from .auth_log import AuthEvents
 from .banner import BannerSession
@@ -222,10 +224,13 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
                                                            frozenset(self._keys), utc_now()) \
                 or key_login_refusal(self._keys[fingerprint].options, ipaddress.ip_address(self.client_ip), utc_now())
             reason = reason or self.security_key_type_refusal(key)  # (#21) only security keys? security_keys.py
+            credential = Credential(bytes(key.public_data))
+            reason = reason or revocation_refusal(self._login_policy, self.ctx.revoked_keys, credential)  # (#21)
             if reason is None:
                 if not self.ctx.audit.healthy:
                     self._refuse_unaudited(fingerprint)
                     return False
+                self.credential = credential
                 self.key_fingerprint = fingerprint
                 self.key_options = self._keys[fingerprint].options  # from=, permitopen=, … of its line
                 self.certificate = None  # a certificate offered before this key does not log in
@@ -256,19 +261,23 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
         reason = certificate_refusal(self._login_policy, certificate, self.user, ipaddress.ip_address(self.client_ip),
                                      utc_now())
         reason = reason or self.security_key_type_refusal(key)  # (#21) only security keys? security_keys.py
+        credential = Credential(bytes(key.public_data), certificate.ca_key, certificate.serial, certificate.key_id)
+        reason = reason or revocation_refusal(self._login_policy, self.ctx.revoked_keys, credential)  # (#21)
         if reason is None:
             if not self.ctx.audit.healthy:
                 self._refuse_unaudited(fingerprint)
                 return False
             self._offered_ca = certificate.ca_fingerprint
             self.certificate = certificate
+            self.credential = credential
             self.key_fingerprint = fingerprint
             self.key_options = certificate_key_options(certificate)  # no permit-port-forwarding: no tunnels
             algorithm = key.get_algorithm()
             self._certificate_key_type = algorithm.decode() if isinstance(algorithm, bytes) else str(algorithm)
             return True
         self.auth_log.failed_publickey(key)
-        self._certificate_refused(fingerprint, f"certificate refused: {reason}: {describe_certificate(certificate)}")
+        self._certificate_refused(fingerprint, f"certificate refused: {reason}: {describe_certificate(certificate)}",
+                                  certificate)
         return False
 
     def certificate_unreadable(self, username: str, key_data: bytes, problem: str) -> None:
@@ -276,11 +285,12 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
         it, named by what it claims, and count it toward max_auth_tries like any refused key."""
         self._certificate_refused(None, unreadable_refusal(key_data, problem))
 
-    def _certificate_refused(self, fingerprint: str | None, reason: str) -> None:
+    def _certificate_refused(self, fingerprint: str | None, reason: str,
+                             certificate: Certificate | None = None) -> None:
         self.failed_auths += 1
         self.log.info("key %s refused: %s", fingerprint or "(certificate)", reason)
         self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure",
-                                   reason)
+                                   reason, certificate=certificate)
         if self.failed_auths >= self.ctx.config.max_auth_tries and self.conn is not None:
             self.log.info("too many authentication failures (%d)", self.failed_auths)
             self.auth_log.too_many_failures()
@@ -356,6 +366,8 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
             self.key_options = keys[self.key_fingerprint].options  # narrowed them meanwhile
             refusal = key_login_refusal(self.key_options, ipaddress.ip_address(self.client_ip), utc_now())
         refusal = refusal or self.second_factor_refusal(policy)  # (#21) a code the policy wants now
+        if refusal is None and self.credential is not None:  # (#21) revoked during the login (a KRL, an apply)
+            refusal = revocation_refusal(policy, self.ctx.revoked_keys, self.credential)
         refusal = refusal or self.security_key_session_refusal(  # (#21) security keys as the policy wants now
             policy, self._certificate_key_type if self.certificate is not None else keys[self.key_fingerprint].key_type)
         if self.conn is None:  # gone while we read: no session to record
@@ -364,7 +376,8 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
         if refusal is not None:
             self.log.info("login refused: %s during login", refusal)
             self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, self.auth_method,
-                                       self.key_fingerprint, "failure", f"{refusal} during login")
+                                       self.key_fingerprint, "failure", f"{refusal} during login",
+                                       certificate=self.certificate)
             self._forget_session()
             self.disconnect(f"login refused: {refusal}")
             return
@@ -374,7 +387,7 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
         if self.totp_verified:
             accepted += " with a verification code"
         self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, self.auth_method, self.key_fingerprint,
-                                   "success", accepted)
+                                   "success", accepted, certificate=self.certificate)
         self.log.info("logged in from %s:%d with %s%s", self.client_ip, self.client_port, self.key_fingerprint,
                       "" if self.certificate is None else f" ({accepted})")
         self._session_row_queued = True
@@ -387,6 +400,7 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
                 key_fingerprint=self.key_fingerprint,
                 client_version=str(self.conn.get_extra_info("client_version") or "")[:256],
                 started_at=self.started_at,
+                certificate=self.certificate,  # (#21) its columns
             ))
         except AuditUnavailable:
             self._forget_session()  # there is no row to end

@@ -17,6 +17,7 @@ from ..policy.authorized_keys import KeyOptions
 from ..policy.limits import SourcePenalties, StartupLimit
 from ..policy.model import CertAuthority, Policy
 from ..policy.netguard import NetGuard
+from ..policy.revocation import RevokedKeyFiles
 from ..policy.signing import with_home_authority
 from ..store.interface import AccessStore
 from .metrics import GatewayMetrics
@@ -114,6 +115,7 @@ class ServerContext:
     unauthenticated: int = 0
     dropping: bool = False  # inside a burst of startup-limit drops (audited once per burst)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)  # a no-op unless metrics_listen is set
+    revoked_keys: RevokedKeyFiles = field(default_factory=RevokedKeyFiles)  # the config's KRLs as last read (#21)
 
     sessions_by_user: dict[str, set["ChannelOwner"]] = field(default_factory=dict)
 

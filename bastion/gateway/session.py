@@ -14,7 +14,9 @@ from typing import Any
 from ..policy.authorized_keys import KeyOptions
 from ..policy.certificates import Certificate, certificate_session_refusal
 from ..policy.decide import evaluate, login_refusal
+from ..policy.krl import Credential
 from ..policy.model import Policy
+from ..policy.revocation import revocation_refusal
 from .context import ServerContext
 from .relay import Tunnel
 
@@ -35,6 +37,7 @@ class SessionChannels:
         self.key_fingerprint: str | None = None
         self.key_options = KeyOptions()  # the authorized_keys options of the key that logged in
         self.certificate: Certificate | None = None  # the user certificate that logged in, if one did (#21)
+        self.credential: Credential | None = None  # the key or certificate that logged in, for revocation (#21)
         self.end_reason: str | None = None
         self.session_committed: asyncio.Future | None = None  # the session row; channels wait for it
         self.tunnels: set[Tunnel] = set()
@@ -71,6 +74,8 @@ class SessionChannels:
             reason = certificate_session_refusal(policy, self.certificate.ca_fingerprint, self.user, now)
         else:
             reason = login_refusal(policy, self.user, self.key_fingerprint, fingerprints, now)
+        if reason is None and self.credential is not None:  # (#21) revoked by the policy or a revoked_keys file
+            reason = revocation_refusal(policy, self.ctx.revoked_keys, self.credential, live=True)
         if reason is not None:
             self.log.info("ending session: %s", reason)
             self.disconnect(reason)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..policy.file import PolicyFileError, parse_policy_bytes
-from ..policy.model import Policy
+from ..policy.model import Policy, RevokedList
 
 
 def load_policy_file(path: str | os.PathLike[str]) -> Policy:
@@ -43,6 +43,7 @@ def load_policy_files(paths: Iterable[Path]) -> tuple[Policy, list[Path]]:
     users: dict = {}
     groups: dict = {}
     cas: dict = {}
+    revoked = RevokedList()
     defined_in: dict[tuple[str, str], Path] = {}
     for path in files:
         policy = load_policy_file(path)
@@ -54,4 +55,7 @@ def load_policy_files(paths: Iterable[Path]) -> tuple[Policy, list[Path]]:
                     raise PolicyFileError(f"{path}: {section}.{name} is already defined in {first}; "
                                           "define each user, group and CA in one file")
                 merged[name] = entry
-    return Policy(users, groups, cas), files
+        # [revoked] (#21) may appear in several files: a revocation in any of them counts
+        revoked = RevokedList(*(tuple(dict.fromkeys(getattr(revoked, part) + getattr(policy.revoked, part)))
+                                for part in ("serials", "key_ids", "fingerprints")))
+    return Policy(users, groups, cas, revoked), files

@@ -48,6 +48,7 @@ class Certificate:
     critical_options: tuple[str, ...] = ()  # their names, e.g. ("source-address",)
     source_addresses: tuple[IPNetwork, ...] = ()  # the source-address option's networks
     extensions: frozenset[str] = field(default_factory=frozenset)  # e.g. {"permit-port-forwarding", "permit-pty"}
+    ca_key: bytes = b""  # the CA's public key blob (#21: revocation of a CA by key or hash); b"" if not known
 
 
 def key_fingerprint(line: str) -> str | None:
@@ -195,7 +196,7 @@ def read_certificate_blob(blob: bytes) -> Certificate | None:
         key_id=key_id, serial=serial, user_certificate=cert_type == 1, principals=tuple(principals),
         valid_after=valid_after, valid_before=valid_before,
         ca_fingerprint="SHA256:" + base64.b64encode(hashlib.sha256(ca_key).digest()).decode().rstrip("="),
-        critical_options=critical, extensions=frozenset(extensions),
+        critical_options=critical, extensions=frozenset(extensions), ca_key=ca_key,
     )
 
 

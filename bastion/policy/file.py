@@ -24,6 +24,11 @@ form "FILE:LINE: what is wrong; expected what", so an operator can fix it withou
     require_known_user = true                           # default: the login user must be a [users.NAME]
     principals_as_groups = false                        # default (true is not supported yet)
 
+    [revoked]                                           # refused even where a CA or the store accepts (#21)
+    serials = { corp = [7, "10-20"] }                   # certificate serials per CA: numbers or "LOW-HIGH"
+    key_ids = ["alice@old-laptop"]                      # certificate key ids, of any CA
+    fingerprints = ["SHA256:..."]                       # keys: plain, a certificate's key, or a CA's key
+
 tomllib reports no positions for values, so semantic errors find their line by searching the
 text for the table, key and value in turn; a good guess is worth more than no line at all.
 """
@@ -44,6 +49,7 @@ from .keys import describe_key, weak_key_reason
 from .model import (
     CertAuthority,
     ListenRule,
+    RevokedList,
     parse_listen_rule,
     NAME_HINT,
     GroupPolicy,
@@ -67,6 +73,9 @@ USER_KEYS += SECURITY_KEY_FLAGS
 GROUP_KEYS += SECURITY_KEY_FLAGS
 RULE_KEYS = ("target", "expires")
 CA_KEYS = ("key", "keys", "principals_as_groups", "require_known_user")
+REVOKED_KEYS = ("serials", "key_ids", "fingerprints")
+_SERIAL_MAX = 2**64 - 1
+_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _RULE_HINT = '; expected HOST[:PORTS] such as "10.1.2.3:22", "*.corp.internal:22,443" or "[fd00::/64]:22"'
 _TIME_HINT = "a TOML date-time with a timezone such as 2027-01-31T00:00:00Z"
@@ -149,7 +158,8 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
             "keys": list(ca.keys),
             "principals_as_groups": ca.principals_as_groups,
             "require_known_user": ca.require_known_user,
-        } for name, ca in policy.cas.items()}} if policy.cas else {})  # absent when none: older readers agree
+        } for name, ca in policy.cas.items()}} if policy.cas else {}) \
+      | ({"revoked": revoked_to_dict(policy.revoked)} if policy.revoked else {})  # (#21) absent when empty
 
 
 def policy_from_dict(data: dict[str, Any]) -> Policy:
@@ -161,6 +171,7 @@ def policy_from_dict(data: dict[str, Any]) -> Policy:
             groups={name: _group_from_json(name, group)
                     for name, group in _mapping(data.get("groups", {}), "groups").items()},
             cas={name: _ca_from_json(name, ca) for name, ca in _mapping(data.get("cas", {}), "cas").items()},
+            revoked=_revoked_from_json(_mapping(data.get("revoked", {}), "revoked")),
         )
     except (PolicyError, TypeError, AttributeError) as err:
         raise PolicyFileError(f"<stored policy>: {err}") from None
@@ -227,6 +238,53 @@ def _ca_from_json(name: str, data: dict[str, Any]) -> CertAuthority:
                          require_known_user=bool(data.get("require_known_user", True)))
 
 
+def revoked_to_dict(revoked: RevokedList) -> dict[str, Any]:
+    """[revoked] as the file writes it: serials per CA as numbers or "LOW-HIGH", key ids, fingerprints."""
+    serials: dict[str, list[int | str]] = {}
+    for ca, low, high in revoked.serials:
+        serials.setdefault(ca, []).append(low if low == high else f"{low}-{high}")
+    return {"serials": serials, "key_ids": list(revoked.key_ids), "fingerprints": list(revoked.fingerprints)}
+
+
+def parse_serials(value: Any) -> tuple[tuple[int, int], ...]:
+    """A list of serials, each a number or "LOW-HIGH" (1 <= LOW <= HIGH <= 2**64-1); raises PolicyError."""
+    if not isinstance(value, list):
+        raise PolicyError('must be a list of serial numbers or "LOW-HIGH" ranges')
+    ranges = []
+    for item in value:
+        if isinstance(item, bool):
+            raise PolicyError(f"serial {item!r} is not a number")
+        if isinstance(item, int):
+            low = high = item
+        elif isinstance(item, str) and re.fullmatch(r"\s*\d{1,20}\s*(-\s*\d{1,20}\s*)?", item):
+            low_text, _, high_text = item.partition("-")
+            low, high = int(low_text), int(high_text or low_text)
+        else:
+            raise PolicyError(f'serial {str(item)[:40]!r} is not a number or a "LOW-HIGH" range')
+        if not 1 <= low <= high <= _SERIAL_MAX:
+            raise PolicyError(f"serial range {low}-{high} is outside 1..{_SERIAL_MAX} or runs backwards")
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+def check_fingerprint(value: Any) -> str:
+    """A key's "SHA256:…" fingerprint as `ssh-keygen -l` prints it; raises PolicyError."""
+    if not isinstance(value, str) or not _FINGERPRINT.fullmatch(value.strip()):
+        raise PolicyError(f"fingerprint {str(value)[:60]!r} is not SHA256:<43 base64 characters> "
+                          "(as ssh-keygen -l prints it)")
+    return value.strip()
+
+
+def _revoked_from_json(data: dict[str, Any]) -> RevokedList:
+    serials = _mapping(data.get("serials", {}), "revoked.serials")
+    return RevokedList(
+        serials=tuple((_check_name("CA", ca), low, high) for ca, items in serials.items()
+                      for low, high in parse_serials(items)),
+        key_ids=tuple(str(k) for k in data.get("key_ids", ())),
+        fingerprints=tuple(check_fingerprint(f) for f in data.get("fingerprints", ())),
+    )
+
+
 def _listen_from_json(item: str | dict[str, Any]) -> ListenRule:
     if isinstance(item, str):
         return parse_listen_rule(item)
@@ -289,9 +347,9 @@ class _FileReader:
 
     def policy(self, data: dict[str, Any]) -> Policy:
         for key in data:
-            if key not in ("users", "groups", "cas"):
+            if key not in ("users", "groups", "cas", "revoked"):
                 self._fail(f"unknown top-level key {key!r}; expected [users.NAME] or [groups.NAME] tables, "
-                           "or [cas.NAME] for a user certificate authority", key)
+                           "[cas.NAME] for a user certificate authority, or [revoked]", key)
         users = self._tables(data.get("users", {}), "users")
         groups = self._tables(data.get("groups", {}), "groups")
         cas = self._tables(data.get("cas", {}), "cas")
@@ -299,7 +357,43 @@ class _FileReader:
             users={name: self._user(name, table) for name, table in users.items()},
             groups={name: self._group(name, table) for name, table in groups.items()},
             cas={name: self._ca(name, table) for name, table in cas.items()},
+            revoked=self._revoked(data.get("revoked", {})),
         )
+
+    def _revoked(self, table: Any) -> RevokedList:
+        """[revoked] (#21): serials = { CA = [7, "10-20"] }, key_ids = [...], fingerprints = ["SHA256:..."]."""
+        if not isinstance(table, dict):
+            self._fail("revoked must be a table: [revoked] with serials, key_ids, fingerprints", "revoked")
+        self._known_keys(table, REVOKED_KEYS, ("revoked",))  # type: ignore[arg-type]
+        serials = table.get("serials", {})
+        if not isinstance(serials, dict):
+            self._fail('revoked.serials must be a table of CA names, e.g. serials = { corp = [7, "10-20"] }',
+                       "revoked", "serials")
+        found = []
+        for ca, items in serials.items():
+            if not valid_name(ca):
+                self._fail(f"revoked.serials: CA name {ca[:40]!r} is not valid; expected {NAME_HINT}",
+                           "revoked", "serials", ca)
+            try:
+                found += [(ca, low, high) for low, high in parse_serials(items)]
+            except PolicyError as err:
+                self._fail(f"revoked.serials.{ca}: {err}; expected e.g. [7, \"10-20\"]", "revoked", "serials", ca)
+        key_ids = table.get("key_ids", [])
+        if not isinstance(key_ids, list) or not all(isinstance(k, str) and k for k in key_ids):
+            self._fail("revoked.key_ids must be a list of certificate key ids (non-empty strings)",
+                       "revoked", "key_ids")
+        fingerprints = table.get("fingerprints", [])
+        if not isinstance(fingerprints, list):
+            self._fail('revoked.fingerprints must be a list of "SHA256:..." key fingerprints', "revoked",
+                       "fingerprints")
+        checked = []
+        for value in fingerprints:
+            try:
+                checked.append(check_fingerprint(value))
+            except PolicyError as err:
+                self._fail(f"revoked.fingerprints: {err}", "revoked", "fingerprints", str(value)[:60])
+        return RevokedList(serials=tuple(dict.fromkeys(found)), key_ids=tuple(dict.fromkeys(key_ids)),
+                           fingerprints=tuple(dict.fromkeys(checked)))
 
     def _tables(self, value: Any, kind: str) -> dict[str, dict[str, Any]]:
         if not isinstance(value, dict):
@@ -475,6 +569,10 @@ def to_toml(data: dict) -> str:
     """The policy dict as TOML: [cas.NAME] / [groups.NAME] / [users.NAME] tables of strings, booleans, lists and
     inline tables."""
     lines: list[str] = []
+    if data.get("revoked"):  # (#21) one table, not a table per name
+        lines.append("[revoked]")
+        lines += [f"{key} = {_toml_value(key, value)}" for key, value in data["revoked"].items() if value]
+        lines.append("")
     for section in ("cas", "groups", "users"):
         for name, entry in data.get(section, {}).items():
             lines.append(f"[{section}.{name}]")

@@ -348,12 +348,27 @@ class CertAuthority:
 
 
 @dataclass(frozen=True, slots=True)
+class RevokedList:
+    """The policy's `[revoked]` table (#21): certificates and keys refused even where a CA or the store accepts
+    them (policy/revocation.py). `serials`: (CA name, low, high) inclusive; `key_ids`: certificate key ids, of any
+    CA; `fingerprints`: "SHA256:…" of keys -- a plain key, a certificate's key, or a CA's key (all it signed)."""
+
+    serials: tuple[tuple[str, int, int], ...] = ()
+    key_ids: tuple[str, ...] = ()
+    fingerprints: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.serials or self.key_ids or self.fingerprints)
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """All users, groups and trusted user CAs; an immutable value, swapped whole on reload."""
 
     users: Mapping[str, UserPolicy] = field(default_factory=dict)
     groups: Mapping[str, GroupPolicy] = field(default_factory=dict)
     cas: Mapping[str, CertAuthority] = field(default_factory=dict)
+    revoked: RevokedList = field(default_factory=RevokedList)  # [revoked] (#21)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "users", MappingProxyType(dict(self.users)))
@@ -366,7 +381,7 @@ class Policy:
         not policy: the result carries none (the store keeps them)."""
         users = {name: UserPolicy(name=name) for name in current.users}
         users.update({name: dataclasses.replace(user, keys=None) for name, user in self.users.items()})
-        return Policy(users, self.groups, self.cas)
+        return Policy(users, self.groups, self.cas, self.revoked)
 
     def problems(self) -> list[str]:
         """Inconsistencies worth a warning that do not stop the policy from loading."""

@@ -28,6 +28,7 @@ from . import event_loop, sd_notify
 from .control import serve_lock, start_control_server
 from .home import HomeAuthority, load_host_keys
 from .metrics import Metrics, start_metrics_server
+from .revoked_keys import RevokedKeysWatcher
 
 log = logging.getLogger("bastion.service")
 
@@ -56,6 +57,7 @@ class Gateway:
             self.metrics.watch(self.context)
             self.audit.observer = self.metrics.audited
         self._metrics_server: asyncio.AbstractServer | None = None
+        self.revoked_keys = RevokedKeysWatcher(self.context, self.revalidate)  # revoked_keys files (#21)
         self.metrics_address: tuple[str, int] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._control: asyncio.AbstractServer | None = None
@@ -69,6 +71,7 @@ class Gateway:
         # Host keys as pairs that sign with ssh-ed25519 and rsa-sha2-* only (transport/algorithms.py); a weak
         # one is refused here, before anything is started.
         host_keys = transport.host_key_pairs(load_host_keys(self.config))
+        self.revoked_keys.load()  # (#21) before the first login; a file that cannot be read refuses them
         self.audit.start(recover=self.worker is None)  # with workers, the supervisor recovered once
         if self.metrics is not None:
             try:
@@ -88,6 +91,7 @@ class Gateway:
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
         self._control = await start_control_server(self.config.home, self.handle_control, self.worker)
+        self.revoked_keys.start()
         await self.context.policy.current()  # loads the policy and schedules the first expiry
 
     async def _listen(self, host_keys: list[asyncssh.SSHKeyPair]) -> asyncio.AbstractServer:
@@ -227,6 +231,7 @@ class Gateway:
         self.context.config = config
         self.context.guard = make_guard(config)
         self.context.startup_limit = StartupLimit.parse(config.max_startups)
+        asyncio.ensure_future(self.revoked_keys.check(force=True))  # (#21) the files again, perhaps others
         log.info("configuration reloaded")
         sd_notify.ready()
 
@@ -243,6 +248,7 @@ class Gateway:
             self._control.close()
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
+        self.revoked_keys.stop()
         ctx = self.context
         if ctx.connections:
             log.info("stopping: %d connections, %d tunnels open; draining for up to %gs",

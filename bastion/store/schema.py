@@ -170,6 +170,33 @@ MIGRATIONS: tuple[str, ...] = (
         enrolled_at TEXT NOT NULL
     ) STRICT;
     """,
+    # 7 (#21): the policy's [revoked] list, declared state like cas; and the certificate that logged in, on the
+    # auth and session rows (NULL for a key login and for rows written before). A serial is a uint64: TEXT.
+    """
+    CREATE TABLE revoked (
+        kind TEXT NOT NULL CHECK (kind IN ('serial', 'key_id', 'fingerprint')),
+        ca TEXT NOT NULL DEFAULT '',       -- serials: the CA's name in the policy
+        value TEXT NOT NULL,               -- serials "LOW-HIGH"; key ids and "SHA256:..." as written
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (kind, ca, value)
+    ) STRICT;
+    ALTER TABLE auth ADD COLUMN cert_key_id TEXT;
+    ALTER TABLE auth ADD COLUMN cert_serial TEXT;          -- decimal
+    ALTER TABLE auth ADD COLUMN cert_ca TEXT;              -- SHA256:... of the CA key
+    ALTER TABLE auth ADD COLUMN cert_principals TEXT;      -- JSON array
+    ALTER TABLE auth ADD COLUMN cert_valid_after TEXT;     -- ISO 8601 UTC
+    ALTER TABLE auth ADD COLUMN cert_valid_before TEXT;    -- ISO 8601 UTC, or "forever"
+    ALTER TABLE sessions ADD COLUMN cert_key_id TEXT;
+    ALTER TABLE sessions ADD COLUMN cert_serial TEXT;
+    ALTER TABLE sessions ADD COLUMN cert_ca TEXT;
+    ALTER TABLE sessions ADD COLUMN cert_principals TEXT;
+    ALTER TABLE sessions ADD COLUMN cert_valid_after TEXT;
+    ALTER TABLE sessions ADD COLUMN cert_valid_before TEXT;
+    CREATE INDEX auth_cert_serial ON auth (cert_serial) WHERE cert_serial IS NOT NULL;
+    CREATE INDEX auth_cert_key_id ON auth (cert_key_id) WHERE cert_key_id IS NOT NULL;
+    CREATE INDEX sessions_cert_serial ON sessions (cert_serial) WHERE cert_serial IS NOT NULL;
+    CREATE INDEX sessions_cert_key_id ON sessions (cert_key_id) WHERE cert_key_id IS NOT NULL;
+    """,
 )
 
 

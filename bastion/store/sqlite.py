@@ -15,7 +15,7 @@ from ..clock import iso, utc_now
 from ..errors import StoreError
 from ..policy.file import policy_from_dict, policy_to_dict
 from ..policy.authorized_keys import KeyOptions, parse_options, split_line
-from ..policy.model import NAME_HINT, NAME_PATTERN, Policy, PolicyError, UserPolicy
+from ..policy.model import NAME_HINT, NAME_PATTERN, Policy, PolicyError, RevokedList, UserPolicy
 from .interface import PublicKey
 from .schema import migrate, open_database
 
@@ -210,10 +210,12 @@ class Store:
             users = self._db.execute("SELECT name, definition FROM users").fetchall()
             groups = self._db.execute("SELECT name, definition FROM groups").fetchall()
             cas = self._db.execute("SELECT name, definition FROM cas").fetchall()
+            revoked = self._db.execute("SELECT kind, ca, value FROM revoked ORDER BY rowid").fetchall()
         data = {
             "users": {name: json.loads(definition) for name, definition in users},
             "groups": {name: json.loads(definition) for name, definition in groups},
             "cas": {name: json.loads(definition) for name, definition in cas},
+            "revoked": _revoked_data(revoked),  # (#21)
         }
         return version, policy_from_dict(data)
 
@@ -290,6 +292,10 @@ class Store:
                             "updated_at = excluded.updated_at",
                             [name, json.dumps(definition), now],
                         )
+                    self._db.execute("DELETE FROM revoked")  # (#21) declared state: the files' list only
+                    self._db.conn.executemany(
+                        "INSERT OR IGNORE INTO revoked (kind, ca, value, updated_at) VALUES (?, ?, ?, ?)",
+                        [(kind, ca, value, now) for kind, ca, value in _revoked_rows(plan.target.revoked)])
                     for name, key in plan.keys_removed:
                         self._db.execute("DELETE FROM user_keys WHERE user = ? AND fingerprint = ? "
                                          "AND source = 'policy'", [name, key.fingerprint])
@@ -336,6 +342,24 @@ class Store:
 
     def _bump_policy_version(self) -> None:
         self._db.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'policy_version'")
+
+
+def _revoked_rows(revoked: RevokedList) -> list[tuple[str, str, str]]:
+    """The [revoked] list as rows of the `revoked` table (#21)."""
+    return ([("serial", ca, f"{low}-{high}") for ca, low, high in revoked.serials]
+            + [("key_id", "", key_id) for key_id in revoked.key_ids]
+            + [("fingerprint", "", fingerprint) for fingerprint in revoked.fingerprints])
+
+
+def _revoked_data(rows: list[tuple[str, str, str]]) -> dict:
+    """The `revoked` table's rows as policy_from_dict reads them."""
+    data: dict = {"serials": {}, "key_ids": [], "fingerprints": []}
+    for kind, ca, value in rows:
+        if kind == "serial":
+            data["serials"].setdefault(ca, []).append(value)
+        else:
+            data[f"{kind}s"].append(value)
+    return data
 
 
 def _user_definition(user: UserPolicy) -> dict:

@@ -45,6 +45,7 @@ def certificate_fields(cert: Any) -> Certificate:
         critical_options=tuple(name for name in _CRITICAL if name in options),
         source_addresses=tuple(options.get("source-address") or ()),
         extensions=frozenset(name for name, value in options.items() if name not in _CRITICAL and value is True),
+        ca_key=bytes(cert.signing_key.public_data),
     )
 
 

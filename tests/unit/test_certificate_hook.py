@@ -69,7 +69,8 @@ def test_the_server_sees_the_certificate_as_plain_values_and_may_accept_it():
         valid_before=4_000_000_000, ca_fingerprint=ca.get_fingerprint("sha256"), critical_options=("source-address",),
         source_addresses=(ip_network("10.0.0.0/8"), ip_network("127.0.0.1/32")),
         extensions=frozenset({"permit-X11-forwarding", "permit-agent-forwarding", "permit-port-forwarding",
-                              "permit-user-rc"}))
+                              "permit-user-rc"}),
+        ca_key=bytes(ca.public_data))  # (#21) for revocation of the CA by key or hash
 
 
 @pytest.mark.parametrize("host", [False, True])
