@@ -143,3 +143,47 @@ def test_a_bad_require_totp_names_file_and_line(text, message):
 def test_a_stored_policy_with_a_bad_flag_is_refused():
     with pytest.raises(PolicyFileError, match="users.alice.require_totp must be true or false"):
         policy_from_dict({"users": {"alice": {"require_totp": "true"}}})
+
+
+# ---- the gateway's half: which methods are offered when, and the fail-closed check -----------------------
+
+class _Events:
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _login(user: str):
+    from bastion.gateway.totp import SecondFactor
+
+    login = SecondFactor()
+    login.user, login.key_fingerprint, login._totp_needed = user, "SHA256:x", totp_required(POLICY, user)
+    login._totp_secret = (SECRET, None)
+    login.log = login.auth_log = _Events()
+    return login
+
+
+def test_a_user_who_needs_a_code_is_offered_keys_then_only_keyboard_interactive():
+    login = _login("alice")
+    assert login.public_key_auth_supported() and not login.kbdint_auth_supported()
+    assert login.more_auth_required("alice", "publickey") is True  # partial success
+    assert not login.public_key_auth_supported() and login.kbdint_auth_supported()
+    assert login.auth_method == "publickey+totp"
+    assert login.second_factor_refusal(POLICY) == "a verification code is required"  # no code given yet
+    login.totp_verified = True
+    assert login.more_auth_required("alice", "keyboard-interactive") is False and not login.kbdint_auth_supported()
+    assert login.second_factor_refusal(POLICY) is None
+
+
+def test_a_user_without_totp_logs_in_with_the_key_alone():
+    login = _login("dave")
+    assert login.more_auth_required("dave", "publickey") is False
+    assert login.public_key_auth_supported() and not login.kbdint_auth_supported()
+    assert login.auth_method == "publickey" and login.second_factor_refusal(POLICY) is None
+
+
+def test_a_session_without_the_code_is_refused_when_the_policy_wants_one_now():
+    """Fail closed: without transport/partial_auth.py's hook asyncssh logs a key straight in; _begin_session then
+    finds the code missing. Also when require_totp was switched on while the client was logging in."""
+    login = _login("dave")
+    stricter = Policy(users={"dave": UserPolicy("dave", require_totp=True)})
+    assert login.second_factor_refusal(stricter) == "a verification code is required"
