@@ -50,6 +50,7 @@ DECISIONS = frozenset({"allow", "deny"})
 AUTH_REASONS: tuple[tuple[str, Any], ...] = (
     ("audit_unavailable", lambda r: r.startswith("audit log unavailable")),
     ("second_factor", lambda r: "verification code" in r),  # wrong, used, required, not enrolled (#21)
+    ("revoked", lambda r: "revoked" in r),  # a key, certificate or CA revoked (KRL or policy), or unreadable list
     ("changed_during_login", lambda r: r.endswith(" during login")),
     ("certificate", lambda r: r.startswith("certificate refused")),
     ("unknown_key", lambda r: r == "key not accepted"),

@@ -70,6 +70,9 @@ def test_a_bad_address_is_one_line_naming_file_and_key(tmp_path, text, message):
     ("failure", "verification code already used", "second_factor"),
     ("failure", "verification code required but none enrolled", "second_factor"),
     ("failure", "a verification code is required during login", "second_factor"),
+    ("failure", "key SHA256:abc revoked by the policy", "revoked"),
+    ("failure", "certificate refused: certificate serial 7 revoked: key id 'x'", "revoked"),
+    ("failure", "revoked keys cannot be checked (unreadable); refusing key and certificate logins", "revoked"),
     ("failure", "something new nobody classified", "other"),
 ])
 def test_audited_login_reasons_fall_into_a_few_classes(result, reason, expected):
