@@ -86,11 +86,12 @@ def banner_text(connection: ChannelOwner, policy) -> str:
     here = connection.ctx.config.public_name or _local_address(connection)
     lines = [f"Hello {user}. This is bastion, an SSH jump host: it forwards connections, it runs no commands."]
     now = utc_now()
-    grants = [(origin, rule) for origin, rule in policy.grants_for(user) if not rule.expired(now)]
+    extra = connection.extra_groups(policy)  # a certificate's principals as groups (#21)
+    grants = [(origin, rule) for origin, rule in policy.grants_for(user, extra) if not rule.expired(now)]
     if grants:
         lines.append("You may reach:")
         lines += _rule_lines(grants)
-        denials = [(origin, rule) for origin, rule in policy.denials_for(user) if not rule.expired(now)]
+        denials = [(origin, rule) for origin, rule in policy.denials_for(user, extra) if not rule.expired(now)]
         if denials:
             lines.append("Except:")
             lines += _rule_lines(denials)
@@ -104,7 +105,7 @@ def banner_text(connection: ChannelOwner, policy) -> str:
                 lines.append(f"  ssh -N -L {port}:{host}:{port} {user}@{here}")
     else:
         lines.append("You may not reach any target yet; ask your bastion admin for a grant.")
-    listens = [(origin, rule) for origin, rule in policy.rules_for(user, "listen") if not rule.expired(now)]
+    listens = [(origin, rule) for origin, rule in policy.rules_for(user, "listen", extra) if not rule.expired(now)]
     if listens:
         lines.append("You may listen (ssh -R) on:")
         lines += _rule_lines(listens)
@@ -146,7 +147,8 @@ def _example_target(policy, connection: ChannelOwner, grants) -> tuple[str, int]
         candidates += [(address, port) for address in itertools.islice(hosts, 16)]
     candidates.sort(key=lambda candidate: candidate[1] != 22)
     for address, port in candidates:
-        request = AccessRequest(user=connection.user, host=address, addresses=(address,), port=port, now=now)
+        request = AccessRequest(user=connection.user, host=address, addresses=(address,), port=port, now=now,
+                                extra_groups=connection.extra_groups(policy))
         if evaluate(policy, connection.ctx.guard, request).allowed:
             return str(address), port
     return None

@@ -103,7 +103,8 @@ def _refusal_before_open(connection: ChannelOwner, tunnel: Tunnel, decided_with:
         return tunnel.close_reason or "SSH connection closed"
     latest = connection.ctx.policy.latest
     if latest is not None and latest is not decided_with and tunnel.request is not None:
-        decision = evaluate(latest, connection.ctx.guard, replace(tunnel.request, now=utc_now()))
+        request = replace(tunnel.request, now=utc_now(), extra_groups=connection.extra_groups(latest))
+        decision = evaluate(latest, connection.ctx.guard, request)
         if not decision.allowed:
             tunnel.close_reason = f"revoked: {decision.reason}"
             return tunnel.close_reason
@@ -125,7 +126,8 @@ async def _decide(
     else:
         addresses = (host,)
     policy = await connection.ctx.policy.current()
-    request = AccessRequest(user=connection.user, host=host, addresses=addresses, port=port, now=now)
+    request = AccessRequest(user=connection.user, host=host, addresses=addresses, port=port, now=now,
+                            extra_groups=connection.extra_groups(policy))
     return evaluate(policy, connection.ctx.guard, request), request, policy
 
 

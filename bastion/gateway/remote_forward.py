@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import random
+from dataclasses import replace
 
 import asyncssh
 
@@ -46,7 +47,8 @@ class RemoteListener(asyncssh.SSHListener):
         return self.request.port
 
     def recheck(self, policy: Policy, now) -> Decision:
-        return evaluate_listen(policy, self.request.with_time(now))
+        request = replace(self.request.with_time(now), extra_groups=self.connection.extra_groups(policy))
+        return evaluate_listen(policy, request)
 
     @property
     def closed(self) -> bool:
@@ -161,8 +163,9 @@ async def open_listener(connection: ChannelOwner, wire_host: str, wire_port: int
     now = utc_now()
     try:
         bind = parse_bind_address(wire_host)
-        request = ListenRequest(user=connection.user, bind=bind, port=wire_port, now=now)
         policy = await ctx.policy.current()
+        request = ListenRequest(user=connection.user, bind=bind, port=wire_port, now=now,
+                                extra_groups=connection.extra_groups(policy))
         decision = evaluate_listen(policy, request)
         narrowed = key_listen_refusal(connection.key_options, wire_host, wire_port) if decision.allowed else None
         decision = Decision(False, narrowed, None, None) if narrowed else decision
@@ -223,7 +226,7 @@ async def _bind(
     if request.port != 0:
         candidates = [request.port]
     else:
-        ranges = listen_ranges(policy, request.user, request.bind, request.now)
+        ranges = listen_ranges(policy, request.user, request.bind, request.now, request.extra_groups)
         candidates = _port_candidates(ranges)
         if not candidates:
             return None, f"{connection.user} has no port range granted on {request.bind}"

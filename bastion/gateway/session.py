@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..policy.authorized_keys import KeyOptions
-from ..policy.certificates import Certificate, certificate_session_refusal
+from ..policy.certificates import Certificate, certificate_groups, certificate_session_refusal
 from ..policy.decide import evaluate, login_refusal
 from ..policy.krl import Credential
 from ..policy.model import Policy
@@ -64,6 +64,13 @@ class SessionChannels:
             "bytes_down": self.bytes_down + sum(t.bytes_down for t in self.tunnels),
         }
 
+    def extra_groups(self, policy: Policy) -> tuple[str, ...]:
+        """The groups whose rules this session has besides its user's (#21): the certificate's principals that
+        name groups, where its CA says principals_as_groups = true; () for a key login."""
+        if self.certificate is None:
+            return ()
+        return certificate_groups(policy, self.certificate, self.user)
+
     def revalidate(self, policy: Policy, fingerprints: frozenset[str], now) -> list[str]:
         """Re-check a live session against the access now in force (after a policy or user change, or an
         expiry). Ends the session if its user or key is gone or expired; closes tunnels and listeners that
@@ -84,7 +91,8 @@ class SessionChannels:
         for tunnel in list(self.tunnels):
             if tunnel.request is None:  # an inbound -R connection: it lives with its listener's session
                 continue
-            decision = evaluate(policy, self.ctx.guard, replace(tunnel.request, now=now))
+            decision = evaluate(policy, self.ctx.guard,
+                                replace(tunnel.request, now=now, extra_groups=self.extra_groups(policy)))
             if not decision.allowed:  # pending opens too: they are in the set from the moment they are decided
                 self.log.info("closing tunnel %s: %s", tunnel.channel_id, decision.reason)
                 tunnel.revoke(f"revoked: {decision.reason}")

@@ -106,6 +106,17 @@ def certificate_refusal(policy: Policy, cert: Certificate, user: str, address: I
     return known_user_refusal(policy, authority, user, now)
 
 
+def certificate_groups(policy: Policy, cert: Certificate, user: str) -> tuple[str, ...]:
+    """The groups whose rules a session that logged in as `user` with `cert` has besides the user's own: where the
+    CA that signed it says principals_as_groups = true, each principal other than the login user that names a
+    group of the policy (#21). The login user must still be a principal (certificate_refusal): a certificate for
+    a group alone logs nobody in. Computed from the policy in force, so a change to the CA or groups counts."""
+    authority = trusted_authority(policy, cert.ca_fingerprint)
+    if authority is None or not authority.principals_as_groups:
+        return ()
+    return tuple(dict.fromkeys(name for name in cert.principals if name != user and name in policy.groups))
+
+
 def known_user_refusal(policy: Policy, authority: CertAuthority, user: str, now: datetime) -> str | None:
     """Why `user` may not log in (or stay logged in) with a certificate of `authority`: unknown where the CA
     requires known users, or expired. None if they may."""

@@ -20,14 +20,17 @@ from .model import (
     ListenRequest,
     ListenRule,
     Policy,
+    UserPolicy,
     format_time,
 )
 from .netguard import IPAddress, NetGuard, canonical_address
 
 
 def evaluate(policy: Policy, guard: NetGuard, request: AccessRequest) -> Decision:
-    """Decide `request`; the order of checks is in the module docstring."""
-    user = policy.users.get(request.user)
+    """Decide `request`; the order of checks is in the module docstring. `request.extra_groups` (a certificate's
+    principals naming groups, #21) add those groups' rules; an unknown user with some (its CA does not require
+    known users) has their rules only."""
+    user = _user(policy, request.user, request.extra_groups)
     if user is None:
         return _deny(f"unknown user{ASK_ACCESS}")
     now = request.now
@@ -42,12 +45,12 @@ def evaluate(policy: Policy, guard: NetGuard, request: AccessRequest) -> Decisio
         if reason is not None:
             return _deny(reason)
 
-    for origin, rule in policy.denials_for(user.name):
+    for origin, rule in policy.denials_for(user.name, request.extra_groups):
         if not rule.expired(now) and any(
                 rule.matches(request.host, a, request.port) for a in addresses):
             return _deny(f"{endpoint} is denied by policy{ASK_EXCEPTION}", f"{origin}: {rule.text}")
 
-    grants = [(origin, rule) for origin, rule in policy.grants_for(user.name)
+    grants = [(origin, rule) for origin, rule in policy.grants_for(user.name, request.extra_groups)
               if not rule.expired(now)]
     deciding: str | None = None
     for address in addresses:
@@ -57,6 +60,15 @@ def evaluate(policy: Policy, guard: NetGuard, request: AccessRequest) -> Decisio
             return _deny(f"{user.name} may not reach {endpoint}{ASK_GRANT}")
         deciding = deciding or match
     return Decision(True, "granted", deciding, addresses[0])
+
+
+def _user(policy: Policy, name: str, extra_groups: tuple[str, ...]) -> UserPolicy | None:
+    """The user deciding a request: the policy's, or for an unknown user with extra groups one with no rules
+    of its own (its certificate's CA lets unknown users in, and its principals name the groups)."""
+    user = policy.users.get(name)
+    if user is None and any(group in policy.groups for group in extra_groups):
+        return UserPolicy(name=name)
+    return user
 
 
 def _deny(reason: str, rule: str | None = None) -> Decision:
@@ -81,20 +93,21 @@ def next_expiry(policy: Policy, now: datetime) -> datetime | None:
     return min(future, default=None)
 
 
-def _listen_rules(policy: Policy, user: str, now: datetime) -> list[tuple[str, ListenRule]]:
-    return [(origin, rule) for origin, rule in policy.rules_for(user, "listen") if not rule.expired(now)]
+def _listen_rules(policy: Policy, user: str, now: datetime,
+                  extra_groups: tuple[str, ...] = ()) -> list[tuple[str, ListenRule]]:
+    return [(origin, rule) for origin, rule in policy.rules_for(user, "listen", extra_groups) if not rule.expired(now)]
 
 
 def evaluate_listen(policy: Policy, request: ListenRequest) -> Decision:
     """Deny unless an unexpired listen rule of the user or its groups grants this bind and port."""
-    user = policy.users.get(request.user)
+    user = _user(policy, request.user, request.extra_groups)
     if user is None:
         return Decision(False, f"unknown user{ASK_ACCESS}", None, None)
     if user.expires is not None and request.now >= user.expires:
         return Decision(False, f"access for {user.name} expired{ASK_RENEWAL}", None, None)
     if not 0 <= request.port <= 65535:
         return Decision(False, "port must be 0..65535", None, None)
-    for origin, rule in _listen_rules(policy, request.user, request.now):
+    for origin, rule in _listen_rules(policy, request.user, request.now, request.extra_groups):
         if rule.matches(request.bind, request.port):
             return Decision(True, "granted", f"{origin}: {rule.text}", request.bind)
     where = f"[{request.bind}]" if request.bind.version == 6 else str(request.bind)
@@ -102,10 +115,11 @@ def evaluate_listen(policy: Policy, request: ListenRequest) -> Decision:
     return Decision(False, f"{request.user} may not listen on {where}:{port}{ASK_GRANT}", None, None)
 
 
-def listen_ranges(policy: Policy, user: str, bind: IPAddress, now: datetime) -> list[tuple[int, int]]:
-    """The port ranges granted to `user` on `bind` now (for port 0)."""
+def listen_ranges(policy: Policy, user: str, bind: IPAddress, now: datetime,
+                  extra_groups: tuple[str, ...] = ()) -> list[tuple[int, int]]:
+    """The port ranges granted to `user` (with a certificate's `extra_groups`) on `bind` now (for port 0)."""
     ranges: list[tuple[int, int]] = []
-    for _, rule in _listen_rules(policy, user, now):
+    for _, rule in _listen_rules(policy, user, now, extra_groups):
         if rule.bind == bind:
             ranges.extend(r for r in rule.ports.ranges if r not in ranges)
     return ranges

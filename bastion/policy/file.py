@@ -22,7 +22,7 @@ form "FILE:LINE: what is wrong; expected what", so an operator can fix it withou
     [cas.corp]                                          # a trusted user CA (#21): its certificates log users in
     key = "ssh-ed25519 AAAA... ca@corp"                 # or keys = [...] (both may be given)
     require_known_user = true                           # default: the login user must be a [users.NAME]
-    principals_as_groups = false                        # default (true is not supported yet)
+    principals_as_groups = false                        # default; true: a principal naming a group grants its rules
 
     [revoked]                                           # refused even where a CA or the store accepts (#21)
     serials = { corp = [7, "10-20"] }                   # certificate serials per CA: numbers or "LOW-HIGH"
@@ -469,9 +469,6 @@ class _FileReader:
             if not isinstance(value, bool):
                 self._fail(f"{path}.{flag} must be true or false", *where, flag)
             flags[flag] = value
-        if flags["principals_as_groups"]:
-            self._fail(f"{path}.principals_as_groups = true is not supported yet; expected false (a certificate's "
-                       "principals name the login user)", *where, "principals_as_groups")
         return CertAuthority(name=name, keys=tuple(dict.fromkeys(lines)), **flags)
 
     def _known_keys(self, table: dict[str, Any], allowed: tuple[str, ...],

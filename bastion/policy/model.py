@@ -338,8 +338,8 @@ class CertAuthority:
     """A trusted OpenSSH user CA (#21): certificates its keys signed log users in (policy/certificates.py).
 
     `keys` are OpenSSH public key lines ("ssh-ed25519 AAAA… ca@corp"), checked by the policy file reader.
-    `principals_as_groups`: a principal naming a group grants that group's rules (not supported yet: the file
-    reader refuses true). `require_known_user`: the login user must be a user of the policy."""
+    `principals_as_groups`: a principal other than the login user that names a group of the policy grants that
+    group's rules for the session (`certificates.certificate_groups`; the requests' `extra_groups`). `require_known_user`: the login user must be a user of the policy."""
 
     name: str
     keys: tuple[str, ...]
@@ -412,27 +412,34 @@ class Policy:
                             found.append(f"{kind}.{name}.{rules}: {rule.text} expired at {format_time(rule.expires)}")
         return found
 
-    def grants_for(self, user: str) -> list[tuple[str, TargetRule]]:
+    def grants_for(self, user: str, extra_groups: tuple[str, ...] = ()) -> list[tuple[str, TargetRule]]:
         """The allow rules that apply to `user`, with origins such as "groups.ops.allow"."""
-        return self._rules_for(user, "allow")
+        return self._rules_for(user, "allow", extra_groups)
 
-    def denials_for(self, user: str) -> list[tuple[str, TargetRule]]:
+    def denials_for(self, user: str, extra_groups: tuple[str, ...] = ()) -> list[tuple[str, TargetRule]]:
         """The deny rules that apply to `user`, with origins such as "users.alice.deny"."""
-        return self._rules_for(user, "deny")
+        return self._rules_for(user, "deny", extra_groups)
 
-    def rules_for(self, user: str, kind: str) -> list:
-        """The user's own rules of `kind` ("allow", "deny", "listen"), then its groups', with origins."""
-        return self._rules_for(user, kind)
+    def rules_for(self, user: str, kind: str, extra_groups: tuple[str, ...] = ()) -> list:
+        """The user's own rules of `kind` ("allow", "deny", "listen"), then its groups', then those of
+        `extra_groups` (a session's groups from its certificate, #21: origin "groups.ops.allow via certificate")
+        not already among them, with origins. An unknown user has only the extra groups' rules."""
+        return self._rules_for(user, kind, extra_groups)
 
-    def _rules_for(self, user: str, kind: str) -> list[tuple[str, TargetRule]]:
+    def _rules_for(self, user: str, kind: str, extra_groups: tuple[str, ...] = ()) -> list[tuple[str, TargetRule]]:
         user_policy = self.users.get(user)
-        if user_policy is None:
+        if user_policy is None and not extra_groups:
             return []
-        rules = [(f"users.{user}.{kind}", rule) for rule in getattr(user_policy, kind)]
-        for name in user_policy.groups:
+        rules = [(f"users.{user}.{kind}", rule) for rule in getattr(user_policy, kind)] if user_policy else []
+        own = user_policy.groups if user_policy else ()
+        for name in own:
             group = self.groups.get(name)
             if group is not None:
                 rules += [(f"groups.{name}.{kind}", rule) for rule in getattr(group, kind)]
+        for name in dict.fromkeys(extra_groups):
+            group = self.groups.get(name)
+            if group is not None and name not in own:
+                rules += [(f"groups.{name}.{kind} via certificate", rule) for rule in getattr(group, kind)]
         return rules
 
 
@@ -443,6 +450,7 @@ class AccessRequest:
     addresses: tuple[IPAddress, ...]  # every address the host resolved to
     port: int
     now: datetime  # tz-aware UTC
+    extra_groups: tuple[str, ...] = ()  # the session's groups besides the user's own: certificate principals (#21)
 
     def __post_init__(self) -> None:
         # Comparing a naive time with an aware expiry raises deep inside evaluate(); fail here.
@@ -523,6 +531,7 @@ class ListenRequest:
     bind: IPAddress
     port: int  # 0: the bastion chooses within the granted ranges
     now: datetime
+    extra_groups: tuple[str, ...] = ()  # the session's groups besides the user's own: certificate principals (#21)
 
     def with_time(self, now: datetime) -> "ListenRequest":
         return replace(self, now=now)

@@ -79,8 +79,6 @@ def test_ca_round_trips_through_json_and_toml():
     ('[cas.corp]\nkey = 5\n', 2, "cas.corp.key must be one OpenSSH public key line"),
     ('[cas.corp]\nkeys = "{ca}"\n', 2, "cas.corp.keys must be a list of OpenSSH public key lines"),
     ('[cas.corp]\nkey = "{ca}"\nrequire_known_user = "yes"\n', 3, "cas.corp.require_known_user must be true or false"),
-    ('[cas.corp]\nkey = "{ca}"\nprincipals_as_groups = true\n', 3,
-     "cas.corp.principals_as_groups = true is not supported yet"),
     ('[cas.Corp]\nkey = "{ca}"\n', 1, "ca name 'Corp' is not valid"),
     ('cas = 1\n', 1, "cas must be a table of [cas.NAME] tables"),
 ])
