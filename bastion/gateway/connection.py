@@ -99,7 +99,11 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         """Apply the pre-authentication limits: penalized sources and the startup limit are dropped."""
         self.conn = conn
-        peer = conn.get_extra_info("peername") or ("0.0.0.0", 0)
+        peer = conn.get_extra_info("peername")
+        if not peer:  # reset before it was accepted (uvloop then has no peer): nobody to serve, audit or penalize
+            self.client_ip, self.client_port = "0.0.0.0", 0
+            conn.abort()
+            return
         self.client_ip = str(canonical_address(ipaddress.ip_address(peer[0].split("%", 1)[0])))
         self.client_port = int(peer[1])
         now = asyncio.get_running_loop().time()
