@@ -151,6 +151,12 @@ def test_a_certificate_from_ca_sign_logs_in_through_ssh_config_with_no_stored_ke
         tunnel = subprocess.run([SSH, "-F", str(conf), "-o", "BatchMode=yes", "-W", f"127.0.0.2:{echo_server}",
                                  "bastion"], input=b"ping\n", capture_output=True, timeout=30)
         assert tunnel.stdout == b"ping\n", tunnel.stderr
+        # the policy's [revoked] names the home CA's serials by its name, as for any CA
+        policy.write_text(policy.read_text() + "\n[revoked]\nserials = { home = [1] }\n")
+        assert bastion(home, "policy", "apply", "--yes", str(policy)).returncode == 0
+        revoked = subprocess.run([SSH, "-F", str(conf), "-o", "BatchMode=yes", "-b", "127.0.0.3",
+                                  "-W", f"127.0.0.2:{echo_server}", "bastion"], capture_output=True, timeout=30)
+        assert revoked.returncode == 255 and b"Permission denied" in revoked.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -158,5 +164,6 @@ def test_a_certificate_from_ca_sign_logs_in_through_ssh_config_with_no_stored_ke
         all(not user["keys"] for user in json.loads(bastion(home, "user", "list", "--json").stdout))
     rows = json.loads(bastion(home, "audit", "auth", "--json").stdout)
     fingerprint = bastion(home, "doctor").stdout.split("home CA")[1].split()[0]
-    assert any(row["reason"] == f"certificate accepted: key id alice@bastion serial 1 serial 1 CA {fingerprint}"
-               for row in rows), ([row["reason"] for row in rows], fingerprint)
+    reasons = [row["reason"] for row in rows]
+    assert f"certificate accepted: key id alice@bastion serial 1 serial 1 CA {fingerprint}" in reasons, reasons
+    assert any("serial 1 of CA home revoked by the policy" in reason for reason in reasons), reasons
