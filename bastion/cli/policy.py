@@ -116,6 +116,8 @@ def describe_plan(diff: PolicyDiff, plan: PolicyPlan, losses: list[LiveLoss]) ->
     lines += [f"  + CA {name} trusted for user certificates" for name in diff.cas_added]
     lines += [f"  - CA {name} no longer trusted: its certificates stop working" for name in diff.cas_removed]
     lines += [f"  - CA {name} changed (keys or settings)" for name in diff.cas_changed]
+    lines += [f"  - revoked: {entry}" for entry in diff.revoked_added]  # (#21)
+    lines += [f"  + no longer revoked: {entry}" for entry in diff.revoked_removed]
     for user, key in plan.keys_added:
         lines.append(f"  + {user}: key {key.key_type} {key.fingerprint} {key.comment}".rstrip())
     for user, key in plan.keys_removed:

@@ -10,9 +10,11 @@ from datetime import datetime
 from pathlib import Path
 
 from ..audit.query import open_reader
+from ..policy.certificates import certificate_session_refusal
 from ..policy.decide import evaluate, evaluate_listen, login_refusal
 from ..policy.model import AccessRequest, ListenRequest
 from ..policy.netguard import NetGuard, TargetError, parse_host
+from ..policy.revocation import revoked_by_policy
 from ..store.sqlite import PolicyPlan
 
 
@@ -36,7 +38,8 @@ def live_losses(database: Path, plan: PolicyPlan, guard: NetGuard, now: datetime
         for user, fingerprint in stored:
             if (user, fingerprint) not in removed:
                 keys_after.setdefault(user, set()).add(fingerprint)
-        sessions = conn.execute("SELECT id, user, key_fingerprint FROM sessions WHERE ended_at IS NULL").fetchall()
+        sessions = conn.execute("SELECT id, user, key_fingerprint, cert_ca, cert_serial, cert_key_id FROM sessions "
+                                "WHERE ended_at IS NULL").fetchall()
         channels = conn.execute(
             "SELECT c.session_id, c.user, c.target_host, c.target_ip, c.target_port FROM channels c "
             "JOIN sessions s ON s.id = c.session_id AND s.ended_at IS NULL "
@@ -50,10 +53,15 @@ def live_losses(database: Path, plan: PolicyPlan, guard: NetGuard, now: datetime
     losses: list[LiveLoss] = []
     ending: set[str] = set()
     stored_keys = {(user, fingerprint) for user, fingerprint in stored}
-    for session_id, user, fingerprint in sessions:
-        if (user, fingerprint) not in stored_keys:
-            continue  # no stored key: a certificate login (#21); not previewed (its CA is not on the session row)
-        reason = login_refusal(plan.target, user, fingerprint, frozenset(keys_after.get(user, ())), now)
+    for session_id, user, fingerprint, ca, serial, key_id in sessions:
+        if ca is not None:  # a certificate login (#21): its CA, and the policy's [revoked] list
+            reason = certificate_session_refusal(plan.target, ca, user, now) or revoked_by_policy(
+                plan.target, fingerprint, ca, int(serial) if serial is not None else None, key_id)
+        elif (user, fingerprint) not in stored_keys:
+            continue  # no stored key and no certificate columns: a certificate login from before migration 7
+        else:
+            reason = login_refusal(plan.target, user, fingerprint, frozenset(keys_after.get(user, ())), now) \
+                or revoked_by_policy(plan.target, fingerprint)
         if reason is not None:
             ending.add(session_id)
             losses.append(LiveLoss(session_id, user, "session", reason))

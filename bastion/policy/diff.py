@@ -41,15 +41,28 @@ class PolicyDiff:
     cas_added: tuple[str, ...] = ()
     cas_removed: tuple[str, ...] = ()
     cas_changed: tuple[str, ...] = ()  # other keys or settings under the same name
+    revoked_added: tuple[str, ...] = ()  # [revoked] entries (#21): "serials 10-20 of CA corp", "key id x", "key …"
+    revoked_removed: tuple[str, ...] = ()
 
     @property
     def removes_access(self) -> bool:
-        return any(change.removes_access for change in self.changes) or bool(self.cas_removed or self.cas_changed)
+        return any(change.removes_access for change in self.changes) or bool(self.cas_removed or self.cas_changed
+                                                                                 or self.revoked_added)
 
     @property
     def empty(self) -> bool:
         return not (self.changes or self.groups_added or self.groups_removed or self.users_added
-                    or self.cas_added or self.cas_removed or self.cas_changed)
+                    or self.cas_added or self.cas_removed or self.cas_changed or self.revoked_added
+                    or self.revoked_removed)
+
+
+def revoked_entries(policy: Policy) -> list[str]:
+    """The [revoked] list, one entry a line as the plan shows it."""
+    revoked = policy.revoked
+    return ([f"serial {low} of CA {ca}" if low == high else f"serials {low}-{high} of CA {ca}"
+             for ca, low, high in revoked.serials]
+            + [f"certificate key id {key_id!r}" for key_id in revoked.key_ids]
+            + [f"key {fingerprint}" for fingerprint in revoked.fingerprints])
 
 
 def _identity(grant: Grant) -> tuple[str, str, str, str]:
@@ -78,4 +91,6 @@ def policy_diff(before: Policy, after: Policy, now: datetime) -> PolicyDiff:
         cas_removed=tuple(sorted(set(before.cas) - set(after.cas))),
         cas_changed=tuple(sorted(name for name in set(before.cas) & set(after.cas)
                                  if before.cas[name] != after.cas[name])),
+        revoked_added=tuple(e for e in revoked_entries(after) if e not in revoked_entries(before)),
+        revoked_removed=tuple(e for e in revoked_entries(before) if e not in revoked_entries(after)),
     )

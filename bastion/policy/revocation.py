@@ -70,21 +70,29 @@ def _key_blob(parts: list[str]) -> bytes | None:
 
 def policy_revocation(policy: Policy, credential: Credential) -> str | None:
     """Why the policy's [revoked] list refuses `credential`, or None."""
-    revoked = policy.revoked
-    if not revoked:
+    if not policy.revoked:
         return None
-    if fingerprint(credential.key) in revoked.fingerprints:
-        return f"key {fingerprint(credential.key)} revoked by the policy"
     if credential.ca_key is None:
+        return revoked_by_policy(policy, fingerprint(credential.key))
+    return revoked_by_policy(policy, fingerprint(credential.key), fingerprint(credential.ca_key), credential.serial,
+                             credential.key_id)
+
+
+def revoked_by_policy(policy: Policy, key_fingerprint: str, ca_fingerprint: str | None = None,
+                      serial: int | None = None, key_id: str | None = None) -> str | None:
+    """policy_revocation by fingerprints (what an audit row keeps): a key, or a certificate of `ca_fingerprint`."""
+    revoked = policy.revoked
+    if key_fingerprint in revoked.fingerprints:
+        return f"key {key_fingerprint} revoked by the policy"
+    if ca_fingerprint is None:
         return None
-    if credential.key_id is not None and credential.key_id in revoked.key_ids:
-        return f"certificate key id {_shown(credential.key_id)} revoked by the policy"
-    ca_fingerprint = fingerprint(credential.ca_key)
-    if revoked.serials and credential.serial:
+    if key_id is not None and key_id in revoked.key_ids:
+        return f"certificate key id {_shown(key_id)} revoked by the policy"
+    if revoked.serials and serial:
         authority = trusted_authority(policy, ca_fingerprint)
-        if authority is not None and any(ca == authority.name and low <= credential.serial <= high
+        if authority is not None and any(ca == authority.name and low <= serial <= high
                                          for ca, low, high in revoked.serials):
-            return f"certificate serial {credential.serial} of CA {authority.name} revoked by the policy"
+            return f"certificate serial {serial} of CA {authority.name} revoked by the policy"
     if ca_fingerprint in revoked.fingerprints:
         return f"CA key {ca_fingerprint} revoked by the policy"
     return None

@@ -207,17 +207,31 @@ def test_a_krl_rewrite_or_a_policy_revocation_ends_live_sessions(home, echo_serv
         live = _live(port, known, dave_key, None, "dave", target)
         policy.write_text(base + f'\n[revoked]\nfingerprints = ["{fingerprint(Path(f"{dave_key}.pub"))}"]\n')
         started = time.monotonic()
-        assert bastion(home, "policy", "apply", "--yes", str(policy)).returncode == 0
+        result = bastion(home, "policy", "apply", "--yes", str(policy))
         applied = _closed_within(live, started, 5)
+        assert result.returncode == 0, result.stderr
+        dave_fp = fingerprint(Path(f"{dave_key}.pub"))
+        assert f"  - revoked: key {dave_fp}" in result.stdout  # the plan names it, and the session it ends
+        assert f"would close: key {dave_fp} revoked by the policy" in result.stdout, result.stdout
+
+        # SIGHUP: a second file named in the config is read, and what it revokes ends a live session
+        other = tmp_path / "more.krl"
+        make_krl(other, ca, "serial: 60")
+        second = _live(port, known, key, sign(ca, key, tmp_path / "alice60", serial=61), "alice", target)
+        config.write_text(config.read_text().replace(f'revoked_keys = ["{krl}"]', f'revoked_keys = ["{krl}", "{other}"]'))
+        make_krl(other, ca, "serial: 60-61")
+        proc.send_signal(signal.SIGHUP)
+        reloaded = _closed_within(second, time.monotonic(), 3)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     print(f"KRL rewrite to session closed: {', '.join(f'{s * 1000:.0f} ms' for s in latencies)}; "
-          f"policy apply to session closed: {applied * 1000:.0f} ms")
+          f"policy apply to session closed: {applied * 1000:.0f} ms; SIGHUP to session closed: {reloaded * 1000:.0f} ms")
     assert max(latencies) < 2.5  # a look a second, a re-check, the disconnect
     sessions = json.loads(bastion(home, "audit", "sessions", "--json").stdout)
     ended = [s["end_reason"] for s in sessions if s["cert_serial"] == 50]
     assert len(ended) == 3 and all(r == f"certificate serial 50 revoked by {krl}" for r in ended), ended
     dave = [s for s in sessions if s["user"] == "dave"]
     assert dave[0]["end_reason"].endswith("revoked by the policy") and dave[0]["cert_serial"] is None
+    assert [s["end_reason"] for s in sessions if s["cert_serial"] == 61] == [f"certificate serial 61 revoked by {other}"]
     assert bastion(home, "audit", "verify").returncode == 0
