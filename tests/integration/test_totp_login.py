@@ -83,12 +83,11 @@ class Client:
 def setup(home: Path, tmp_path: Path, echo_server: int, ops_ports: str = "") -> dict[str, Path]:
     """alice needs a code (through group ops), bob does not; both may reach the echo server (ops: `ops_ports`)."""
     keys = {name: keygen(tmp_path / f"id_{name}") for name in ("alice", "bob")}
-    for name, key in keys.items():
-        assert bastion(home, "user", "add", name, "--key", f"{key}.pub").returncode == 0
+    line = {name: Path(f"{key}.pub").read_text().strip() for name, key in keys.items()}  # keys from the policy
     policy = tmp_path / "policy.toml"
     policy.write_text(f'[groups.ops]\nrequire_totp = true\nallow = ["127.0.0.2:{ops_ports or echo_server}"]\n'
-                      f'[users.alice]\ngroups = ["ops"]\n'
-                      f'[users.bob]\nallow = ["127.0.0.2:{echo_server}"]\n')
+                      f'[users.alice]\ngroups = ["ops"]\nkeys = ["{line["alice"]}"]\n'
+                      f'[users.bob]\nallow = ["127.0.0.2:{echo_server}"]\nkeys = ["{line["bob"]}"]\n')
     applied = bastion(home, "policy", "apply", str(policy))
     assert applied.returncode == 0, applied.stderr
     return keys
