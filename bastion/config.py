@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,12 +79,23 @@ class Config:
     public_name: str = ""
     # HOST:PORT serving Prometheus metrics over plain HTTP (service/metrics.py); "" (the default) serves none.
     metrics_listen: str = ""
+    # Fleet (#22): ship this node's audit events to PostgreSQL, "postgresql://USER@HOST/DB" (a libpq URL; keep a
+    # password in ~/.pgpass or PGPASSFILE rather than here). The server writes locally first, as always, and a
+    # thread sends the events in order; "" (the default) ships nothing. See README, One audit trail.
+    audit_ship_to: str = ""
+    # This node's name in the fleet's audit trail: letters, digits, '.', '_', '-'; "" means the host name.
+    node_id: str = ""
     # OpenSSH KRLs (ssh-keygen -k) or text files of public keys, like sshd's RevokedKeys (#21): keys and
     # certificates they revoke are refused, and live sessions using them end. Re-read when a file changes and on
     # SIGHUP; one that cannot be read refuses every key and certificate login until it can.
     revoked_keys: tuple[str, ...] = ()
     # The longest validity `bastion ca sign --valid` may give a certificate (#21): 30m, 8h, 2d, 1w.
     ca_max_validity: str = "24h"
+
+    @property
+    def node(self) -> str:
+        """This node's name in the fleet (#22): node_id, or the host name."""
+        return self.node_id or default_node_id()
 
     @property
     def database(self) -> Path:
@@ -115,6 +128,15 @@ def split_listen(text: str) -> tuple[str, int]:
         raise ValueError(f"listen port {port} is outside 0..65535")
     host = host.strip("[]") or "0.0.0.0"
     return host, port
+
+
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def default_node_id() -> str:
+    """The host name, as a node id: its first 63 characters of letters, digits, '.', '_' and '-'."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).lstrip("._-")[:63]
+    return name or "node"
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "home"}
@@ -166,6 +188,16 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             except PolicyError as exc:
                 raise ValueError(f"must be a length of time such as 8h or 2d ({exc})") from None
             return str(value).strip()
+        if name == "audit_ship_to":  # (#22)
+            if not isinstance(value, str) or (value.strip() and not value.strip().startswith(
+                    ("postgresql://", "postgres://"))):
+                raise ValueError('must be a PostgreSQL URL, "postgresql://USER@HOST:PORT/DATABASE", or empty for off')
+            return value.strip()
+        if name == "node_id":  # (#22)
+            if not isinstance(value, str) or (value and not _NODE_ID.fullmatch(value)):
+                raise ValueError("must be 1 to 63 letters, digits, '.', '_' or '-' (starting with a letter or "
+                                 "digit), or empty for the host name")
+            return value
         if name in _FLAGS:
             if isinstance(value, bool):
                 return value
@@ -298,6 +330,10 @@ def render_config(config: Config) -> str:
         "# Prometheus metrics over plain HTTP at http://HOST:PORT/metrics, e.g. \"127.0.0.1:9122\"; empty: off.\n"
         "# No login guards it: keep it on loopback or a management network (counts only, no names or addresses).\n"
         f'metrics_listen = "{config.metrics_listen}"\n'
+        "# Fleet: ship the audit events to PostgreSQL, e.g. \"postgresql://bastion@db.internal/bastion\" (a password\n"
+        "# belongs in ~/.pgpass); empty: off. node_id names this node there; empty: the host name.\n"
+        f'audit_ship_to = "{config.audit_ship_to}"\n'
+        f'node_id = "{config.node_id}"\n'
         "# The longest validity `bastion ca sign --valid` may give a user certificate, e.g. \"8h\" or \"2d\".\n"
         f'ca_max_validity = "{config.ca_max_validity}"\n'
         "# Revoked keys and certificates: OpenSSH KRL files (ssh-keygen -k) or lists of public keys, like sshd's\n"

@@ -62,13 +62,15 @@ class PruneReport:
     events: int = 0
     deleted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(AUDIT_TABLES, 0))
     restated: int = 0
+    held_back: bool = False  # old events kept because they were not shipped yet (#22)
 
 
 def prune(database: Path, older_than: timedelta, now: datetime, chunk: int = 5000, *, dry_run: bool = False,
-          progress: Progress | None = None) -> PruneReport:
+          progress: Progress | None = None, through: int | None = None) -> PruneReport:
     """Delete finished rows whose last change was written before `now - older_than`, keeping the chain
     verifiable. Refuses when the chain does not verify (pruning would launder the tampering). With `dry_run`,
-    counts what it would delete and carry over, on a read-only connection, and changes nothing."""
+    counts what it would delete and carry over, on a read-only connection, and changes nothing. `through`: no
+    event after this seq goes, however old (#22: the events not yet shipped to the fleet's PostgreSQL)."""
     report = verify(database, progress=progress)
     if not report.intact:
         raise AuditTampered(f"the audit log does not verify, so nothing was pruned: {report.problems[0]}")
@@ -83,6 +85,9 @@ def prune(database: Path, older_than: timedelta, now: datetime, chunk: int = 500
                              [result.cutoff]).fetchone()
         first = first_row[0] or 1
         last = young[0] - 1 if young else read_head(conn).seq
+        if through is not None and through < last:
+            last = through
+            result.held_back = True
         meter = Meter(progress, "counting" if dry_run else "pruning", max(0, last - first + 1))
         while first <= last:
             through = min(first + chunk - 1, last)

@@ -22,6 +22,7 @@ from ..errors import DamagedDatabase as Damaged
 from ..printable import printable
 from ..safe_files import is_stdout
 from . import audit_output as output
+from . import fleet_audit
 from .common import config_of, err_console, human_bytes, print_json, progress_bar
 
 app = typer.Typer(help="Query the audit log: auth, sessions, channels, listeners; show, follow, stats; verify, "
@@ -103,27 +104,33 @@ def _list_command(table: str, example: str) -> Callable:
         json: bool = JSON,
         jsonl: bool = JSONL,
         csv: bool = CSV,
+        store: Optional[str] = fleet_audit.STORE,
+        node: Optional[str] = fleet_audit.NODE,
     ) -> None:
         shape = _format(json, jsonl, csv)
+        if node is not None and store is None:
+            raise typer.BadParameter("--node needs --store: this node's own log holds only its own rows")
         shown_limit = limit if limit is not None or shape != "table" else _TABLE_LIMIT + 1
         filters = make_filters(user=user, since=since, until=until, target=target, denied=denied, session=session,
                                client=client, limit=shown_limit, cert_serial=cert_serial, key_id=key_id)
-        conn = open_reader(config_of(ctx).database)
+        # --store (#22): the same filters on the fleet's PostgreSQL, rows with their node
+        conn = fleet_audit.open_store(store) if store else open_reader(config_of(ctx).database)
         try:
-            rows = select(conn, table, filters)
+            rows = (fleet_audit.select(conn, table, filters, COLUMNS[table], node) if store
+                    else select(conn, table, filters))
             if shape == "json":
                 output.write_json(rows)
             elif shape == "jsonl":
                 output.write_jsonl(rows)
             elif shape == "csv":
-                output.write_csv(COLUMNS[table], rows)
+                output.write_csv((["node"] if store else []) + COLUMNS[table], rows)
             else:
                 listed = list(rows)
                 note = None
                 if limit is None and len(listed) > _TABLE_LIMIT:
                     listed = listed[1:]
                     note = f"(the newest {_TABLE_LIMIT}; use --limit N, or --jsonl for all)"
-                output.print_rows(table, listed, empty=f"no {table} match", note=note)
+                output.print_rows(table, listed, empty=f"no {table} match", note=note, first=("node",) if store else ())
         finally:
             conn.close()
 
@@ -138,6 +145,7 @@ app.command("sessions")(_list_command("sessions", "bastion audit sessions --user
 app.command("channels")(_list_command("channels", "bastion audit channels --target 10.0.0.0/16:22 --since 7d --json"))
 app.command("listeners")(_list_command("listeners", "bastion audit listeners --user alice --since 1d"))
 assert set(output.SHOWN) == set(COLUMNS) == set(TABLES)
+app.add_typer(fleet_audit.app, name="ship")  # (#22)
 
 
 @app.command()
@@ -270,6 +278,9 @@ def verify(
                                                             "kept elsewhere: the chain must still contain it."),
     file: Optional[Path] = typer.Option(None, "--file", help="Verify an export file instead of the database."),
     json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    store: Optional[str] = typer.Option(None, "--store", help="Verify every node's chain in the fleet's "
+                                                              "PostgreSQL (postgresql://…) instead."),
+    node: Optional[str] = fleet_audit.NODE,
 ) -> None:
     """Check the hash chain and every audit row against it; exit 1 when anything was tampered with.
 
@@ -277,6 +288,15 @@ def verify(
 
     Example: bastion audit verify --head 18234:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
     """
+    if store is not None:  # (#22) each node's chain as shipped, and the fleet's rows against it
+        if file is not None or head is not None:
+            raise typer.BadParameter("--store checks the fleet's chains; --file and --head check this node's")
+        with progress_bar() as progress:
+            if not fleet_audit.verify(store, node, json, progress):
+                raise typer.Exit(1)
+        return
+    if node is not None:
+        raise typer.BadParameter("--node needs --store")
     if file is not None:
         report = verify_export(file)
     else:
@@ -308,6 +328,8 @@ def prune(
                                                           "cutoff) and change nothing."),
     vacuum: bool = typer.Option(False, "--vacuum", help="Then give the freed space back to the file system, as "
                                                         "`bastion audit vacuum` does."),
+    force: bool = typer.Option(False, "--force", help="With audit_ship_to: prune even when the fleet's "
+                                                      "PostgreSQL cannot be asked, and events not yet shipped."),
 ) -> None:
     """Delete finished rows last changed before the given age, keeping the chain verifiable.
 
@@ -319,10 +341,15 @@ def prune(
     if dry_run and vacuum:
         raise typer.BadParameter("--dry-run changes nothing, so it cannot --vacuum; choose one")
     age = parse_age(older_than)
-    database = config_of(ctx).database
+    config = config_of(ctx)
+    database = config.database
+    # (#22) with audit_ship_to, events PostgreSQL does not have yet stay, however old
+    through = fleet_audit.shipped_through(config) if config.audit_ship_to and not force else None
     with progress_bar() as progress:
-        result = prune_chain(database, age, utc_now(), dry_run=dry_run, progress=progress)
+        result = prune_chain(database, age, utc_now(), dry_run=dry_run, progress=progress, through=through)
     deleted = ", ".join(f"{count} {table}" for table, count in result.deleted.items())
+    if result.held_back:
+        typer.echo(f"keeping the events after seq {through}: not yet shipped to the fleet's PostgreSQL")
     if dry_run:
         typer.echo(f"would prune before {human(result.cutoff)}: {deleted}; {result.events} events, "
                    f"{result.restated} open rows carried over (dry run: nothing changed)")

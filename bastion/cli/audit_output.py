@@ -123,8 +123,10 @@ def for_people(table: str, row: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
-def print_rows(table_name: str, rows: Iterable[dict[str, Any]], empty: str, note: str | None = None) -> None:
-    columns = SHOWN[table_name]
+def print_rows(table_name: str, rows: Iterable[dict[str, Any]], empty: str, note: str | None = None,
+               first: tuple[str, ...] = ()) -> None:
+    """`first`: columns shown before the table's own (the fleet's `node`, #22)."""
+    columns = [*first, *SHOWN[table_name]]
     cells = []
     for row in rows:
         shown = for_people(table_name, row)

@@ -12,6 +12,7 @@ import signal
 import asyncssh
 
 from .. import __version__, transport
+from ..audit.shipper import Shipper
 from ..audit.writer import AuditLog
 from ..clock import utc_now
 from ..config import Config, load_config
@@ -65,6 +66,11 @@ class Gateway:
         self._stop = asyncio.Event()
         self.address: tuple[str, int] | None = None
         self.transport: transport.TransportStatus | None = None
+        # audit_ship_to (#22): a thread copies the local audit chain to PostgreSQL; one per node, so with
+        # workers only worker 0 runs it (they all write the one local chain)
+        self.shipper: Shipper | None = None
+        if config.audit_ship_to and not worker:
+            self.shipper = Shipper(config.database, config.audit_ship_to, config.node)
 
     async def start(self) -> None:
         self.transport = transport.install(fast_path=self.config.fast_path)
@@ -91,6 +97,8 @@ class Gateway:
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
         self._control = await start_control_server(self.config.home, self.handle_control, self.worker)
+        if self.shipper is not None:
+            self.shipper.start()  # its own thread and connections: never on this loop, never in a login
         self.revoked_keys.start()
         await self.context.policy.current()  # loads the policy and schedules the first expiry
 
@@ -266,6 +274,8 @@ class Gateway:
         if self._metrics_server is not None:  # served through the drain, so it can be watched
             self._metrics_server.close()
         self.audit.stop()
+        if self.shipper is not None:  # what it has not shipped waits in the local chain for the next start
+            await asyncio.get_running_loop().run_in_executor(None, self.shipper.stop)
         self.store.close()
         log.info("stopped")
 

@@ -1,0 +1,477 @@
+"""The fleet's audit trail in PostgreSQL (#22 part 3): every node's hash-chained events, and the rows they describe.
+
+Each node writes its audit locally first (writer.py, SQLite, the hash chain in chain.py) and its shipper
+(shipper.py) copies the chain's events here, in order:
+
+    audit_events (node, seq, time, kind, tbl, row_id, payload, prev_hash, hash)   PRIMARY KEY (node, seq)
+
+An event already here is never changed: a second copy of (node, seq) is skipped when its hash is the same, and
+is an alarm when it differs (two nodes with one node_id, or a node whose local chain was replaced) — never an
+overwrite. In the same transaction each event's payload (the row's full state) is upserted into tables shaped
+like the local ones with a `node` column — auth, sessions, channels, listeners — so the queries and filters of
+`bastion audit` (filters.py) run here as written, through a small dialect switch (`postgres_sql`).
+`audit_nodes` holds what each shipper last reported (its local head, lag, last error) for `audit ship status`.
+
+The schema grows by numbered migrations, like the SQLite ones, recorded in `schema_version`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from ..errors import BastionError
+from .chain import AUDIT_TABLES, ChainReport, Head, Meter, Progress, check_events
+from .filters import TIME_COLUMN, Filters, ip_key, where_clause
+
+if TYPE_CHECKING:
+    import psycopg
+
+# ---- schema ---------------------------------------------------------------------------------------------
+
+_CERT = """
+    cert_key_id TEXT, cert_serial TEXT, cert_ca TEXT, cert_principals TEXT, cert_valid_after TEXT,
+    cert_valid_before TEXT,"""
+# every state table: its node, the local row's columns, an indexed sortable form of each address the filters
+# compare (ip_key, computed here from the payload), the seq of the event that wrote the row first and last
+MIGRATIONS: tuple[str, ...] = (
+    # 1: events, state tables, node reports
+    f"""
+    CREATE TABLE audit_events (
+        node TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        time TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        tbl TEXT NOT NULL,
+        row_id JSONB NOT NULL,             -- a number or a string, as in the local chain (the hash depends on it)
+        payload TEXT NOT NULL,             -- the canonical JSON the hash covers, byte for byte
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        shipped_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (node, seq)
+    );
+    CREATE INDEX audit_events_time ON audit_events (time);
+
+    CREATE TABLE audit_nodes (
+        node TEXT PRIMARY KEY,
+        local_seq BIGINT NOT NULL,         -- the node's local head when it last reported
+        shipped_seq BIGINT NOT NULL,
+        lag_seconds DOUBLE PRECISION NOT NULL DEFAULT 0,
+        last_error TEXT,
+        reported_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+
+    CREATE TABLE auth (
+        node TEXT NOT NULL, id BIGINT NOT NULL,
+        time TEXT, "user" TEXT, client_ip TEXT, client_port INTEGER, method TEXT, key_fingerprint TEXT,
+        result TEXT, reason TEXT,{_CERT}
+        client_ip_key TEXT, first_seq BIGINT NOT NULL, seq BIGINT NOT NULL,
+        PRIMARY KEY (node, id)
+    );
+    CREATE INDEX auth_time ON auth (time);
+    CREATE INDEX auth_user_time ON auth ("user", time);
+    CREATE INDEX auth_failures ON auth (time) WHERE result = 'failure';
+    CREATE INDEX auth_client ON auth (client_ip_key, time);
+
+    CREATE TABLE sessions (
+        node TEXT NOT NULL, id TEXT NOT NULL,
+        "user" TEXT, client_ip TEXT, client_port INTEGER, key_fingerprint TEXT, client_version TEXT,
+        started_at TEXT, ended_at TEXT, end_reason TEXT, bytes_up BIGINT, bytes_down BIGINT,{_CERT}
+        client_ip_key TEXT, first_seq BIGINT NOT NULL, seq BIGINT NOT NULL,
+        PRIMARY KEY (node, id)
+    );
+    CREATE INDEX sessions_started ON sessions (started_at);
+    CREATE INDEX sessions_user_started ON sessions ("user", started_at);
+    CREATE INDEX sessions_client ON sessions (client_ip_key, started_at);
+
+    CREATE TABLE channels (
+        node TEXT NOT NULL, id BIGINT NOT NULL,
+        session_id TEXT, "user" TEXT, kind TEXT, target_host TEXT, target_ip TEXT, target_port INTEGER,
+        decision TEXT, rule TEXT, reason TEXT, opened_at TEXT, closed_at TEXT, bytes_up BIGINT, bytes_down BIGINT,
+        listener_id BIGINT, peer_ip TEXT, peer_port INTEGER, target_ip_key TEXT, close_reason TEXT,
+        first_seq BIGINT NOT NULL, seq BIGINT NOT NULL,
+        PRIMARY KEY (node, id)
+    );
+    CREATE INDEX channels_opened ON channels (opened_at);
+    CREATE INDEX channels_user_opened ON channels ("user", opened_at);
+    CREATE INDEX channels_session ON channels (node, session_id);
+    CREATE INDEX channels_target_ip ON channels (target_ip_key, opened_at);
+    CREATE INDEX channels_target_host ON channels (lower(target_host), opened_at);
+    CREATE INDEX channels_denied ON channels (opened_at) WHERE decision = 'deny';
+
+    CREATE TABLE listeners (
+        node TEXT NOT NULL, id BIGINT NOT NULL,
+        session_id TEXT, "user" TEXT, listen_host TEXT, listen_port INTEGER, requested_port INTEGER,
+        decision TEXT, rule TEXT, reason TEXT, opened_at TEXT, closed_at TEXT, close_reason TEXT,
+        listen_host_key TEXT, first_seq BIGINT NOT NULL, seq BIGINT NOT NULL,
+        PRIMARY KEY (node, id)
+    );
+    CREATE INDEX listeners_opened ON listeners (opened_at);
+    CREATE INDEX listeners_user_opened ON listeners ("user", opened_at);
+    CREATE INDEX listeners_session ON listeners (node, session_id);
+    """,
+)
+# the columns computed here, not shipped: an address's ip_key
+_KEYS = {"auth": {"client_ip_key": "client_ip"}, "sessions": {"client_ip_key": "client_ip"},
+         "listeners": {"listen_host_key": "listen_host"}, "channels": {}}
+_OWN = {"node", "first_seq", "seq"}
+
+
+class FleetError(BastionError):
+    """The fleet's PostgreSQL cannot be reached or used; the message says which and why (no password)."""
+
+
+class ShipAlarm(FleetError):
+    """An event already in PostgreSQL differs from the local one of the same (node, seq)."""
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def connect(url: str, *, timeout: float = 5.0, autocommit: bool = False) -> "psycopg.Connection":
+    """A psycopg 3 connection; an error names the redacted URL and says what to install when psycopg is missing."""
+    try:
+        import psycopg
+    except ImportError:
+        raise FleetError("PostgreSQL needs psycopg 3: pip install 'bastion[fleet]' (or psycopg[binary])") from None
+    try:
+        return psycopg.connect(url, connect_timeout=max(1, int(timeout)), autocommit=autocommit,
+                               application_name="bastion")
+    except psycopg.Error as exc:
+        raise FleetError(f"{redact(url)}: cannot connect: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def migrate(conn: "psycopg.Connection") -> int:
+    """Bring the schema to the newest version, under an advisory lock (nodes start together). Returns it."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(22022022)")
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        version = (row[0] if row else None) or 0
+        if version > len(MIGRATIONS):
+            raise FleetError(f"the fleet's audit schema is newer than this bastion (version {version}, this one "
+                             f"knows {len(MIGRATIONS)}); upgrade this node")
+        for number in range(version + 1, len(MIGRATIONS) + 1):
+            conn.execute(MIGRATIONS[number - 1])
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", [number])
+    return len(MIGRATIONS)
+
+
+def schema_version(conn: "psycopg.Connection") -> int:
+    exists = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]
+    if not exists:
+        return 0
+    return conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+
+
+def open_store(url: str) -> "psycopg.Connection":
+    """A connection for queries: the schema must be there (a node that ships creates it)."""
+    conn = connect(url, autocommit=True)
+    version = schema_version(conn)
+    if version == 0:
+        conn.close()
+        raise FleetError(f"{redact(url)}: no bastion audit trail here yet (a node with audit_ship_to creates it)")
+    if version > len(MIGRATIONS):
+        conn.close()
+        raise FleetError(f"{redact(url)}: the audit schema is newer than this bastion (version {version})")
+    return conn
+
+
+# ---- shipping -------------------------------------------------------------------------------------------
+
+Event = tuple[int, str, str, str, Any, str, str, str]  # seq, time, kind, tbl, row_id, payload, prev_hash, hash
+
+
+def shipped_head(conn: "psycopg.Connection", node: str) -> Head:
+    """The newest event of `node` in PostgreSQL: where its shipping resumes."""
+    row = conn.execute("SELECT seq, hash FROM audit_events WHERE node = %s ORDER BY seq DESC LIMIT 1",
+                       [node]).fetchone()
+    return Head(row[0], row[1]) if row else Head()
+
+
+_columns_cache: dict[int, dict[str, list[str]]] = {}
+
+
+def _table_columns(conn: "psycopg.Connection") -> dict[str, list[str]]:
+    key = id(conn)
+    cached = _columns_cache.get(key)
+    if cached is None:
+        cached = {}
+        for table in AUDIT_TABLES:
+            rows = conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+                                "AND table_schema = current_schema() ORDER BY ordinal_position", [table]).fetchall()
+            cached[table] = [r[0] for r in rows]
+        _columns_cache.clear()  # one live connection per process matters; never grow
+        _columns_cache[key] = cached
+    return cached
+
+
+def ship_batch(conn: "psycopg.Connection", node: str, events: Sequence[Event]) -> int:
+    """Store `events` (consecutive, oldest first) of `node` and upsert the rows they describe, in one
+    transaction. Events already stored with the same hash are skipped; one with a different hash raises
+    ShipAlarm and nothing of the batch is stored. Returns how many events were new."""
+    if not events:
+        return 0
+    columns = _table_columns(conn)
+    with conn.transaction():
+        existing = dict(conn.execute(
+            "SELECT seq, hash FROM audit_events WHERE node = %s AND seq BETWEEN %s AND %s",
+            [node, events[0][0], events[-1][0]]).fetchall())
+        for event in events:
+            if event[0] in existing and existing[event[0]] != event[7]:
+                raise ShipAlarm(f"node {node!r} event {event[0]} is already in PostgreSQL with another hash "
+                                f"({existing[event[0]][:12]}…, here {event[7][:12]}…): two nodes share this "
+                                "node_id, or this node's audit database was replaced; nothing was overwritten")
+        fresh = [e for e in events if e[0] not in existing]
+        if not fresh:
+            return 0
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO audit_events (node, seq, time, kind, tbl, row_id, payload, prev_hash, hash) "
+                "VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s) ON CONFLICT (node, seq) DO NOTHING",
+                [(node, seq, time, kind, tbl, json.dumps(row_id), payload, prev, digest)
+                 for seq, time, kind, tbl, row_id, payload, prev, digest in fresh])
+            # the newest state of each row in the batch, with the seq of its first event in the batch
+            latest: dict[tuple[str, Any], tuple[int, int, str]] = {}
+            for seq, _, kind, tbl, row_id, payload, _, _ in fresh:
+                if tbl in columns and kind in ("insert", "update", "adopt", "restate"):
+                    first = latest.get((tbl, row_id), (seq, 0, ""))[0]
+                    latest[(tbl, row_id)] = (first, seq, payload)
+            by_table: dict[str, list[tuple]] = {}
+            for (tbl, _), (first, seq, payload) in latest.items():
+                by_table.setdefault(tbl, []).append(_state_values(tbl, columns[tbl], node, first, seq, payload))
+            for tbl, rows in by_table.items():
+                names = columns[tbl]
+                updated = [c for c in names if c not in ("node", "id", "first_seq")]
+                cur.executemany(
+                    f"INSERT INTO {tbl} ({', '.join(_quote(c) for c in names)}) "
+                    f"VALUES ({', '.join(['%s'] * len(names))}) ON CONFLICT (node, id) DO UPDATE SET "
+                    + ", ".join(f"{_quote(c)} = EXCLUDED.{_quote(c)}" for c in updated)
+                    + f" WHERE {tbl}.seq < EXCLUDED.seq", rows)
+    return len(fresh)
+
+
+def _quote(column: str) -> str:
+    return '"user"' if column == "user" else column
+
+
+def _state_values(table: str, names: list[str], node: str, first: int, seq: int, payload: str) -> tuple:
+    state = json.loads(payload)
+    keys = _KEYS[table]
+    values = []
+    for name in names:
+        if name == "node":
+            values.append(node)
+        elif name == "first_seq":
+            values.append(first)
+        elif name == "seq":
+            values.append(seq)
+        elif name in keys:
+            values.append(ip_key(state.get(keys[name])))
+        else:
+            value = state.get(name)
+            values.append(str(value) if name == "cert_serial" and value is not None else value)
+    return tuple(values)
+
+
+def report_node(conn: "psycopg.Connection", node: str, local_seq: int, shipped_seq: int, lag: float,
+                error: str | None) -> None:
+    """What this node's shipper knows, for `audit ship status` anywhere in the fleet."""
+    conn.execute(
+        "INSERT INTO audit_nodes (node, local_seq, shipped_seq, lag_seconds, last_error, reported_at) "
+        "VALUES (%s, %s, %s, %s, %s, now()) ON CONFLICT (node) DO UPDATE SET local_seq = EXCLUDED.local_seq, "
+        "shipped_seq = EXCLUDED.shipped_seq, lag_seconds = EXCLUDED.lag_seconds, last_error = EXCLUDED.last_error, "
+        "reported_at = now()", [node, local_seq, shipped_seq, lag, error])
+    if not conn.autocommit:
+        conn.commit()
+
+
+def node_reports(conn: "psycopg.Connection") -> list[dict[str, Any]]:
+    """Every node that shipped: the max seq stored here, and what its shipper last reported."""
+    rows = conn.execute(
+        "SELECT e.node, e.shipped, e.last_time, n.local_seq, n.lag_seconds, n.last_error, "
+        "extract(epoch FROM now() - n.reported_at) FROM (SELECT node, max(seq) shipped, "
+        "(SELECT time FROM audit_events x WHERE x.node = a.node ORDER BY seq DESC LIMIT 1) last_time "
+        "FROM audit_events a GROUP BY node) e LEFT JOIN audit_nodes n ON n.node = e.node ORDER BY e.node"
+    ).fetchall()
+    return [{"node": node, "shipped_seq": shipped, "last_shipped_time": last_time, "reported_local_seq": local,
+             "reported_lag_seconds": lag, "reported_error": error,
+             "reported_seconds_ago": float(ago) if ago is not None else None}
+            for node, shipped, last_time, local, lag, error, ago in rows]
+
+
+# ---- queries: the SQLite filters, spoken to PostgreSQL ---------------------------------------------------
+
+_IP_KEY = re.compile(r"ip_key\((\w+\.)?(\w+)\)")
+_NOCASE = re.compile(r"(\w+) = \? COLLATE NOCASE")
+_USER = re.compile(r'(?<![\w."])user(?![\w"])')
+_SESSION_OF = re.compile(r"(\w+)\.id = (\w+)\.session_id")
+_SESSION_IS = re.compile(r"(\w+)\.session_id = (\w+)\.id")
+
+
+def postgres_sql(sql: str) -> str:
+    """A WHERE clause of filters.where_clause (SQLite) as PostgreSQL reads it on the fleet's tables:
+    placeholders %s, `ip_key(col)` the stored `col_key`, COLLATE NOCASE as lower(), LIKE (ASCII case-insensitive
+    in SQLite) as ILIKE, SQLite's index-off `+col` plain, the reserved word user quoted, and a row's session looked
+    up on the same node."""
+    sql = sql.replace("%", "%%")
+    sql = _IP_KEY.sub(lambda m: f"{m.group(1) or ''}{m.group(2)}_key", sql)
+    sql = _NOCASE.sub(r"lower(\1) = ?", sql)
+    sql = sql.replace(" LIKE ", " ILIKE ").replace("+target_ip_key", "target_ip_key")
+    sql = _USER.sub('"user"', sql)
+    sql = _SESSION_OF.sub(r"\1.node = \2.node AND \1.id = \2.session_id", sql)
+    sql = _SESSION_IS.sub(r"\1.node = \2.node AND \1.session_id = \2.id", sql)
+    sql = sql.replace("session_id IN (SELECT id FROM sessions WHERE",
+                      "(node, session_id) IN (SELECT node, id FROM sessions WHERE")
+    sql = sql.replace("id IN (SELECT session_id FROM channels WHERE",
+                      "(node, id) IN (SELECT node, session_id FROM channels WHERE")
+    return sql.replace("?", "%s")
+
+
+def select(conn: "psycopg.Connection", table: str, filters: Filters, columns: list[str],
+           node: str | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of one audit table across the fleet, oldest first, with their node; `node` keeps one node's.
+    With a limit, the newest `limit` rows. `columns` are the local query's (query.COLUMNS)."""
+    where, params = where_clause(table, filters)
+    where = postgres_sql(where) if where else ""
+    if node is not None:
+        where = f"node = %s AND ({where})" if where else "node = %s"
+        params = [node, *params]
+    names = ["node", *columns]
+    time_column = TIME_COLUMN[table]
+    sql = f"SELECT {', '.join(_quote(c) for c in names)} FROM {table}" + (f" WHERE {where}" if where else "")
+    if filters.limit is not None:
+        rows = conn.execute(sql + f" ORDER BY {time_column} DESC, node DESC, first_seq DESC LIMIT %s",
+                            [*params, filters.limit]).fetchall()
+        for values in reversed(rows):
+            yield _typed(dict(zip(names, values)))
+        return
+    with conn.cursor() as cur:  # streamed: a million rows never sit in memory at once
+        for values in cur.stream(sql + f" ORDER BY {time_column}, node, first_seq", params):
+            yield _typed(dict(zip(names, values)))
+
+
+def _typed(row: dict[str, Any]) -> dict[str, Any]:
+    """As the local query shows them: a certificate's serial as a number, its principals as a list."""
+    if row.get("cert_serial") is not None:
+        row["cert_serial"] = int(row["cert_serial"])
+    if isinstance(row.get("cert_principals"), str):
+        try:
+            row["cert_principals"] = json.loads(row["cert_principals"])
+        except ValueError:
+            pass
+    return row
+
+
+# ---- verification ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FleetReport:
+    """verify --store: one ChainReport per node."""
+
+    nodes: dict[str, ChainReport] = field(default_factory=dict)
+
+    @property
+    def intact(self) -> bool:
+        return all(report.intact for report in self.nodes.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"intact": self.intact, "nodes": {name: r.as_dict() for name, r in self.nodes.items()}}
+
+
+def verify(conn: "psycopg.Connection", node: str | None = None, progress: Progress | None = None) -> FleetReport:
+    """Every node's chain as chain.py checks a local one (hashes, links, gaps, anchors), then every state row
+    against its latest event. One snapshot (REPEATABLE READ) while shippers keep writing."""
+    result = FleetReport()
+    conn.autocommit = False
+    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    try:
+        nodes = [node] if node is not None else [r[0] for r in conn.execute(
+            "SELECT DISTINCT node FROM audit_events ORDER BY node").fetchall()]
+        total = None
+        if progress is not None:
+            total = conn.execute("SELECT count(*) FROM audit_events" + (" WHERE node = %s" if node else ""),
+                                 [node] if node else []).fetchone()[0]
+        meter = Meter(progress, "verifying", total)
+        columns = _table_columns(conn)
+        for name in nodes:
+            report = ChainReport()
+            with conn.cursor(name="bastion_verify") as cur:
+                cur.itersize = 5000
+                cur.execute("SELECT seq, time, kind, tbl, row_id, payload, prev_hash, hash FROM audit_events "
+                            "WHERE node = %s ORDER BY seq", [name])
+                check_events(meter.over(tuple(row) for row in cur), report)
+            _check_rows(conn, name, columns, report)
+            result.nodes[name] = report
+        meter.finish()
+    finally:
+        conn.rollback()
+        conn.autocommit = True
+    return result
+
+
+def _check_rows(conn: "psycopg.Connection", node: str, columns: dict[str, list[str]], report: ChainReport) -> None:
+    """Each state row equals the payload of its row's latest event; each such event has its row."""
+    for table in AUDIT_TABLES:
+        names = [c for c in columns[table] if c not in _OWN and c not in _KEYS[table]]
+        latest: dict[Any, tuple[int, str]] = {}
+        for row_id, seq, payload in conn.execute(
+                "SELECT DISTINCT ON (row_id) row_id, seq, payload FROM audit_events WHERE node = %s AND tbl = %s "
+                "AND kind IN ('insert', 'update', 'adopt', 'restate') ORDER BY row_id, seq DESC", [node, table]):
+            latest[row_id] = (seq, payload)
+        for values in conn.execute(f"SELECT {', '.join(_quote(c) for c in names)}, seq FROM {table} "
+                                   "WHERE node = %s", [node]):
+            row = dict(zip(names, values))
+            report.rows += 1
+            event = latest.pop(row["id"], None)
+            if event is None:
+                report.problem(f"node {node}: {table} row {row['id']!r} inserted: no shipped event wrote it")
+                continue
+            state = json.loads(event[1])
+            changed = [c for c in names if _stored(c, state.get(c)) != row[c]]
+            if changed:
+                shown = ", ".join(f"{c} is {row[c]!r}, event {event[0]} says {state.get(c)!r}" for c in changed[:3])
+                report.problem(f"node {node}: {table} row {row['id']!r} edited: {shown}")
+        for row_id, (seq, _) in latest.items():
+            report.problem(f"node {node}: {table} row {row_id!r} deleted: event {seq} wrote it, the row is gone")
+
+
+def _stored(column: str, value: Any) -> Any:
+    return str(value) if column == "cert_serial" and value is not None else value
+
+
+# ---- status ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class NodeStatus:
+    node: str
+    local_seq: int | None
+    shipped_seq: int | None
+    backlog: int | None
+    lag_seconds: float | None
+    last_error: str | None
+    source: str  # "local" (this node, measured now) or "reported" (what its shipper last wrote)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "local_seq": self.local_seq, "shipped_seq": self.shipped_seq,
+                "backlog": self.backlog, "lag_seconds": self.lag_seconds, "last_error": self.last_error,
+                "source": self.source}
+
+
+def lag_of(oldest_unshipped: str | None, now: datetime) -> float:
+    """Seconds the oldest event not yet shipped has waited (0 when nothing waits)."""
+    if oldest_unshipped is None:
+        return 0.0
+    written = datetime.fromisoformat(oldest_unshipped.replace("Z", "+00:00"))
+    return max(0.0, (now - written).total_seconds())

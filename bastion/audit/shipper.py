@@ -1,0 +1,243 @@
+"""The audit shipper (#22 part 3): a thread of the server that copies the local hash chain to PostgreSQL.
+
+The login path never waits for it: the writer commits locally (writer.py, fail closed on a local failure), and
+this thread reads the committed events by seq from its own read-only SQLite connection, a batch at a time, and
+stores them with fleet.ship_batch — in order, at least once, idempotent by (node, seq). While PostgreSQL cannot
+be reached it retries with a growing pause (0.5 s doubling up to `max_backoff`); the events wait in the local
+chain, which is the backlog.
+
+Where shipping resumes is read from PostgreSQL itself (the node's max seq), at start and after every
+reconnect, not kept locally: PostgreSQL is what must hold every event, so it is the one to ask; nothing local
+can drift from it (a restored database backup, a lost state file), and re-sending what it already has costs
+nothing (skipped by (node, seq), its hash compared). The head found there is checked against the local event
+of that seq: a different hash is an alarm (two nodes with one node_id, or a replaced local database) and
+shipping stops rather than mixing two chains.
+
+For `bastion audit ship status` and `audit prune` without PostgreSQL at hand, the thread also writes what it
+knows to HOME/audit-ship.json (atomically) after each batch and each error: shipped seq, last error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..clock import iso, utc_now
+from ..store.schema import connect as connect_sqlite
+from .chain import Head
+from .fleet import (FleetError, NodeStatus, ShipAlarm, connect, lag_of, migrate, node_reports, open_store, redact,
+                    report_node, ship_batch, shipped_head)
+
+log = logging.getLogger("bastion.audit")
+
+STATUS_FILE = "audit-ship.json"
+_EVENT_COLUMNS = "seq, time, kind, tbl, row_id, payload, prev_hash, hash"
+
+
+def read_status(home: Path) -> dict[str, Any]:
+    """What the server's shipper last wrote (empty when it never ran)."""
+    try:
+        return json.loads((home / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class Shipper:
+    """Start with `start()`, end with `stop()`. `poll` seconds between looks at the local chain when idle."""
+
+    def __init__(self, database: Path, url: str, node: str, *, batch: int = 2000, poll: float = 0.2,
+                 max_backoff: float = 10.0, report_every: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.database, self.url, self.node = database, url, node
+        self.batch, self.poll, self.max_backoff, self.report_every = batch, poll, max_backoff, report_every
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.shipped = Head()  # what PostgreSQL holds of this node, as far as this thread knows
+        self.local_seq = 0
+        self.lag_seconds = 0.0
+        self.last_error: str | None = None
+        self.connected = False
+        self.shipped_total = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="audit-shipper", daemon=True)
+        self._thread.start()
+        log.info("shipping the audit log to %s as node %s", redact(self.url), self.node)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the thread ----
+
+    def _run(self) -> None:
+        backoff = 0.5
+        local: sqlite3.Connection | None = None
+        pg = None
+        while not self._stop.is_set():
+            try:
+                if local is None:
+                    local = connect_sqlite(self.database, readonly=True)
+                if pg is None:
+                    pg = connect(self.url)
+                    migrate(pg)
+                    self.shipped = shipped_head(pg, self.node)
+                    self._check_resume(local)
+                    self.connected = True
+                    if self.last_error:
+                        log.info("audit shipping to %s resumed at seq %d", redact(self.url), self.shipped.seq)
+                    self.last_error = None
+                    self._write_status()
+                self._drain(local, pg)
+                backoff = 0.5
+                self._stop.wait(self.poll)
+            except ShipAlarm as exc:
+                self._failed(f"ALARM: {exc}", error=True)
+                pg = self._close(pg)
+                self._stop.wait(60.0)  # an operator must look: retry rarely, never overwrite
+            except Exception as exc:  # psycopg.Error, FleetError, sqlite3.Error, OSError: wait and retry
+                text = str(exc) if isinstance(exc, FleetError) else f"{type(exc).__name__}: {_first_line(exc)}"
+                self._failed(redact(text), error=self.connected or self.last_error is None)
+                pg = self._close(pg)
+                if isinstance(exc, sqlite3.Error) and local is not None:
+                    local.close()
+                    local = None
+                self._stop.wait(backoff)
+                backoff = min(self.max_backoff, backoff * 2)
+        self._close(pg)
+        if local is not None:
+            local.close()
+
+    def _check_resume(self, local: sqlite3.Connection) -> None:
+        """PostgreSQL's newest event of this node must be this chain's event of that seq."""
+        if self.shipped.seq == 0:
+            return
+        row = local.execute("SELECT hash FROM audit_events WHERE seq = ?", [self.shipped.seq]).fetchone()
+        head = local.execute("SELECT max(seq) FROM audit_events").fetchone()[0] or 0
+        if row is not None and row[0] != self.shipped.hash:
+            raise ShipAlarm(f"node {self.node!r} event {self.shipped.seq} in PostgreSQL is not this node's event "
+                            "of that seq: two nodes share this node_id, or this node's audit database was replaced")
+        if row is None and self.shipped.seq > head:
+            raise ShipAlarm(f"PostgreSQL holds node {self.node!r} up to seq {self.shipped.seq}, this node's chain "
+                            f"ends at {head}: two nodes share this node_id, or this audit database was replaced")
+
+    def _drain(self, local: sqlite3.Connection, pg: Any) -> None:
+        """Ship every committed event after the shipped head, a batch per transaction."""
+        last_report = 0.0
+        while not self._stop.is_set():
+            events = local.execute(f"SELECT {_EVENT_COLUMNS} FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                   [self.shipped.seq, self.batch]).fetchall()
+            head = local.execute("SELECT max(seq) FROM audit_events").fetchone()[0] or 0
+            self.local_seq = head
+            if events and events[0][0] != self.shipped.seq + 1:
+                log.warning("audit events %d..%d were pruned here before they were shipped (prune --force?)",
+                            self.shipped.seq + 1, events[0][0] - 1)
+            if events:
+                ship_batch(pg, self.node, events)
+                self.shipped = Head(events[-1][0], events[-1][7])
+                self.shipped_total += len(events)
+            unshipped = local.execute("SELECT time FROM audit_events WHERE seq > ? ORDER BY seq LIMIT 1",
+                                      [self.shipped.seq]).fetchone()
+            self.lag_seconds = lag_of(unshipped[0] if unshipped else None, utc_now())
+            now = self._clock()
+            if events or now - last_report >= self.report_every:
+                report_node(pg, self.node, head, self.shipped.seq, self.lag_seconds, None)
+                self._write_status()
+                last_report = now
+            if len(events) < self.batch:
+                return
+
+    def _failed(self, text: str, error: bool) -> None:
+        if text != self.last_error:
+            (log.error if error else log.warning)("audit shipping to PostgreSQL: %s (events wait here; retrying)",
+                                                  text)
+        self.connected = False
+        self.last_error = text
+        self._write_status()
+
+    def _close(self, pg: Any) -> None:
+        if pg is not None:
+            try:
+                pg.close()
+            except Exception:  # already broken: nothing more to do
+                pass
+        return None
+
+    def _write_status(self) -> None:
+        status = {"node": self.node, "store": redact(self.url), "shipped_seq": self.shipped.seq,
+                  "shipped_hash": self.shipped.hash, "local_seq": self.local_seq, "lag_seconds": self.lag_seconds,
+                  "connected": self.connected, "last_error": self.last_error, "updated_at": iso(utc_now())}
+        path = self.database.parent / STATUS_FILE
+        temporary = path.with_name(f".{STATUS_FILE}.{os.getpid()}")
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as out:
+                json.dump(status, out)
+            os.replace(temporary, path)
+        except OSError as exc:  # the status is a convenience; shipping goes on
+            log.debug("cannot write %s: %s", path, exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def fleet_status(database: Path, url: str | None, node: str) -> tuple[list[NodeStatus], str | None]:
+    """`audit ship status`: this node measured now (local head, shipped head from PostgreSQL, backlog, lag of
+    the oldest unshipped event, the shipper's last error), then every other node as its shipper last reported.
+    Returns the rows and why PostgreSQL could not be asked (None when it could)."""
+    saved = read_status(database.parent)
+    local_seq: int | None = None
+    oldest: dict[int, str] = {}
+    local = None
+    if database.exists():
+        local = connect_sqlite(database, readonly=True)
+        local_seq = local.execute("SELECT max(seq) FROM audit_events").fetchone()[0] or 0
+    reports: list[dict[str, Any]] = []
+    problem = None
+    shipped: int | None = saved.get("shipped_seq") if saved.get("node") == node else None
+    if url:
+        try:
+            conn = open_store(url)
+        except FleetError as exc:
+            problem = str(exc)
+        else:
+            try:
+                reports = node_reports(conn)
+                shipped = next((r["shipped_seq"] for r in reports if r["node"] == node), 0)
+            finally:
+                conn.close()
+    rows = []
+    if local is not None:
+        try:
+            if shipped is not None:
+                found = local.execute("SELECT time FROM audit_events WHERE seq > ? ORDER BY seq LIMIT 1",
+                                      [shipped]).fetchone()
+                if found:
+                    oldest[shipped] = found[0]
+        finally:
+            local.close()
+    if local_seq is not None or any(r["node"] == node for r in reports):
+        backlog = None if local_seq is None or shipped is None else max(0, local_seq - shipped)
+        lag = None if shipped is None else lag_of(oldest.get(shipped), utc_now()) if local_seq is not None else None
+        rows.append(NodeStatus(node, local_seq, shipped, backlog, lag,
+                               saved.get("last_error") if saved.get("node") == node else None, "local"))
+    for report in reports:
+        if report["node"] == node:
+            continue
+        local_reported = report["reported_local_seq"]
+        backlog = None if local_reported is None else max(0, local_reported - report["shipped_seq"])
+        error = report["reported_error"]
+        ago = report["reported_seconds_ago"]
+        rows.append(NodeStatus(report["node"], local_reported, report["shipped_seq"], backlog,
+                               report["reported_lag_seconds"], error, "reported" if ago is None else
+                               f"reported {ago:.0f}s ago"))
+    return rows, problem

@@ -1,0 +1,246 @@
+"""One audit trail for several nodes (#22 part 3): real servers on loopback ship their local hash chain to a real,
+throwaway PostgreSQL (testbed/postgres.py); real OpenSSH logins and tunnels; PostgreSQL stopped and started under
+them. Every check compares the local events and the shipped ones one for one, by (seq, hash)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bastion.cli.main import app
+from testbed.postgres import pg_url, postgres, wait_until  # noqa: F401 (fixtures)
+from tests.integration.test_serve_loopback import SSH, echo_server, start_serve  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.skipif(SSH is None, reason="needs the OpenSSH client (openssh-client)")
+
+
+def make_home(tmp_path: Path, name: str, url: str, node: str, echo_port: int, key: Path) -> Path:
+    home = tmp_path / name
+    assert cli(home, "init", "--listen", "127.0.0.1:0").returncode == 0
+    config = home / "config.toml"
+    text = config.read_text().replace('internal_networks = [', 'internal_networks = ["127.0.0.0/8", ')
+    text = text.replace('audit_ship_to = ""', f'audit_ship_to = "{url}"').replace('node_id = ""', f'node_id = "{node}"')
+    config.write_text(text)
+    assert cli(home, "user", "add", "alice", "--key", f"{key}.pub").returncode == 0
+    policy = tmp_path / f"{name}-policy.toml"
+    policy.write_text(f'[users.alice]\nallow = ["127.0.0.2:{echo_port}"]\n')
+    assert cli(home, "policy", "apply", str(policy)).returncode == 0
+    return home
+
+
+class Ran:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def audit(home: Path, *args: str) -> Ran:
+    return cli(home, "audit", *args)
+
+
+def cli(home: Path, *args: str) -> Ran:
+    """`bastion …` in this process (a subprocess costs a second or two on a busy machine)."""
+    result = CliRunner().invoke(app, ["--home", str(home), *args], env={"BASTION_HOME": None})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Ran(result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Path:
+    path = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path], check=True)
+    return path
+
+
+class Node:
+    """A running `bastion serve` with the OpenSSH client pointed at it."""
+
+    def __init__(self, home: Path, key: Path, echo_port: int) -> None:
+        self.home, self.key, self.echo_port = home, key, echo_port
+        self.proc, self.port = start_serve(home)
+        self.known = home.parent / f"{home.name}.known_hosts"
+        host_key = (home / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+        self.known.write_text(f"[127.0.0.1]:{self.port} {' '.join(host_key)}\n")
+
+    def tunnel(self, data: bytes = b"hello\n") -> None:
+        """A login and a tunnel to the echo server, both audited."""
+        done = subprocess.run(
+            [SSH, "-F", "/dev/null", "-p", str(self.port), "-i", str(self.key), "-o", "BatchMode=yes",
+             "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={self.known}",
+             "-W", f"127.0.0.2:{self.echo_port}", "alice@127.0.0.1"], input=data, capture_output=True, timeout=30)
+        assert done.stdout == data, done.stderr
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=30) == 0
+
+
+def local_events(home: Path) -> list[tuple[int, str]]:
+    conn = sqlite3.connect(f"file:{home / 'bastion.db'}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT seq, hash FROM audit_events ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+
+
+def shipped_events(postgres, url: str, node: str) -> list[tuple[int, str]]:  # noqa: F811
+    database = url.rsplit("/", 1)[1]
+    if not postgres.sql(database, "SELECT to_regclass('audit_events') IS NOT NULL")[0][0]:
+        return []  # the first shipper creates the schema
+    return [tuple(r) for r in postgres.sql(database, "SELECT seq, hash FROM audit_events WHERE node = %s "
+                                                     "ORDER BY seq", (node,))]
+
+
+def all_shipped(postgres, url: str, node: str, home: Path, timeout: float = 30) -> list[tuple[int, str]]:  # noqa: F811
+    """Wait until PostgreSQL holds exactly the local chain of `node`, one for one; return it."""
+    def same():
+        local = local_events(home)
+        return local if local and shipped_events(postgres, url, node) == local else None
+    return wait_until(same, timeout)
+
+
+def test_logins_arrive_in_order_with_chains_intact(tmp_path, postgres, pg_url, echo_server, key):  # noqa: F811
+    home = make_home(tmp_path, "n1", pg_url, "n1", echo_server, key)
+    node = Node(home, key, echo_server)
+    try:
+        for _ in range(3):
+            node.tunnel()
+        events = all_shipped(postgres, pg_url, "n1", home)
+        assert [seq for seq, _ in events] == list(range(1, len(events) + 1))
+        status = json.loads(audit(home, "ship", "status", "--json").stdout)
+        assert status["nodes"][0] | {"lag_seconds": 0} == {
+            "node": "n1", "local_seq": len(events), "shipped_seq": len(events), "backlog": 0, "lag_seconds": 0,
+            "last_error": None, "source": "local"}
+    finally:
+        node.stop()
+    verified = audit(home, "verify", "--store", pg_url)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.startswith(f"n1: intact: {len(events)} events (seq 1..{len(events)})")
+    # the same rows as the node's own log, with the node; the same filters and formats
+    local = json.loads(audit(home, "channels", "--json").stdout)
+    fleet = json.loads(audit(home, "channels", "--store", pg_url, "--json").stdout)
+    assert [{k: v for k, v in row.items() if k != "node"} for row in fleet] == local
+    assert {row["node"] for row in fleet} == {"n1"} and len(fleet) == 3
+    assert all(row["bytes_up"] == 6 for row in fleet)  # "hello\n" went through each tunnel
+    table = audit(home, "sessions", "--store", pg_url, "--client", "127.0.0.1")
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["node", "id", "user"]
+    csv_out = audit(home, "auth", "--store", pg_url, "--csv").stdout.splitlines()
+    assert csv_out[0].startswith("node,id,time,user") and len(csv_out) == 4
+
+
+def test_postgres_down_logins_go_on_and_the_backlog_drains(tmp_path, postgres, pg_url, echo_server, key):  # noqa: F811
+    home = make_home(tmp_path, "n1", pg_url, "n1", echo_server, key)
+    node = Node(home, key, echo_server)
+    try:
+        node.tunnel()
+        before = all_shipped(postgres, pg_url, "n1", home)
+        postgres.stop()
+        started = time.monotonic()
+        for _ in range(5):
+            node.tunnel()  # logins and tunnels do not wait for PostgreSQL
+        during = time.monotonic() - started
+        assert during < 20, f"five logins took {during:.1f}s with PostgreSQL down"
+        waiting = wait_until(lambda: json.loads(audit(home, "ship", "status", "--json").stdout))
+        assert waiting["error"] and "cannot connect" in waiting["error"]
+        mine = waiting["nodes"][0]
+        assert mine["backlog"] == len(local_events(home)) - len(before) > 0 and mine["lag_seconds"] > 0
+        assert audit(home, "ship", "status").returncode == 1
+        # prune asks PostgreSQL what was shipped: down, it refuses (and names --force)
+        refused = audit(home, "prune", "--older-than", "1s")
+        assert refused.returncode == 2 and "--force" in refused.stderr
+        postgres.start()
+        events = all_shipped(postgres, pg_url, "n1", home, timeout=60)
+        assert events[:len(before)] == before and len(events) > len(before)
+        database = pg_url.rsplit("/", 1)[1]
+        assert postgres.sql(database, "SELECT count(*), count(DISTINCT seq) FROM audit_events")[0] == (
+            len(events), len(events))
+        drained = wait_until(lambda: (s := json.loads(audit(home, "ship", "status", "--json").stdout))
+                             ["nodes"][0]["last_error"] is None and s)
+        assert drained["nodes"][0]["backlog"] == 0
+    finally:
+        node.stop()
+    assert audit(home, "verify", "--store", pg_url).returncode == 0
+
+
+def test_a_node_restarted_with_a_backlog_resumes(tmp_path, postgres, pg_url, echo_server, key):  # noqa: F811
+    home = make_home(tmp_path, "n1", pg_url, "n1", echo_server, key)
+    node = Node(home, key, echo_server)
+    node.tunnel()
+    all_shipped(postgres, pg_url, "n1", home)
+    postgres.stop()
+    for _ in range(3):
+        node.tunnel()
+    node.stop()  # with events PostgreSQL never got
+    waiting = len(local_events(home))
+    postgres.start()
+    assert len(shipped_events(postgres, pg_url, "n1")) < waiting
+    node = Node(home, key, echo_server)
+    try:
+        events = all_shipped(postgres, pg_url, "n1", home, timeout=60)
+        assert len(events) >= waiting
+    finally:
+        node.stop()
+    assert audit(home, "verify", "--store", pg_url).returncode == 0
+
+
+def test_a_tampered_shipped_row_or_event_fails_verify(tmp_path, postgres, pg_url, echo_server,  # noqa: F811
+                                                      key):
+    home = make_home(tmp_path, "n1", pg_url, "n1", echo_server, key)
+    node = Node(home, key, echo_server)
+    try:
+        node.tunnel()
+        node.tunnel()
+        all_shipped(postgres, pg_url, "n1", home)
+    finally:
+        node.stop()
+    database = pg_url.rsplit("/", 1)[1]
+    assert audit(home, "verify", "--store", pg_url).returncode == 0
+    postgres.sql(database, "UPDATE sessions SET \"user\" = 'mallory' WHERE id = (SELECT min(id) FROM sessions)")
+    edited = audit(home, "verify", "--store", pg_url)
+    assert edited.returncode == 1 and "BROKEN" in edited.stdout and "edited: user is 'mallory'" in edited.stdout
+    postgres.sql(database, "UPDATE sessions SET \"user\" = 'alice'")
+    assert audit(home, "verify", "--store", pg_url).returncode == 0
+    postgres.sql(database, "UPDATE audit_events SET payload = replace(payload, 'alice', 'mallory') WHERE seq = 1")
+    forged = audit(home, "verify", "--store", pg_url, "--json")
+    assert forged.returncode == 1
+    report = json.loads(forged.stdout)
+    assert not report["intact"] and "event 1 (insert auth 1) edited" in report["nodes"]["n1"]["problems"][0]
+    postgres.sql(database, "DELETE FROM audit_events WHERE seq = 2")
+    gap = audit(home, "verify", "--store", pg_url)
+    assert gap.returncode == 1 and "event 2 deleted" in gap.stdout
+
+
+def test_two_nodes_ship_to_one_database(tmp_path, postgres, pg_url, echo_server, key):  # noqa: F811
+    homes = {name: make_home(tmp_path, name, pg_url, name, echo_server, key) for name in ("n1", "n2")}
+    nodes = {name: Node(home, key, echo_server) for name, home in homes.items()}
+    try:
+        nodes["n1"].tunnel()
+        for _ in range(2):
+            nodes["n2"].tunnel()
+        for name, home in homes.items():
+            all_shipped(postgres, pg_url, name, home)
+        status = json.loads(audit(homes["n1"], "ship", "status", "--json").stdout)
+        assert [(n["node"], n["backlog"], n["source"].split()[0]) for n in status["nodes"]] == [
+            ("n1", 0, "local"), ("n2", 0, "reported")]
+    finally:
+        for node in nodes.values():
+            node.stop()
+    sessions = json.loads(audit(homes["n1"], "sessions", "--store", pg_url, "--json").stdout)
+    assert sorted(row["node"] for row in sessions) == ["n1", "n2", "n2"]
+    only = json.loads(audit(homes["n1"], "sessions", "--store", pg_url, "--node", "n2", "--json").stdout)
+    assert [row["node"] for row in only] == ["n2", "n2"]
+    assert [row["id"] for row in only] == [row["id"] for row in json.loads(
+        audit(homes["n2"], "sessions", "--json").stdout)]
+    channels = json.loads(audit(homes["n2"], "channels", "--store", pg_url, "--node", "n1",
+                                  "--target", f"127.0.0.0/8:{echo_server}", "--json").stdout)
+    assert len(channels) == 1 and channels[0]["node"] == "n1"
+    verified = audit(homes["n2"], "verify", "--store", pg_url)
+    assert verified.returncode == 0 and [line.split(":")[0] for line in verified.stdout.splitlines()] == ["n1", "n2"]
+    assert "needs --store" in audit(homes["n1"], "sessions", "--node", "n2").stderr
