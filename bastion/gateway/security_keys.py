@@ -18,6 +18,7 @@ from typing import Any
 import asyncssh
 
 from .. import transport
+from ..policy.certificates import describe_certificate
 from ..policy.model import Policy
 from ..policy.security_keys import (
     describe_signature,
@@ -48,7 +49,7 @@ class SecurityKeys:
     auth_log: Any
     key_options: Any
     _login_policy: Policy | None
-    _certificate_refused: Any  # (fingerprint, reason) -> None: log, audit, count toward max_auth_tries
+    _certificate_refused: Any  # (fingerprint, reason, certificate) -> None: log, audit, count toward max_auth_tries
 
     def security_key_type_refusal(self, key: asyncssh.SSHKey) -> str | None:
         """Why this key (or certified key) may not log the user in, by its type; None if it may. Called while the
@@ -71,8 +72,12 @@ class SecurityKeys:
         if refusal is None:
             self._security_key_flags, self._security_key_note = flags, seen
             return True
+        reason = f"{refusal} ({seen})"
+        certificate = getattr(self, "certificate", None)
+        if certificate is not None:  # named like every other certificate refusal
+            reason = f"certificate refused: {reason}: {describe_certificate(certificate)}"
         self.auth_log.failed_publickey(key)
-        self._certificate_refused(key.get_fingerprint("sha256"), f"{refusal} ({seen})")
+        self._certificate_refused(key.get_fingerprint("sha256"), reason, certificate)
         return False
 
     def security_key_note(self) -> str:

@@ -10,6 +10,8 @@ as plain values in a `Certificate`; `certificate_refusal` says why it may not lo
    under TrustedUserCAKeys; so do we);
 5. critical options: `source-address` is enforced; `force-command` refuses the login (a bastion runs no commands),
    and so does any other critical option, since a critical option we do not enforce must not be ignored;
+   `verify-required` is enforced: the certified security key's signatures must assert user verification
+   (policy/security_keys.py);
 6. the CA's `require_known_user`: the login user must be a user of the policy, and not expired.
 
 Extensions narrow the session instead (`certificate_key_options`): without `permit-port-forwarding` it may open no
@@ -96,7 +98,7 @@ def certificate_refusal(policy: Policy, cert: Certificate, user: str, address: I
     for name in cert.critical_options:
         if name == "force-command":
             return "certificate has force-command; a bastion runs no commands"
-        if name != "source-address":
+        if name not in ("source-address", "verify-required"):  # verify-required: policy/security_keys.py (#21)
             return f"certificate has unsupported critical option {_shown(name)}"
     if cert.source_addresses:
         address = canonical_address(address)
@@ -148,7 +150,7 @@ _KEY_FIELDS = {
     "ssh-rsa": 2, "ssh-dss": 4, "ecdsa-sha2-nistp256": 2, "ecdsa-sha2-nistp384": 2, "ecdsa-sha2-nistp521": 2,
     "ssh-ed25519": 1, "sk-ecdsa-sha2-nistp256@openssh.com": 3, "sk-ssh-ed25519@openssh.com": 2,
 }
-_KNOWN_CRITICAL = ("force-command", "source-address")
+_KNOWN_CRITICAL = ("force-command", "source-address", "verify-required")
 
 
 class _Reader:
@@ -227,7 +229,8 @@ def certificate_key_options(cert: Certificate) -> KeyOptions:
     """The session's narrowing from the certificate's extensions: no tunnels without permit-port-forwarding; a
     security key's touch waived by no-touch-required (#21, policy/security_keys.py; sshd honours it too)."""
     return KeyOptions(port_forwarding="permit-port-forwarding" in cert.extensions,
-                      touch_required="no-touch-required" not in cert.extensions)
+                      touch_required="no-touch-required" not in cert.extensions,
+                      verify_required="verify-required" in cert.critical_options)
 
 
 def _time(seconds: int) -> str:

@@ -28,7 +28,8 @@ from asyncssh.public_key import CERT_TYPE_USER, KeyImportError, decode_ssh_certi
 from ..policy.certificates import Certificate
 
 _PATCHED = "_bastion_examines_certificates"
-_CRITICAL = ("force-command", "source-address")  # the critical options asyncssh decodes; it refuses any other
+_CRITICAL = ("force-command", "source-address", "verify-required")  # the critical options asyncssh decodes (the
+# last once security_keys.py has taught it, #21); it refuses any other
 
 
 def certificate_fields(cert: Any) -> Certificate:

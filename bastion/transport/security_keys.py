@@ -25,7 +25,14 @@ certified key) is a security key, the wrapper
 3. hands the owner the flags and counter of that verified signature: the owner decides presence and verification
    (policy/security_keys.py), audits, and returns False to refuse.
 
-Flags are part of the signed data, so flags a client altered after signing fail step 2. Any other key, a query
+Flags are part of the signed data, so flags a client altered after signing fail step 2.
+
+asyncssh 2.24.1 also refuses to decode a user certificate with the critical option `verify-required` (OpenSSH's way
+for a CA to demand user verification; `ssh-keygen -s … -O verify-required`): its decoder table lacks it. Once the
+signature hook is in place, `apply` adds it to `SSHOpenSSHCertificateV01._user_option_decoders` (a flag without a
+value, as `_decode_bool` reads it), so such a certificate reaches the gateway, whose certificate rules require
+verification for it (certificates.py lists it among the critical options it hands over). Without the hook it is not
+added, and asyncssh goes on refusing such certificates. Any other key, a query
 without a signature, or an owner without the callback: asyncssh's own method, unchanged.
 If a later asyncssh lacks the method, nothing is patched and `installed()` is False: the gateway then refuses users
 whose policy needs user verification (fails closed; asyncssh still requires touch by itself).
@@ -38,7 +45,13 @@ from typing import Any
 
 from asyncssh.connection import SSHServerConnection
 from asyncssh.packet import PacketDecodeError, SSHPacket, String
-from asyncssh.public_key import KeyImportError, decode_ssh_certificate, decode_ssh_public_key
+from asyncssh.public_key import (
+    KeyImportError,
+    SSHOpenSSHCertificate,
+    SSHOpenSSHCertificateV01,
+    decode_ssh_certificate,
+    decode_ssh_public_key,
+)
 
 _PATCHED = "_bastion_security_key_flags"
 SECURITY_KEY_ALGORITHMS = frozenset({
@@ -104,7 +117,16 @@ def apply() -> bool:
 
     setattr(validate_public_key, _PATCHED, True)
     SSHServerConnection.validate_public_key = validate_public_key  # type: ignore[method-assign]
+    _decode_verify_required()
     return True
+
+
+def _decode_verify_required() -> None:
+    """Let asyncssh decode the critical option verify-required (a flag; see the module docstring)."""
+    decoders = getattr(SSHOpenSSHCertificateV01, "_user_option_decoders", None)
+    flag = getattr(SSHOpenSSHCertificate, "_decode_bool", None)
+    if isinstance(decoders, dict) and flag is not None:
+        decoders.setdefault(b"verify-required", flag)
 
 
 def installed() -> bool:

@@ -20,7 +20,8 @@ does, so no PIN is typed: the flag is what is tested).
 
 and certificates of security keys (a second test): an sk certificate logs in a require_security_key user; a
 certificate of a plain key is refused for them; a no-touch key's certificate is refused unless the CA signed it with
-the no-touch-required extension.
+the no-touch-required extension; a certificate with the critical option verify-required (OpenSSH's way for a CA to
+demand a PIN, which asyncssh alone refuses to decode) logs in only with a signature that asserts user verification.
 """
 
 from __future__ import annotations
@@ -215,6 +216,7 @@ def test_certificates_of_security_keys(home, echo_server, tmp_path, provider):
     touch = sk_keygen(provider, tmp_path / "erin_sk")
     untouched = sk_keygen(provider, tmp_path / "erin_untouched_sk", "no-touch-required")
     plain = keygen(tmp_path / "erin_plain")
+    pin = sk_keygen(provider, tmp_path / "erin_pin_sk", "verify-required")
 
     def sign(key: Path, name: str, *options: str) -> Path:
         pub = tmp_path / f"{name}.pub"
@@ -226,7 +228,8 @@ def test_certificates_of_security_keys(home, echo_server, tmp_path, provider):
 
     certs = {"touch": sign(touch, "touch"), "plain": sign(plain, "plain"),
              "untouched": sign(untouched, "untouched"),
-             "waived": sign(untouched, "waived", "no-touch-required")}
+             "waived": sign(untouched, "waived", "no-touch-required"),
+             "demanded": sign(touch, "demanded", "verify-required"), "verified": sign(pin, "verified", "verify-required")}
     policy = tmp_path / "policy.toml"
     policy.write_text(f'[cas.corp]\nkey = "{line(ca)}"\n\n'
                       f'[users.erin]\nrequire_security_key = true\nallow = ["127.0.0.2:{echo_server}"]\n')
@@ -241,6 +244,9 @@ def test_certificates_of_security_keys(home, echo_server, tmp_path, provider):
         assert client.run("erin", untouched, "127.0.0.12", certs["untouched"]).returncode == 255
         waived = client.run("erin", untouched, "127.0.0.1", certs["waived"])
         assert waived.stdout == b"ping\n", waived.stderr
+        assert client.run("erin", touch, "127.0.0.13", certs["demanded"]).returncode == 255
+        verified = client.run("erin", pin, "127.0.0.1", certs["verified"])
+        assert verified.stdout == b"ping\n", verified.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -252,7 +258,12 @@ def test_certificates_of_security_keys(home, echo_server, tmp_path, provider):
                      r"\(security key: user presence, counter \d+\)", text), text
     assert re.search(r"failure: certificate refused: a security key is required \(require_security_key\); "
                      r"ssh-ed25519 keys are refused, use one made by ssh-keygen -t ed25519-sk: key id plain", text), text
-    assert re.search(r"failure: user presence not asserted \(the security key was not touched\) \(security key: "
-                     r"neither user presence nor user verification, counter \d+\)", text), text
+    assert re.search(r"failure: certificate refused: user presence not asserted \(the security key was not touched\) "
+                     r"\(security key: neither user presence nor user verification, counter \d+\): key id untouched "
+                     r"serial \d+ CA SHA256:", text), text
     assert re.search(r"success: certificate accepted: key id waived serial \d+ CA SHA256:\S+ \(security key: "
                      r"neither user presence nor user verification, counter \d+\)", text), text
+    assert re.search(r"failure: certificate refused: user verification not asserted \(no PIN or biometric\) "
+                     r"\(security key: user presence, counter \d+\): key id demanded serial \d+ CA SHA256:", text), text
+    assert re.search(r"success: certificate accepted: key id verified serial \d+ CA SHA256:\S+ \(security key: "
+                     r"user presence, user verification, counter \d+\)", text), text

@@ -139,12 +139,15 @@ def test_signature_requirements_from_the_key_options_and_the_policy(rules, optio
     assert signature_requirements(rules, options) == expected
 
 
-def test_a_certificate_extension_waives_touch_as_in_sshd():
+def test_a_certificate_waives_touch_or_requires_verification_as_in_sshd():
     cert = Certificate(key_id="k", serial=1, user_certificate=True, principals=("alice",), valid_after=0,
                        valid_before=2**63, ca_fingerprint="SHA256:x")
     assert certificate_key_options(cert).touch_required is True
     waived = dataclasses.replace(cert, extensions=frozenset({"no-touch-required", "permit-port-forwarding"}))
     assert certificate_key_options(waived).touch_required is False
+    verified = dataclasses.replace(cert, critical_options=("verify-required",))
+    assert certificate_key_options(verified).verify_required is True
+    assert certificate_key_options(cert).verify_required is False
 
 
 @pytest.mark.parametrize("text, touch, verify, described", [

@@ -130,8 +130,9 @@ GOOD = Certificate(key_id="alice@corp", serial=7, user_certificate=True, princip
     ({"principals": ()}, "alice", HERE, "certificate names no principals"),
     ({"principals": ("bob", "carol")}, "alice", HERE, "certificate is not valid for user alice (principals: bob, carol)"),
     ({"critical_options": ("force-command",)}, "alice", HERE, "certificate has force-command; a bastion runs no commands"),
-    ({"critical_options": ("verify-required",)}, "alice", HERE,
-     "certificate has unsupported critical option verify-required"),
+    ({"critical_options": ("no-such-option@example.com",)}, "alice", HERE,
+     "certificate has unsupported critical option no-such-option@example.com"),
+    ({"critical_options": ("verify-required",)}, "alice", HERE, None),  # enforced at the signature (#21)
     ({"critical_options": ("source-address",), "source_addresses": (ip_network("127.0.0.9/32"),)}, "alice", HERE,
      "certificate not valid from 127.0.0.1 (source-address 127.0.0.9/32)"),
     ({"critical_options": ("source-address",), "source_addresses": (ip_network("127.0.0.0/24"),)}, "alice", HERE,
