@@ -133,8 +133,9 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
-def connect(url: str, *, timeout: float = 5.0, autocommit: bool = False) -> "psycopg.Connection":
-    """A psycopg 3 connection; an error names the redacted URL and says what to install when psycopg is missing."""
+def connect(url: str, *, timeout: float = 5.0, autocommit: bool = True) -> "psycopg.Connection":
+    """A psycopg 3 connection (autocommit: each `conn.transaction()` is a real one); an error names the
+    redacted URL, and says what to install when psycopg is missing."""
     try:
         import psycopg
     except ImportError:
