@@ -118,6 +118,7 @@ def describe_plan(diff: PolicyDiff, plan: PolicyPlan, losses: list[LiveLoss]) ->
     lines += [f"  - CA {name} changed (keys or settings)" for name in diff.cas_changed]
     lines += [f"  - revoked: {entry}" for entry in diff.revoked_added]  # (#21)
     lines += [f"  + no longer revoked: {entry}" for entry in diff.revoked_removed]
+    lines += [f"  {'-' if on else '+'} {who}: {field} {'on' if on else 'off'}" for who, field, on in diff.requirements]
     for user, key in plan.keys_added:
         lines.append(f"  + {user}: key {key.key_type} {key.fingerprint} {key.comment}".rstrip())
     for user, key in plan.keys_removed:

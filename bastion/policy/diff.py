@@ -43,17 +43,20 @@ class PolicyDiff:
     cas_changed: tuple[str, ...] = ()  # other keys or settings under the same name
     revoked_added: tuple[str, ...] = ()  # [revoked] entries (#21): "serials 10-20 of CA corp", "key id x", "key …"
     revoked_removed: tuple[str, ...] = ()
+    # login requirements (require_totp, …) of users and groups, on or off: ("user alice", "require_totp", True)
+    requirements: tuple[tuple[str, str, bool], ...] = ()
 
     @property
     def removes_access(self) -> bool:
-        return any(change.removes_access for change in self.changes) or bool(self.cas_removed or self.cas_changed
-                                                                                 or self.revoked_added)
+        """A requirement switched on counts: a user not ready for it (no code enrolled) is locked out."""
+        return any(change.removes_access for change in self.changes) or bool(
+            self.cas_removed or self.cas_changed or self.revoked_added) or any(on for _, _, on in self.requirements)
 
     @property
     def empty(self) -> bool:
         return not (self.changes or self.groups_added or self.groups_removed or self.users_added
                     or self.cas_added or self.cas_removed or self.cas_changed or self.revoked_added
-                    or self.revoked_removed)
+                    or self.revoked_removed or self.requirements)
 
 
 def revoked_entries(policy: Policy) -> list[str]:
@@ -63,6 +66,22 @@ def revoked_entries(policy: Policy) -> list[str]:
              for ca, low, high in revoked.serials]
             + [f"certificate key id {key_id!r}" for key_id in revoked.key_ids]
             + [f"key {fingerprint}" for fingerprint in revoked.fingerprints])
+
+
+REQUIREMENTS = ("require_totp", "require_security_key", "require_user_verification")
+
+
+def requirement_changes(before: Policy, after: Policy) -> tuple[tuple[str, str, bool], ...]:
+    """Login requirements switched on or off, for every user and group in `after` (a new one counts from off)."""
+    found = []
+    for kind, old, new in (("user", before.users, after.users), ("group", before.groups, after.groups)):
+        for name in sorted(new):
+            for field in REQUIREMENTS:
+                was = bool(getattr(old[name], field, False)) if name in old else False
+                now = bool(getattr(new[name], field, False))
+                if was != now:
+                    found.append((f"{kind} {name}", field, now))
+    return tuple(found)
 
 
 def _identity(grant: Grant) -> tuple[str, str, str, str]:
@@ -93,4 +112,5 @@ def policy_diff(before: Policy, after: Policy, now: datetime) -> PolicyDiff:
                                  if before.cas[name] != after.cas[name])),
         revoked_added=tuple(e for e in revoked_entries(after) if e not in revoked_entries(before)),
         revoked_removed=tuple(e for e in revoked_entries(before) if e not in revoked_entries(after)),
+        requirements=requirement_changes(before, after),
     )

@@ -42,3 +42,11 @@ def test_a_new_deny_or_an_earlier_end_narrows_and_a_new_grant_does_not_remove():
 def test_new_users_are_listed():
     result = diff("", '[users.bob]\nallow = ["10.1.1.1"]\n')
     assert result.users_added == ("bob",) and not result.removes_access
+
+
+def test_login_requirements_switched_on_count_as_removing_access():
+    on = diff('[groups.ops]\nallow = ["10.0.0.0/8:22"]\n[users.alice]\ngroups = ["ops"]\n',
+              '[groups.ops]\nallow = ["10.0.0.0/8:22"]\nrequire_totp = true\n[users.alice]\ngroups = ["ops"]\n')
+    assert on.requirements == (("group ops", "require_totp", True),) and on.removes_access and not on.empty
+    off = diff('[users.alice]\nrequire_security_key = true\n', '[users.alice]\n')
+    assert off.requirements == (("user alice", "require_security_key", False),) and not off.removes_access
