@@ -199,30 +199,41 @@ def shipped_head(conn: "psycopg.Connection", node: str) -> Head:
     return Head(row[0], row[1]) if row else Head()
 
 
-_columns_cache: dict[int, dict[str, list[str]]] = {}
+_columns_cache: dict[int, dict[str, list[tuple[str, str]]]] = {}
 
 
-def _table_columns(conn: "psycopg.Connection") -> dict[str, list[str]]:
+def _table_types(conn: "psycopg.Connection") -> dict[str, list[tuple[str, str]]]:
+    """Each state table's columns and their SQL types, in order (read once per connection)."""
     key = id(conn)
     cached = _columns_cache.get(key)
     if cached is None:
         cached = {}
         for table in AUDIT_TABLES:
-            rows = conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+            rows = conn.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = %s "
                                 "AND table_schema = current_schema() ORDER BY ordinal_position", [table]).fetchall()
-            cached[table] = [r[0] for r in rows]
+            cached[table] = [(name, kind) for name, kind in rows]
         _columns_cache.clear()  # one live connection per process matters; never grow
         _columns_cache[key] = cached
     return cached
 
 
+def _table_columns(conn: "psycopg.Connection") -> dict[str, list[str]]:
+    return {table: [name for name, _ in columns] for table, columns in _table_types(conn).items()}
+
+
+_EVENTS = ("INSERT INTO audit_events (node, seq, time, kind, tbl, row_id, payload, prev_hash, hash) "
+           "SELECT %s, * FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[]::jsonb[], "
+           "%b::text[], %b::text[], %b::text[]) ON CONFLICT (node, seq) DO NOTHING")  # %b: binary, no escaping
+
+
 def ship_batch(conn: "psycopg.Connection", node: str, events: Sequence[Event]) -> int:
     """Store `events` (consecutive, oldest first) of `node` and upsert the rows they describe, in one
     transaction. Events already stored with the same hash are skipped; one with a different hash raises
-    ShipAlarm and nothing of the batch is stored. Returns how many events were new."""
+    ShipAlarm and nothing of the batch is stored. Returns how many events were new. One statement per table
+    (arrays through unnest), so a batch costs a few round trips whatever its size."""
     if not events:
         return 0
-    columns = _table_columns(conn)
+    types = _table_types(conn)
     with conn.transaction():
         existing = dict(conn.execute(
             "SELECT seq, hash FROM audit_events WHERE node = %s AND seq BETWEEN %s AND %s",
@@ -235,29 +246,29 @@ def ship_batch(conn: "psycopg.Connection", node: str, events: Sequence[Event]) -
         fresh = [e for e in events if e[0] not in existing]
         if not fresh:
             return 0
-        with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO audit_events (node, seq, time, kind, tbl, row_id, payload, prev_hash, hash) "
-                "VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s) ON CONFLICT (node, seq) DO NOTHING",
-                [(node, seq, time, kind, tbl, json.dumps(row_id), payload, prev, digest)
-                 for seq, time, kind, tbl, row_id, payload, prev, digest in fresh])
-            # the newest state of each row in the batch, with the seq of its first event in the batch
-            latest: dict[tuple[str, Any], tuple[int, int, str]] = {}
-            for seq, _, kind, tbl, row_id, payload, _, _ in fresh:
-                if tbl in columns and kind in ("insert", "update", "adopt", "restate"):
-                    first = latest.get((tbl, row_id), (seq, 0, ""))[0]
-                    latest[(tbl, row_id)] = (first, seq, payload)
-            by_table: dict[str, list[tuple]] = {}
-            for (tbl, _), (first, seq, payload) in latest.items():
-                by_table.setdefault(tbl, []).append(_state_values(tbl, columns[tbl], node, first, seq, payload))
-            for tbl, rows in by_table.items():
-                names = columns[tbl]
-                updated = [c for c in names if c not in ("node", "id", "first_seq")]
-                cur.executemany(
-                    f"INSERT INTO {tbl} ({', '.join(_quote(c) for c in names)}) "
-                    f"VALUES ({', '.join(['%s'] * len(names))}) ON CONFLICT (node, id) DO UPDATE SET "
-                    + ", ".join(f"{_quote(c)} = EXCLUDED.{_quote(c)}" for c in updated)
-                    + f" WHERE {tbl}.seq < EXCLUDED.seq", rows)
+        fields = list(zip(*fresh))
+        conn.execute(_EVENTS, [node, list(fields[0]), list(fields[1]), list(fields[2]), list(fields[3]),
+                               [json.dumps(row_id) for row_id in fields[4]], list(fields[5]), list(fields[6]),
+                               list(fields[7])])
+        # the newest state of each row in the batch, with the seq of its first event in the batch
+        latest: dict[tuple[str, Any], tuple[int, int, str]] = {}
+        for seq, _, kind, tbl, row_id, payload, _, _ in fresh:
+            if tbl in types and kind in ("insert", "update", "adopt", "restate"):
+                first = latest.get((tbl, row_id), (seq, 0, ""))[0]
+                latest[(tbl, row_id)] = (first, seq, payload)
+        by_table: dict[str, list[tuple]] = {}
+        for (tbl, _), (first, seq, payload) in latest.items():
+            names = [name for name, _ in types[tbl]]
+            by_table.setdefault(tbl, []).append(_state_values(tbl, names, node, first, seq, payload))
+        for tbl, rows in by_table.items():
+            names = [name for name, _ in types[tbl]]
+            updated = [c for c in names if c not in ("node", "id", "first_seq")]
+            arrays = ", ".join(f"%b::{kind}[]" for _, kind in types[tbl])
+            conn.execute(
+                f"INSERT INTO {tbl} ({', '.join(_quote(c) for c in names)}) SELECT * FROM unnest({arrays}) "
+                "ON CONFLICT (node, id) DO UPDATE SET "
+                + ", ".join(f"{_quote(c)} = EXCLUDED.{_quote(c)}" for c in updated)
+                + f" WHERE {tbl}.seq < EXCLUDED.seq", [list(column) for column in zip(*rows)])
     return len(fresh)
 
 
