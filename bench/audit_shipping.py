@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import tempfile
 import time
@@ -42,7 +43,6 @@ def main() -> None:
         fill(database, args.sessions, args.channels, days=30, now=utc_now())
         url = pg.new_database("bench")
         shipper = Shipper(database, url, "bench-1", batch=args.batch, poll=0.01)
-        import sqlite3
         head = sqlite3.connect(database).execute("SELECT max(seq) FROM audit_events").fetchone()[0]
         began = time.perf_counter()
         shipper.start()
