@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+from ..clock import iso
 
 from ..errors import BastionError
 from .chain import AUDIT_TABLES, ChainReport, Head, Meter, Progress, check_events
@@ -487,3 +491,64 @@ def lag_of(oldest_unshipped: str | None, now: datetime) -> float:
         return 0.0
     written = datetime.fromisoformat(oldest_unshipped.replace("Z", "+00:00"))
     return max(0.0, (now - written).total_seconds())
+
+
+# ---- live tail ------------------------------------------------------------------------------------------
+
+
+def follow(conn: "psycopg.Connection", tables: Sequence[str], filters: Filters, since: datetime | None,
+           poll_seconds: float = 0.5, node: str | None = None,
+           sleep: Callable[[float], None] = time.sleep) -> Iterator[dict[str, Any]]:
+    """`audit follow --store`: new events of every node (or one) as their shippers store them, forever, each as
+    query.AuditEvent.as_dict() with its node. Per node, a seek by (node, seq) past the last one seen; the nodes
+    are looked up again on each poll, so one that starts shipping later is followed from its first event. The
+    filters match through the fleet's tables, as the local follow matches through the local ones."""
+    wanted = [t for t in tables if t in AUDIT_TABLES]
+    filters = replace(filters, since=None, limit=None)
+    where = {}
+    for table in wanted:
+        sql, params = where_clause(table, filters)
+        where[table] = (postgres_sql(sql) if sql else "", params)
+    after: dict[str, int] = {}
+    known = False
+    while True:
+        # every shipper reports itself in audit_nodes after its first batch
+        names = [node] if node is not None else [r[0] for r in conn.execute("SELECT node FROM audit_nodes ORDER BY 1")]
+        for name in names:
+            if name not in after:
+                if since is not None:
+                    row = conn.execute("SELECT max(seq) FROM audit_events WHERE node = %s AND time < %s",
+                                       [name, iso(since)]).fetchone()
+                elif not known:  # at start: only what comes next
+                    row = conn.execute("SELECT max(seq) FROM audit_events WHERE node = %s", [name]).fetchone()
+                else:  # a node seen for the first time while following: from its beginning
+                    row = (0,)
+                after[name] = (row[0] if row else 0) or 0
+        known = True
+        batch: list[tuple] = []
+        for name in names:
+            rows = conn.execute(
+                "SELECT node, seq, time, kind, tbl, row_id, payload, hash FROM audit_events WHERE node = %s "
+                "AND seq > %s ORDER BY seq LIMIT 1000", [name, after[name]]).fetchall()
+            if rows:
+                after[name] = rows[-1][1]
+                batch.extend(rows)
+        if not batch:
+            sleep(poll_seconds)
+            continue
+        ids: dict[tuple[str, str], list] = defaultdict(list)
+        for name, _, _, kind, table, row_id, _, _ in batch:
+            if table in where and kind in ("insert", "update"):
+                ids[(name, table)].append(row_id)
+        matching: set[tuple[str, str, Any]] = set()
+        for (name, table), row_ids in ids.items():
+            sql, params = where[table]
+            found = conn.execute(f"SELECT id FROM {table} WHERE node = %s AND id = ANY(%s)"
+                                 + (f" AND ({sql})" if sql else ""), [name, row_ids, *params])
+            matching.update((name, table, row[0]) for row in found)
+        for name, seq, time_, kind, table, row_id, payload, digest in sorted(batch, key=lambda e: (e[2], e[0], e[1])):
+            if kind == "alarm" or (name, table, row_id) in matching and kind in ("insert", "update"):
+                row = json.loads(payload)
+                row.pop("target_ip_key", None)
+                yield {"node": name, "seq": seq, "time": time_, "kind": kind, "table": table, "row": row,
+                       "hash": digest}

@@ -187,6 +187,9 @@ def follow(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, max=_MOST, help="Stop after this many events."),
     jsonl: bool = JSONL,
     interval: float = typer.Option(0.5, "--interval", min=0.05, help="Seconds between looks for new events."),
+    store: Optional[str] = typer.Option(None, "--store", help="Follow the fleet's audit trail in PostgreSQL "
+                                                              "(postgresql://…): every node's events as shipped."),
+    node: Optional[str] = fleet_audit.NODE,
 ) -> None:
     """Print audit events as they are written, like `tail -f`, with the query filters. Ctrl-C stops it.
 
@@ -194,6 +197,11 @@ def follow(
     """
     filters = make_filters(user=user, since=since, target=target, denied=denied, session=session, client=client)
     tables = _follow_tables(table, filters)
+    if store is not None:  # (#22)
+        fleet_audit.follow(store, tables, filters, interval, node, jsonl, limit)
+        return
+    if node is not None:
+        raise typer.BadParameter("--node needs --store")
     conn = open_reader(config_of(ctx).database)
     try:
         events = follow_events(conn, tables, filters, start_seq(conn, filters.since), interval)

@@ -116,3 +116,22 @@ def shipped_through(config: Config) -> int:
         return fleet.shipped_head(conn, config.node).seq
     finally:
         conn.close()
+
+
+def follow(url: str, tables: list[str], filters: Filters, interval: float, node: Optional[str], jsonl: bool,
+           limit: Optional[int]) -> None:
+    """`audit follow --store`: each line starts with the node (JSON lines carry it as "node")."""
+    conn = fleet.open_store(url)
+    try:
+        events = fleet.follow(conn, tables, filters, filters.since, interval, node)
+        for count, event in enumerate(events, start=1):
+            if jsonl:
+                output.write_jsonl([event])
+            else:
+                print(f"{printable(event['node'])}  {output.follow_line(event)}", flush=True)
+            if limit is not None and count >= limit:
+                break
+    except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C, or the reader went away: a normal end for a tail
+        pass
+    finally:
+        conn.close()

@@ -226,7 +226,7 @@ class Gateway:
             return
         # The listener was made with these; a new value takes effect at the next start, not now.
         for key in ("listen", "compression", "fast_path", "workers", "event_loop", "log_level", "log_format",
-                    "metrics_listen"):
+                    "metrics_listen", "audit_ship_to", "node_id"):  # the shipper (#22) keeps its own
             running = getattr(self.config, key)
             if getattr(config, key) != running:
                 log.warning("%s changes need a restart; keeping %s", key, running)

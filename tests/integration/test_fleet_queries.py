@@ -5,7 +5,10 @@ the same node id is an alarm, never an overwrite; `audit prune` keeps what was n
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -176,3 +179,33 @@ def test_prune_keeps_the_events_not_yet_shipped(tmp_path, pg_url):  # noqa: F811
     remaining = local_events(database)
     assert remaining[0][0] > 400 and [e for e in remaining if e[0] <= len(events)] == events[400:]
     assert bastion("audit", "verify").exit_code == 0
+
+
+def test_follow_store_follows_every_node_as_it_ships(tmp_path, pg_url):  # noqa: F811
+    from bastion.store.sqlite import Store
+    from tests.integration.test_audit_cli import write_session
+
+    databases = {}
+    for name in ("n1", "n2"):
+        databases[name] = tmp_path / f"{name}.db"
+        Store(databases[name]).close()
+        for number in range(3):
+            write_session(databases[name], f"{name}-s{number}", "alice" if number else "bob")
+    conn = fleet.connect(pg_url)
+    fleet.migrate(conn)
+    conn.close()
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "bastion", "--home", str(tmp_path / "nohome"), "audit", "follow", "--store", pg_url,
+         "--table", "sessions", "--user", "alice", "--jsonl", "--limit", "8", "--interval", "0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)  # it has looked once: no node yet, so every node it meets is followed from its first event
+        for name, database in databases.items():
+            ship_all(database, pg_url, name)
+        out, err = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+    events = [json.loads(line) for line in out.splitlines()]
+    assert follower.returncode == 0 and len(events) == 8, err
+    assert {(e["node"], e["row"]["id"], e["kind"]) for e in events} == {
+        (node, f"{node}-s{n}", kind) for node in ("n1", "n2") for n in (1, 2) for kind in ("insert", "update")}
