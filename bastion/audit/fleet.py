@@ -137,7 +137,7 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
-def connect(url: str, *, timeout: float = 5.0, autocommit: bool = True) -> "psycopg.Connection":
+def connect(url: str, *, timeout: float = 5.0, autocommit: bool = True, **options: Any) -> "psycopg.Connection":
     """A psycopg 3 connection (autocommit: each `conn.transaction()` is a real one); an error names the
     redacted URL, and says what to install when psycopg is missing."""
     try:
@@ -146,7 +146,7 @@ def connect(url: str, *, timeout: float = 5.0, autocommit: bool = True) -> "psyc
         raise FleetError("PostgreSQL needs psycopg 3: pip install 'bastion[fleet]' (or psycopg[binary])") from None
     try:
         return psycopg.connect(url, connect_timeout=max(1, int(timeout)), autocommit=autocommit,
-                               application_name="bastion")
+                               application_name="bastion", **options)
     except psycopg.Error as exc:
         raise FleetError(f"{redact(url)}: cannot connect: {_first_line(exc)}") from None
 

@@ -37,6 +37,10 @@ from .fleet import (FleetError, NodeStatus, ShipAlarm, connect, lag_of, migrate,
 log = logging.getLogger("bastion.audit")
 
 STATUS_FILE = "audit-ship.json"
+# a database that stops answering mid-batch (a network cut, a stuck lock) is an error after a minute, and a dead
+# peer is noticed by TCP keepalives within about a minute, so the thread never hangs
+_SESSION = {"options": "-c statement_timeout=60000 -c lock_timeout=30000", "keepalives": 1, "keepalives_idle": 30,
+            "keepalives_interval": 10, "keepalives_count": 3}
 _EVENT_COLUMNS = "seq, time, kind, tbl, row_id, payload, prev_hash, hash"
 
 
@@ -87,7 +91,7 @@ class Shipper:
                 if local is None:
                     local = connect_sqlite(self.database, readonly=True)
                 if pg is None:
-                    pg = connect(self.url)
+                    pg = connect(self.url, **_SESSION)
                     migrate(pg)
                     self.shipped = shipped_head(pg, self.node)
                     self._check_resume(local)
