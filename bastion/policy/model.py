@@ -395,6 +395,9 @@ class Policy:
         for key, group_policy in self.groups.items():
             if group_policy.name != key:
                 found.append(f"groups entry {_quote(key)} holds group {group_policy.name!r}")
+        for ca in dict.fromkeys(ca for ca, _, _ in self.revoked.serials):  # (#21) a typo would revoke nothing
+            if ca not in self.cas and ca != "home":  # "home": the bastion's own CA (signing.HOME_CA), not declared
+                found.append(f"revoked.serials names unknown CA {_quote(ca)}")
         return found
 
     def expired_entries(self, now: datetime) -> list[str]:

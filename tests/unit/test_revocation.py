@@ -316,10 +316,15 @@ def test_revoked_table_errors_name_the_line(text, message):
 
 def test_the_store_keeps_the_revoked_list_as_declared_state(tmp_path):
     from bastion.store.sqlite import Store
+    from bastion.store.sqlite import PolicyRefused
     store = Store(tmp_path / "b.db")
-    policy = parse_policy(f'[revoked]\nserials = {{ corp = [7, "10-20"] }}\nfingerprints = ["{FINGERPRINT}"]\n')
+    ca = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINENcl9aqFLzSvX7n9cWleGiAZplTIboPtLtlNjcQGAz ca@corp"
+    policy = parse_policy(f'[cas.corp]\nkey = "{ca}"\n\n[revoked]\nserials = {{ corp = [7, "10-20"], home = [3] }}\n'
+                          f'fingerprints = ["{FINGERPRINT}"]\n')
     store.apply_policy(policy)
     assert store.load_policy()[1].revoked == policy.revoked
+    with pytest.raises(PolicyRefused, match="revoked.serials names unknown CA 'corp'"):  # a typo revokes nothing
+        store.apply_policy(parse_policy('[revoked]\nserials = { corp = [7] }\n'))
     store.apply_policy(parse_policy('[revoked]\nkey_ids = ["x"]\n'))
     assert store.load_policy()[1].revoked == RevokedList(key_ids=("x",))
     store.apply_policy(parse_policy(""))
