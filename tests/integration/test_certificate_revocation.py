@@ -208,6 +208,7 @@ def test_a_krl_rewrite_or_a_policy_revocation_ends_live_sessions(home, echo_serv
         policy.write_text(base + f'\n[revoked]\nfingerprints = ["{fingerprint(Path(f"{dave_key}.pub"))}"]\n')
         started = time.monotonic()
         result = bastion(home, "policy", "apply", "--yes", str(policy))
+        cli = time.monotonic() - started  # the CLI's own run: Python start, plan, apply, telling the server
         applied = _closed_within(live, started, 5)
         assert result.returncode == 0, result.stderr
         dave_fp = fingerprint(Path(f"{dave_key}.pub"))
@@ -226,7 +227,7 @@ def test_a_krl_rewrite_or_a_policy_revocation_ends_live_sessions(home, echo_serv
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     print(f"KRL rewrite to session closed: {', '.join(f'{s * 1000:.0f} ms' for s in latencies)}; "
-          f"policy apply to session closed: {applied * 1000:.0f} ms; SIGHUP to session closed: {reloaded * 1000:.0f} ms")
+          f"policy apply to session closed: {applied * 1000:.0f} ms (the CLI ran {cli * 1000:.0f} ms); SIGHUP to session closed: {reloaded * 1000:.0f} ms")
     assert max(latencies) < 2.5  # a look a second, a re-check, the disconnect
     sessions = json.loads(bastion(home, "audit", "sessions", "--json").stdout)
     ended = [s["end_reason"] for s in sessions if s["cert_serial"] == 50]
