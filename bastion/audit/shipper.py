@@ -109,6 +109,11 @@ class Shipper:
                 self._stop.wait(60.0)  # an operator must look: retry rarely, never overwrite
             except Exception as exc:  # psycopg.Error, FleetError, sqlite3.Error, OSError: wait and retry
                 text = str(exc) if isinstance(exc, FleetError) else f"{type(exc).__name__}: {_first_line(exc)}"
+                if local is not None and not isinstance(exc, sqlite3.Error):
+                    try:
+                        self._measure(local)  # the backlog grows while PostgreSQL is away: keep it visible
+                    except sqlite3.Error:
+                        pass
                 self._failed(redact(text), error=self.connected or self.last_error is None)
                 pg = self._close(pg)
                 if isinstance(exc, sqlite3.Error) and local is not None:
@@ -148,9 +153,7 @@ class Shipper:
                 ship_batch(pg, self.node, events)
                 self.shipped = Head(events[-1][0], events[-1][7])
                 self.shipped_total += len(events)
-            unshipped = local.execute("SELECT time FROM audit_events WHERE seq > ? ORDER BY seq LIMIT 1",
-                                      [self.shipped.seq]).fetchone()
-            self.lag_seconds = lag_of(unshipped[0] if unshipped else None, utc_now())
+            self._measure(local, head)
             now = self._clock()
             if events or now - last_report >= self.report_every:
                 report_node(pg, self.node, head, self.shipped.seq, self.lag_seconds, None)
@@ -158,6 +161,19 @@ class Shipper:
                 last_report = now
             if len(events) < self.batch:
                 return
+
+    def _measure(self, local: sqlite3.Connection, head: int | None = None) -> None:
+        """The backlog (local head past the shipped one) and how long its oldest event has waited."""
+        if head is None:
+            head = local.execute("SELECT max(seq) FROM audit_events").fetchone()[0] or 0
+        self.local_seq = head
+        unshipped = local.execute("SELECT time FROM audit_events WHERE seq > ? ORDER BY seq LIMIT 1",
+                                  [self.shipped.seq]).fetchone()
+        self.lag_seconds = lag_of(unshipped[0] if unshipped else None, utc_now())
+
+    @property
+    def backlog(self) -> int:
+        return max(0, self.local_seq - self.shipped.seq)
 
     def _failed(self, text: str, error: bool) -> None:
         if text != self.last_error:

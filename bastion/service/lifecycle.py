@@ -71,6 +71,8 @@ class Gateway:
         self.shipper: Shipper | None = None
         if config.audit_ship_to and not worker:
             self.shipper = Shipper(config.database, config.audit_ship_to, config.node)
+            if self.metrics is not None:
+                self.metrics.watch_shipper(self.shipper)
 
     async def start(self) -> None:
         self.transport = transport.install(fast_path=self.config.fast_path)

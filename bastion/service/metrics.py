@@ -130,6 +130,11 @@ class Metrics(GatewayMetrics):
         """Read this context's live state at each scrape."""
         self.registry.register(_Live(context, self.closed_bytes))
 
+    def watch_shipper(self, shipper: Any) -> None:
+        """The audit shipper's backlog and lag (audit_ship_to, #22), read at each scrape from what its thread
+        last measured (no database is touched on the event loop)."""
+        self.registry.register(_Shipping(shipper))
+
     def exposition(self) -> bytes:
         """The text a scrape gets (Prometheus text format 0.0.4)."""
         return generate_latest(self.registry)
@@ -236,6 +241,26 @@ class _Live(Collector):
                                  labels=["version", "asyncssh", "python"])
         info.add_metric([__version__, status.asyncssh_version, platform.python_version()], 1)
         yield info
+
+
+class _Shipping(Collector):
+    """audit_ship_to (#22): how far this node's audit events have reached the fleet's PostgreSQL."""
+
+    def __init__(self, shipper: Any):
+        self.shipper = shipper
+
+    def collect(self) -> Iterable[Metric]:
+        shipper = self.shipper
+        yield _gauge("bastion_audit_ship_backlog_events", "Audit events written here and not yet in the fleet's "
+                     "PostgreSQL.", shipper.backlog)
+        yield _gauge("bastion_audit_ship_lag_seconds", "How long the oldest audit event not yet shipped has waited "
+                     "(0 when none waits).", shipper.lag_seconds)
+        yield _gauge("bastion_audit_ship_connected", "1 while the shipper is connected to PostgreSQL, 0 while it "
+                     "retries.", 1 if shipper.connected else 0)
+        shipped = CounterMetricFamily("bastion_audit_shipped_events", "Audit events this process shipped to "
+                                      "PostgreSQL.")
+        shipped.add_metric([], shipper.shipped_total)
+        yield shipped
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

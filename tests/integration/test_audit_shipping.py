@@ -9,24 +9,28 @@ import signal
 import sqlite3
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from bastion.cli.main import app
-from testbed.postgres import pg_url, postgres, wait_until  # noqa: F401 (fixtures)
+from testbed.postgres import free_port, pg_url, postgres, wait_until  # noqa: F401 (fixtures)
 from tests.integration.test_serve_loopback import SSH, echo_server, start_serve  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif(SSH is None, reason="needs the OpenSSH client (openssh-client)")
 
 
-def make_home(tmp_path: Path, name: str, url: str, node: str, echo_port: int, key: Path) -> Path:
+def make_home(tmp_path: Path, name: str, url: str, node: str, echo_port: int, key: Path,
+              metrics_port: int | None = None) -> Path:
     home = tmp_path / name
     assert cli(home, "init", "--listen", "127.0.0.1:0").returncode == 0
     config = home / "config.toml"
     text = config.read_text().replace('internal_networks = [', 'internal_networks = ["127.0.0.0/8", ')
     text = text.replace('audit_ship_to = ""', f'audit_ship_to = "{url}"').replace('node_id = ""', f'node_id = "{node}"')
+    if metrics_port is not None:
+        text = text.replace('metrics_listen = ""', f'metrics_listen = "127.0.0.1:{metrics_port}"')
     config.write_text(text)
     assert cli(home, "user", "add", "alice", "--key", f"{key}.pub").returncode == 0
     policy = tmp_path / f"{name}-policy.toml"
@@ -135,8 +139,15 @@ def test_logins_arrive_in_order_with_chains_intact(tmp_path, postgres, pg_url, e
     assert csv_out[0].startswith("node,id,time,user") and len(csv_out) == 4
 
 
+def shipping_metrics(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith(("bastion_audit_ship", "bastion_audit_shipped"))}
+
+
 def test_postgres_down_logins_go_on_and_the_backlog_drains(tmp_path, postgres, pg_url, echo_server, key):  # noqa: F811
-    home = make_home(tmp_path, "n1", pg_url, "n1", echo_server, key)
+    metrics_port = free_port()
+    home = make_home(tmp_path, "n1", pg_url, "n1", echo_server, key, metrics_port)
     node = Node(home, key, echo_server)
     try:
         node.tunnel()
@@ -152,6 +163,9 @@ def test_postgres_down_logins_go_on_and_the_backlog_drains(tmp_path, postgres, p
         mine = waiting["nodes"][0]
         assert mine["backlog"] == len(local_events(home)) - len(before) > 0 and mine["lag_seconds"] > 0
         assert audit(home, "ship", "status").returncode == 1
+        scraped = wait_until(lambda: (m := shipping_metrics(metrics_port))["bastion_audit_ship_backlog_events"] ==
+                             mine["backlog"] and m)
+        assert scraped["bastion_audit_ship_connected"] == 0 and scraped["bastion_audit_ship_lag_seconds"] > 0
         # prune asks PostgreSQL what was shipped: down, it refuses (and names --force)
         refused = audit(home, "prune", "--older-than", "1s")
         assert refused.returncode == 2 and "--force" in refused.stderr
@@ -164,6 +178,10 @@ def test_postgres_down_logins_go_on_and_the_backlog_drains(tmp_path, postgres, p
         drained = wait_until(lambda: (s := json.loads(audit(home, "ship", "status", "--json").stdout))
                              ["nodes"][0]["last_error"] is None and s)
         assert drained["nodes"][0]["backlog"] == 0
+        scraped = shipping_metrics(metrics_port)
+        assert scraped["bastion_audit_ship_backlog_events"] == 0 and scraped["bastion_audit_ship_connected"] == 1
+        assert scraped["bastion_audit_ship_lag_seconds"] == 0
+        assert scraped["bastion_audit_shipped_events_total"] == len(events)
     finally:
         node.stop()
     assert audit(home, "verify", "--store", pg_url).returncode == 0
