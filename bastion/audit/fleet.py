@@ -22,7 +22,7 @@ import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..clock import iso
@@ -552,3 +552,37 @@ def follow(conn: "psycopg.Connection", tables: Sequence[str], filters: Filters, 
                 row.pop("target_ip_key", None)
                 yield {"node": name, "seq": seq, "time": time_, "kind": kind, "table": table, "row": row,
                        "hash": digest}
+
+
+# ---- one session --------------------------------------------------------------------------------------
+
+
+def session_record(conn: "psycopg.Connection", session_id: str, columns: dict[str, list[str]],
+                   node: str | None = None, login_window_seconds: int = 600) -> dict[str, Any]:
+    """`audit show ID --store`: as query.session_record, from the fleet's tables: the session (on `node`, which
+    must be given when two nodes have a session of that id), its logins, channels and listeners, with its node."""
+    from .query import NotFound
+
+    sessions = list(select(conn, "sessions", Filters(session=session_id), columns["sessions"], node))
+    if not sessions:
+        raise NotFound(f"no session {session_id!r} in the fleet's audit trail"
+                       + (f" from node {node}" if node else ""))
+    if len(sessions) > 1:
+        raise BastionError(f"session {session_id!r} is on several nodes ({', '.join(s['node'] for s in sessions)}); "
+                           "choose one with --node")
+    session = sessions[0]
+    started = datetime.fromisoformat(session["started_at"].replace("Z", "+00:00"))
+    auth = conn.execute(
+        f"SELECT {', '.join(_quote(c) for c in columns['auth'])} FROM auth WHERE node = %s AND time >= %s "
+        "AND time <= %s AND client_ip = %s AND client_port = %s AND \"user\" = %s ORDER BY time, id",
+        [session["node"], iso(started - timedelta(seconds=login_window_seconds)), session["started_at"],
+         session["client_ip"], session["client_port"], session["user"]]).fetchall()
+    return {
+        "node": session["node"],
+        "session": session,
+        "auth": [_typed(dict(zip(columns["auth"], row))) for row in auth],
+        "channels": list(select(conn, "channels", Filters(session=session_id), columns["channels"],
+                                session["node"])),
+        "listeners": list(select(conn, "listeners", Filters(session=session_id), columns["listeners"],
+                                 session["node"])),
+    }

@@ -154,14 +154,19 @@ def show(
     ctx: typer.Context,
     session_id: str = typer.Argument(..., help="The session id, as listed by `bastion audit sessions`."),
     json: bool = typer.Option(False, "--json", help="Print the session, its logins, channels and listeners as JSON."),
+    store: Optional[str] = fleet_audit.STORE,
+    node: Optional[str] = fleet_audit.NODE,
 ) -> None:
     """One session as a timeline: login, each listener and channel with decision, reason, bytes and duration, end.
 
     Example: bastion audit show 3f2a9c1b7d04
     """
-    conn = open_reader(config_of(ctx).database)
-    try:
-        record = session_record(conn, session_id)
+    if node is not None and store is None:
+        raise typer.BadParameter("--node needs --store")
+    conn = fleet_audit.open_store(store) if store else open_reader(config_of(ctx).database)
+    try:  # --store (#22): the session from the fleet's trail, with its node
+        record = (fleet_audit.session_record(conn, session_id, COLUMNS, node) if store
+                  else session_record(conn, session_id))
     finally:
         conn.close()
     entries = timeline(record)

@@ -135,3 +135,7 @@ def follow(url: str, tables: list[str], filters: Filters, interval: float, node:
         pass
     finally:
         conn.close()
+
+
+def session_record(conn: Any, session_id: str, columns: dict[str, list[str]], node: Optional[str]) -> Any:
+    return fleet.session_record(conn, session_id, columns, node)

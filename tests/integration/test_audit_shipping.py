@@ -133,6 +133,15 @@ def test_logins_arrive_in_order_with_chains_intact(tmp_path, postgres, pg_url, e
     assert [{k: v for k, v in row.items() if k != "node"} for row in fleet] == local
     assert {row["node"] for row in fleet} == {"n1"} and len(fleet) == 3
     assert all(row["bytes_up"] == 6 for row in fleet)  # "hello\n" went through each tunnel
+    # one session's timeline, from the fleet as from the node
+    session_id = fleet[0]["session_id"]
+    mine = json.loads(audit(home, "show", session_id, "--json").stdout)
+    shown = json.loads(audit(home, "show", session_id, "--store", pg_url, "--json").stdout)
+    assert shown.pop("node") == shown["session"].pop("node") == "n1"
+    for part in ("channels", "listeners"):
+        assert {row.pop("node") for row in shown[part]} <= {"n1"}
+    assert shown == mine and len(mine["channels"]) == 1
+    assert "no session 'nope' in the fleet's audit trail" in audit(home, "show", "nope", "--store", pg_url).stderr
     table = audit(home, "sessions", "--store", pg_url, "--client", "127.0.0.1")
     assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["node", "id", "user"]
     csv_out = audit(home, "auth", "--store", pg_url, "--csv").stdout.splitlines()
