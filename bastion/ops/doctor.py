@@ -32,6 +32,7 @@ from ..errors import BastionError
 from ..policy.certificates import key_fingerprint
 from ..policy.model import CertAuthority, Policy, TargetRule
 from ..policy.netguard import IPNetwork, NetGuard
+from ..policy.revocation import RevokedKeyFiles
 from ..policy.signing import HOME_CA
 from ..service.home import HomeAuthority, host_key_problem, user_ca_path
 from ..store.schema import MIGRATIONS
@@ -230,6 +231,18 @@ def home_ca_findings(policy: Policy, home_ca: CertAuthority | None, key_mode: in
     return findings
 
 
+def revoked_keys_findings(paths: tuple[str, ...], files: RevokedKeyFiles) -> list[Finding]:
+    """The config's revoked_keys (#21): one that cannot be read or parsed makes the server refuse every key and
+    certificate login, so it is a problem; the others, what they hold."""
+    if not paths:
+        return []
+    if files.failure is not None:
+        return [Finding("revoked", PROBLEM, f"{files.failure}: the server refuses every key and certificate "
+                        "login while it cannot be read", "make it again with ssh-keygen -k (or take it out of "
+                        "revoked_keys), then send the server SIGHUP")]
+    return [Finding("revoked", OK, f"{path}: {revocations.describe()}") for path, revocations in files.lists]
+
+
 def expiry_findings(policy: Policy, now: datetime) -> list[Finding]:
     """Users and grants past their `expires`: they refuse quietly, one warning each."""
     return [Finding("policy", WARNING, entry, "renew it (a later expires) or remove it, then: bastion policy apply FILE")
@@ -323,6 +336,9 @@ def run_checks(home: Path | None, environ: Mapping[str, str] | None = None) -> l
     else:
         findings.append(Finding("config", WARNING, f"{config.config_file} does not exist; defaults apply",
                                 f"run: bastion --home {config.home} init"))
+    from ..service.revoked_keys import read_files
+
+    findings += revoked_keys_findings(config.revoked_keys, read_files(config.revoked_keys))  # (#21)
     from .. import transport  # imported here: it loads asyncssh
 
     status = transport.status(fast_path=config.fast_path)

@@ -101,6 +101,9 @@ def test_revoked_certificates_and_keys_are_refused_and_audited(home, echo_server
         time.sleep(2.2)
         broken = run(ssh_args(port, known, key, made["valid"], "alice", "127.0.0.50", target))
         assert broken.returncode == 255, broken.stderr
+        doctor = bastion(home, "doctor")  # says so, as a problem (exit 1)
+        assert doctor.returncode == 1 and f"PROBLEM  revoked   {krl}: " in doctor.stdout, doctor.stdout
+        assert "the server refuses every key and certificate login while it cannot be read" in doctor.stdout
         krl.write_bytes(good)
         time.sleep(2.2)
         again = run(ssh_args(port, known, key, made["valid"], "alice", "127.0.0.51", target))
