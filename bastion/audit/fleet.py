@@ -586,3 +586,49 @@ def session_record(conn: "psycopg.Connection", session_id: str, columns: dict[st
         "listeners": list(select(conn, "listeners", Filters(session=session_id), columns["listeners"],
                                  session["node"])),
     }
+
+
+# ---- statistics: query.stats on the fleet's tables -------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\?(\d*)")
+
+
+class SqliteSpeaking:
+    """Enough of an sqlite3 connection for query.stats to run unchanged on the fleet's tables (all nodes
+    together): SQLite's `?` and numbered `?N` parameters become psycopg's, with the filters' dialect switch
+    (postgres_sql), a comparison summed as a number cast to one, an unnamed subquery named, and numeric sums
+    as ints."""
+
+    def __init__(self, conn: "psycopg.Connection"):
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> "_Rows":
+        order: list[int] = []
+        highest = 0
+
+        def number(match: re.Match) -> str:
+            nonlocal highest
+            index = int(match.group(1)) if match.group(1) else highest + 1
+            highest = max(highest, index)
+            order.append(index - 1)
+            return "%s"
+
+        sql = postgres_sql(sql).replace("%s", "?")  # back to ?, then numbered in SQLite's order
+        sql = _PLACEHOLDER.sub(number, sql)
+        sql = sql.replace("decision = 'deny' FROM", "(decision = 'deny')::int FROM").replace(") GROUP BY",
+                                                                                         ") AS rows GROUP BY")
+        return _Rows(self.conn.execute(sql, [params[i] for i in order]).fetchall())
+
+
+class _Rows:
+    def __init__(self, rows: list[tuple]):
+        self.rows = [tuple(int(v) if type(v).__name__ == "Decimal" else v for v in row) for row in rows]
+
+    def fetchall(self) -> list[tuple]:
+        return self.rows
+
+    def fetchone(self) -> tuple | None:
+        return self.rows[0] if self.rows else None
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self.rows)

@@ -250,6 +250,8 @@ def stats(
     until: Optional[str] = UNTIL,
     top: int = typer.Option(10, "--top", min=1, max=_MOST, help="How many users, targets and sources to list."),
     json: bool = typer.Option(False, "--json", help="Print JSON."),
+    store: Optional[str] = typer.Option(None, "--store", help="Summarize the fleet's audit trail in PostgreSQL "
+                                                              "(postgresql://…): every node together."),
 ) -> None:
     """Sessions and refusals per day, top users, top targets, top refused targets and sources.
 
@@ -257,9 +259,10 @@ def stats(
     """
     filters = make_filters(since=since, until=until)
     assert filters.since is not None
-    conn = open_reader(config_of(ctx).database)
-    try:
-        summary = audit_stats(conn, filters.since, filters.until, top)
+    conn = fleet_audit.open_store(store) if store else open_reader(config_of(ctx).database)
+    try:  # --store (#22): the same queries, spoken to PostgreSQL
+        summary = audit_stats(fleet_audit.sqlite_speaking(conn) if store else conn, filters.since, filters.until,
+                              top)
     finally:
         conn.close()
     if json:

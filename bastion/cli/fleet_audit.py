@@ -139,3 +139,7 @@ def follow(url: str, tables: list[str], filters: Filters, interval: float, node:
 
 def session_record(conn: Any, session_id: str, columns: dict[str, list[str]], node: Optional[str]) -> Any:
     return fleet.session_record(conn, session_id, columns, node)
+
+
+def sqlite_speaking(conn: Any) -> Any:
+    return fleet.SqliteSpeaking(conn)

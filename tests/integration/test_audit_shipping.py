@@ -144,6 +144,9 @@ def test_logins_arrive_in_order_with_chains_intact(tmp_path, postgres, pg_url, e
     assert "no session 'nope' in the fleet's audit trail" in audit(home, "show", "nope", "--store", pg_url).stderr
     table = audit(home, "sessions", "--store", pg_url, "--client", "127.0.0.1")
     assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["node", "id", "user"]
+    since = "2000-01-01T00:00:00Z"
+    assert json.loads(audit(home, "stats", "--since", since, "--store", pg_url, "--json").stdout) == json.loads(
+        audit(home, "stats", "--since", since, "--json").stdout)
     csv_out = audit(home, "auth", "--store", pg_url, "--csv").stdout.splitlines()
     assert csv_out[0].startswith("node,id,time,user") and len(csv_out) == 4
 

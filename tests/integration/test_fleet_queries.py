@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bastion.audit import fleet
-from bastion.audit.query import COLUMNS, make_filters, open_reader, select
+from bastion.audit.query import COLUMNS, make_filters, open_reader, select, stats
 from bastion.audit.shipper import Shipper
 from bastion.cli.main import app
 from bastion.clock import utc_now
@@ -98,6 +98,11 @@ def test_every_filter_finds_the_same_rows_as_sqlite(filled, pg_url):  # noqa: F8
             assert found == expected, (table, spelled, len(found), len(expected))
             assert list(fleet.select(conn, table, filters, COLUMNS[table], node="n2")) == []
         assert sum(1 for _ in select(local, "channels", make_filters(now=now, target=net24))) > 0
+        for days, top in ((1, 3), (7, 10), (30, 1000)):  # audit stats: the same queries, the same summary
+            assert stats(fleet.SqliteSpeaking(conn), now - timedelta(days=days), None, top) == stats(
+                local, now - timedelta(days=days), None, top)
+        assert stats(fleet.SqliteSpeaking(conn), now - timedelta(days=7), now - timedelta(days=2), 5) == stats(
+            local, now - timedelta(days=7), now - timedelta(days=2), 5)
     finally:
         local.close()
         conn.close()
