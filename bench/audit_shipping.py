@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20_000)
     parser.add_argument("--channels", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--queries", action="store_true", help="then time the audit query shapes with --store")
     args = parser.parse_args()
     reason = unavailable()
     if reason:
@@ -62,9 +63,56 @@ def main() -> None:
         result = {"events": head, "batch": args.batch, "seconds": round(seconds, 2),
                   "events_per_second": round(head / seconds), "verify_seconds": round(verify_seconds, 2),
                   "intact": report.intact}
+        if args.queries:
+            result["queries"] = time_queries(database, url)
         print(f"shipped {head} events in {seconds:.2f}s: {head / seconds:,.0f} events/s (batch {args.batch}); "
               f"verify --store {verify_seconds:.2f}s, intact={report.intact}")
         print(json.dumps(result))
+
+
+def time_queries(database: Path, url: str) -> dict[str, dict[str, float]]:
+    """The query shapes of bench/audit_queries.py, through `audit … --store`'s code (fleet.select): ms of the
+    first run and the median of 3 warm ones, and the rows found."""
+    from bastion.audit.query import COLUMNS, make_filters
+    from bench.audit_queries import sample_of, timed
+
+    sample = sample_of(database)
+    user, host, net24, net16, name, sid = (sample[k] for k in ("user", "host", "net24", "net16", "name", "session"))
+    shapes = [
+        (f"channels --user {user} --since 1d", "channels", {"user": user, "since": "1d"}),
+        (f"channels --user {user} --since 7d", "channels", {"user": user, "since": "7d"}),
+        (f"channels --target {host} --since 7d", "channels", {"target": host, "since": "7d"}),
+        (f"channels --target {net24} --since 7d", "channels", {"target": net24, "since": "7d"}),
+        (f"channels --target {net16}:22 --since 1d", "channels", {"target": f"{net16}:22", "since": "1d"}),
+        ("channels --target 10.0.0.0/8 --since 1h", "channels", {"target": "10.0.0.0/8", "since": "1h"}),
+        (f"channels --target {name} --since 7d", "channels", {"target": name, "since": "7d"}),
+        ("channels --target *.corp.internal:5432 --since 1d", "channels", {"target": "*.corp.internal:5432",
+                                                                           "since": "1d"}),
+        ("channels --denied --since 1d", "channels", {"denied": True, "since": "1d"}),
+        ("channels --denied --since 7d", "channels", {"denied": True, "since": "7d"}),
+        (f"channels --session {sid}", "channels", {"session": sid}),
+        ("channels --limit 100", "channels", {"limit": 100}),
+        ("channels --client 203.0.113.0/24 --since 1d", "channels", {"client": "203.0.113.0/24", "since": "1d"}),
+        (f"sessions --user {user} --since 7d", "sessions", {"user": user, "since": "7d"}),
+        ("sessions --denied --since 1d", "sessions", {"denied": True, "since": "1d"}),
+        (f"sessions --target {host} --since 7d", "sessions", {"target": host, "since": "7d"}),
+        ("sessions --client 203.0.113.0/24 --since 1d", "sessions", {"client": "203.0.113.0/24", "since": "1d"}),
+        ("auth --denied --since 1d", "auth", {"denied": True, "since": "1d"}),
+        (f"auth --user {user} --since 7d", "auth", {"user": user, "since": "7d"}),
+        (f"listeners --user {user} --since 30d", "listeners", {"user": user, "since": "30d"}),
+    ]
+    conn = fleet.open_store(url)
+    conn.execute("ANALYZE")
+    results = {}
+    try:
+        for label, table, spelled in shapes:
+            filters = make_filters(**spelled)
+            first, median, rows = timed(lambda: sum(1 for _ in fleet.select(conn, table, filters, COLUMNS[table])), 3)
+            results[label] = {"first_ms": round(first, 1), "median_ms": round(median, 1), "rows": rows}
+            print(f"{label:<60} {first:9.1f} {median:9.1f} ms {rows:8d} rows")
+    finally:
+        conn.close()
+    return results
 
 
 if __name__ == "__main__":
