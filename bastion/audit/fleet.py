@@ -437,29 +437,33 @@ def verify(conn: "psycopg.Connection", node: str | None = None, progress: Progre
 
 
 def _check_rows(conn: "psycopg.Connection", node: str, columns: dict[str, list[str]], report: ChainReport) -> None:
-    """Each state row equals the payload of its row's latest event; each such event has its row."""
+    """Each state row equals the payload of its row's latest event; each such event has its row. One streamed
+    join per table (rows against the latest event of each row id), so memory stays flat on a large trail."""
     for table in AUDIT_TABLES:
         names = [c for c in columns[table] if c not in _OWN and c not in _KEYS[table]]
-        latest: dict[Any, tuple[int, str]] = {}
-        for row_id, seq, payload in conn.execute(
-                "SELECT DISTINCT ON (row_id) row_id, seq, payload FROM audit_events WHERE node = %s AND tbl = %s "
-                "AND kind IN ('insert', 'update', 'adopt', 'restate') ORDER BY row_id, seq DESC", [node, table]):
-            latest[row_id] = (seq, payload)
-        for values in conn.execute(f"SELECT {', '.join(_quote(c) for c in names)}, seq FROM {table} "
-                                   "WHERE node = %s", [node]):
-            row = dict(zip(names, values))
-            report.rows += 1
-            event = latest.pop(row["id"], None)
-            if event is None:
-                report.problem(f"node {node}: {table} row {row['id']!r} inserted: no shipped event wrote it")
-                continue
-            state = json.loads(event[1])
-            changed = [c for c in names if _stored(c, state.get(c)) != row[c]]
-            if changed:
-                shown = ", ".join(f"{c} is {row[c]!r}, event {event[0]} says {state.get(c)!r}" for c in changed[:3])
-                report.problem(f"node {node}: {table} row {row['id']!r} edited: {shown}")
-        for row_id, (seq, _) in latest.items():
-            report.problem(f"node {node}: {table} row {row_id!r} deleted: event {seq} wrote it, the row is gone")
+        with conn.cursor(name=f"bastion_rows_{table}") as cur:
+            cur.itersize = 5000
+            cur.execute(
+                f"SELECT {', '.join('t.' + _quote(c) for c in names)}, t.id IS NOT NULL, e.row_id, e.seq, e.payload "
+                f"FROM (SELECT * FROM {table} WHERE node = %s) t FULL JOIN (SELECT DISTINCT ON (row_id) row_id, seq, "
+                "payload FROM audit_events WHERE node = %s AND tbl = %s AND kind IN ('insert', 'update', 'adopt', "
+                "'restate') ORDER BY row_id, seq DESC) e ON e.row_id = to_jsonb(t.id)", [node, node, table])
+            for values in cur:
+                row = dict(zip(names, values))
+                present, row_id, seq, payload = values[len(names):]
+                if not present:
+                    report.problem(f"node {node}: {table} row {row_id!r} deleted: event {seq} wrote it, the row "
+                                   "is gone")
+                    continue
+                report.rows += 1
+                if seq is None:
+                    report.problem(f"node {node}: {table} row {row['id']!r} inserted: no shipped event wrote it")
+                    continue
+                state = json.loads(payload)
+                changed = [c for c in names if _stored(c, state.get(c)) != row[c]]
+                if changed:
+                    shown = ", ".join(f"{c} is {row[c]!r}, event {seq} says {state.get(c)!r}" for c in changed[:3])
+                    report.problem(f"node {node}: {table} row {row['id']!r} edited: {shown}")
 
 
 def _stored(column: str, value: Any) -> Any:

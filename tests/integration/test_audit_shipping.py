@@ -237,6 +237,11 @@ def test_a_tampered_shipped_row_or_event_fails_verify(tmp_path, postgres, pg_url
     assert edited.returncode == 1 and "BROKEN" in edited.stdout and "edited: user is 'mallory'" in edited.stdout
     postgres.sql(database, "UPDATE sessions SET \"user\" = 'alice'")
     assert audit(home, "verify", "--store", pg_url).returncode == 0
+    postgres.sql(database, "DELETE FROM channels WHERE id = 1")
+    postgres.sql(database, "INSERT INTO auth (node, id, \"user\", first_seq, seq) VALUES ('n1', 99, 'ghost', 0, 0)")
+    rows = audit(home, "verify", "--store", pg_url)
+    assert rows.returncode == 1 and "channels row 1 deleted: event" in rows.stdout
+    assert "auth row 99 inserted: no shipped event wrote it" in rows.stdout
     postgres.sql(database, "UPDATE audit_events SET payload = replace(payload, 'alice', 'mallory') WHERE seq = 1")
     forged = audit(home, "verify", "--store", pg_url, "--json")
     assert forged.returncode == 1
