@@ -91,11 +91,22 @@ class Config:
     revoked_keys: tuple[str, ...] = ()
     # The longest validity `bastion ca sign --valid` may give a certificate (#21): 30m, 8h, 2d, 1w.
     ca_max_validity: str = "24h"
+    # Where users, keys, CAs and the policy live (#22): "" (the default) is the home's own SQLite file; a
+    # "postgresql://USER@HOST/DB" URL is one store shared by several nodes (keep a password in ~/.pgpass or
+    # PGPASSFILE, not here). See README, Several nodes on PostgreSQL.
+    store: str = ""
+    # How long a node keeps serving logins on the policy it holds while a PostgreSQL store is unreachable; then
+    # it refuses new logins until the store is back (fail closed). 30s, 5m, 1h.
+    store_outage_grace: str = "5m"
 
     @property
     def node(self) -> str:
         """This node's name in the fleet (#22): node_id, or the host name."""
         return self.node_id or default_node_id()
+
+    @property
+    def store_outage_grace_seconds(self) -> float:
+        return parse_validity(self.store_outage_grace).total_seconds()
 
     @property
     def database(self) -> Path:
@@ -182,6 +193,18 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 except ValueError:
                     raise ValueError(f"{value!r} must be HOST:PORT, e.g. 127.0.0.1:9122, or empty for off") from None
             return value.strip()
+        if name == "store":  # (#22)
+            if not isinstance(value, str) or (value.strip() and not value.strip().startswith(
+                    ("postgresql://", "postgres://"))):
+                raise ValueError('must be a PostgreSQL URL, "postgresql://USER@HOST:PORT/DATABASE", or empty for '
+                                 "the home's own SQLite file")
+            return value.strip()
+        if name == "store_outage_grace":  # (#22)
+            try:
+                parse_validity(str(value))
+            except PolicyError as exc:
+                raise ValueError(f"must be a length of time such as 30s or 5m ({exc})") from None
+            return str(value).strip()
         if name == "ca_max_validity":
             try:
                 parse_validity(str(value))
@@ -330,13 +353,18 @@ def render_config(config: Config) -> str:
         "# Prometheus metrics over plain HTTP at http://HOST:PORT/metrics, e.g. \"127.0.0.1:9122\"; empty: off.\n"
         "# No login guards it: keep it on loopback or a management network (counts only, no names or addresses).\n"
         f'metrics_listen = "{config.metrics_listen}"\n'
+        "# Several nodes, one store: users, keys and the policy in PostgreSQL, e.g. \"postgresql://bastion@db/bastion\"\n"
+        "# (a password belongs in ~/.pgpass); empty: this home's SQLite file. While it is unreachable a node serves\n"
+        "# on the policy it holds for store_outage_grace, then refuses new logins until it is back.\n"
+        f'store = "{config.store}"\n'
+        f'store_outage_grace = "{config.store_outage_grace}"\n'
         "# Fleet: ship the audit events to PostgreSQL, e.g. \"postgresql://bastion@db.internal/bastion\" (a password\n"
         "# belongs in ~/.pgpass); empty: off. node_id names this node there; empty: the host name.\n"
         f'audit_ship_to = "{config.audit_ship_to}"\n'
         f'node_id = "{config.node_id}"\n'
-        "# The longest validity `bastion ca sign --valid` may give a user certificate, e.g. \"8h\" or \"2d\".\n"
-        f'ca_max_validity = "{config.ca_max_validity}"\n'
         "# Revoked keys and certificates: OpenSSH KRL files (ssh-keygen -k) or lists of public keys, like sshd's\n"
         "# RevokedKeys. Re-read when they change; one that cannot be read refuses every key and certificate login.\n"
         f"revoked_keys = [{', '.join(json.dumps(path) for path in config.revoked_keys)}]\n"
+        "# The longest validity `bastion ca sign --valid` may give a user certificate, e.g. \"8h\" or \"2d\".\n"
+        f'ca_max_validity = "{config.ca_max_validity}"\n'
     )

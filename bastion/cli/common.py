@@ -40,11 +40,15 @@ def config_of(ctx: typer.Context, **overrides: Any) -> Config:
 
 @contextlib.contextmanager
 def open_store(ctx: typer.Context) -> Iterator[Store]:
-    """The home's store, closed afterwards; a clear error if the home was never initialized."""
+    """The configured store (the home's SQLite file, or `store = "postgresql://…"`, #22), closed afterwards; a
+    clear error if the home was never initialized."""
     config = config_of(ctx)
-    if not config.database.exists():
-        raise BastionError(f"{config.database}: no database; run `bastion --home {config.home} init` first")
-    store = Store(config.database)
+    if config.store:
+        store = Store(config.store)
+    else:
+        if not config.database.exists():
+            raise BastionError(f"{config.database}: no database; run `bastion --home {config.home} init` first")
+        store = Store(config.database)
     try:
         yield store
     finally:

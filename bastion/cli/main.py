@@ -18,7 +18,7 @@ from typer._click import exceptions as parse_errors  # typer 0.29 carries its ow
 from ..errors import BastionError, DamagedDatabase
 from ..printable import printable
 from . import audit, ca, policy, sessions, users
-from . import access, admin
+from . import access, admin, store
 from .common import config_of, configure_logging
 
 app = typer.Typer(
@@ -34,6 +34,7 @@ app.add_typer(policy.app, name="policy")
 app.add_typer(audit.app, name="audit")
 app.add_typer(sessions.app, name="sessions")
 app.add_typer(ca.app, name="ca")  # the home's own user CA (#21)
+app.add_typer(store.app, name="store")  # a PostgreSQL store for several nodes (#22)
 admin.register(app)
 app.command("access")(access.access)
 

@@ -200,6 +200,13 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
         self.accepted_at = self.ctx.metrics.handshake_done(self.accepted_at)  # the first request only
         self.user = username[:256]
         self._keys, self._login_policy = await self._read_identity()
+        refusal = self.ctx.store.login_refusal()  # (#22) a shared store unreachable for longer than its grace
+        if refusal is not None:
+            self._keys = {}  # no key is accepted; the client is told why
+            self._server_fault = True  # not the client's fault: no penalty
+            self.log.error("refusing login: %s", refusal)
+            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "none", None, "failure", refusal)
+            self.disconnect(refusal)
         self.auth_log.user_named(self.user in self._login_policy.users)
         await self.second_factor_begin(self._login_policy)  # a one-time code after the key? (totp.py, #21)
         return True

@@ -24,6 +24,7 @@ from ..gateway.proxied import ProxyHeaderEvents
 from ..policy.decide import next_expiry
 from ..policy.limits import SourcePenalties, StartupLimit
 from ..policy.model import Policy
+from ..store.cached import CachedStore
 from ..store.sqlite import Store
 from . import event_loop, sd_notify
 from .control import serve_lock, start_control_server
@@ -40,13 +41,21 @@ class Gateway:
     def __init__(self, config: Config, worker: int | None = None):
         self.config = config
         self.worker = worker  # None: the only process; N: worker N of `serve --workers`
-        self.store = Store(config.database)
+        # The store: the home's SQLite file, or a shared PostgreSQL (#22) that this node reads as a copy in memory,
+        # told of every change by LISTEN/NOTIFY (store/cached.py); the audit log is local either way.
+        self.store = Store(config.store or config.database, statement_timeout_ms=5000 if config.store else 0)
+        self.cached: CachedStore | None = None
+        if config.store:
+            self.cached = CachedStore(self.store, config.store, config.store_outage_grace_seconds,
+                                      on_change=self._store_changed, on_outage=self._store_outage)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.audit = AuditLog(config.database)
+        access = self.cached or self.store
         self.context = ServerContext(
             config=config,
-            store=self.store,
+            store=access,
             audit=self.audit,
-            policy=PolicyCache(self.store, on_change=self._policy_changed, home_authority=HomeAuthority(config)),
+            policy=PolicyCache(access, on_change=self._policy_changed, home_authority=HomeAuthority(config)),
             guard=make_guard(config),
             startup_limit=StartupLimit.parse(config.max_startups),
             penalties=SourcePenalties(config.penalty_threshold, config.penalty_seconds, config.penalty_max_seconds),
@@ -102,6 +111,9 @@ class Gateway:
         if self.shipper is not None:
             self.shipper.start()  # its own thread and connections: never on this loop, never in a login
         self.revoked_keys.start()
+        self._loop = asyncio.get_running_loop()
+        if self.cached is not None:  # (#22) the first snapshot, then a thread listening for changes
+            await asyncio.to_thread(self.cached.start)
         await self.context.policy.current()  # loads the policy and schedules the first expiry
 
     async def _listen(self, host_keys: list[asyncssh.SSHKeyPair]) -> asyncio.AbstractServer:
@@ -179,7 +191,7 @@ class Gateway:
         users = {c.user for c in live}
 
         def load_fingerprints() -> dict[str, frozenset[str]]:
-            return {user: frozenset(k.fingerprint for k in self.store.user_keys(user)) for user in users}
+            return {user: frozenset(k.fingerprint for k in self.context.store.user_keys(user)) for user in users}
 
         fingerprints = await asyncio.to_thread(load_fingerprints)
         now = utc_now()
@@ -189,6 +201,23 @@ class Gateway:
         if ended:
             log.info("re-checked live sessions (%s): %s", why, "; ".join(ended))
         return ended
+
+    def _store_changed(self, version: int) -> None:
+        """(#22, the store's listener thread) another node or the CLI changed the shared store: load the new
+        policy on the loop; a new version re-checks every live session (_policy_changed)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.context.policy.current()))
+
+    def _store_outage(self, state: str, detail: str) -> None:
+        """(#22, the listener thread) the shared store was lost, stayed lost past the grace, or is back: an audit
+        row each time (user "", method "store"), as the startup limit's are; the log line is the store's own."""
+        result = "success" if state == "restored" else "failure"
+
+        def record() -> None:
+            self.audit.record_auth("", "0.0.0.0", 0, "store", None, result, detail)
+
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(record)
 
     def _policy_changed(self, policy: Policy) -> None:
         """A new policy version was loaded: re-check live sessions, and wake up again at the next expiry."""
@@ -278,7 +307,10 @@ class Gateway:
         self.audit.stop()
         if self.shipper is not None:  # what it has not shipped waits in the local chain for the next start
             await asyncio.get_running_loop().run_in_executor(None, self.shipper.stop)
-        self.store.close()
+        if self.cached is not None:  # its listener thread, then the store
+            await asyncio.get_running_loop().run_in_executor(None, self.cached.close)
+        else:
+            self.store.close()
         log.info("stopped")
 
 

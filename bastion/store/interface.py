@@ -44,4 +44,9 @@ class AccessStore(Protocol):
         """Mark the code of `step` used; False when it or a later step already was (atomic across processes)."""
         ...
 
+    def login_refusal(self) -> str | None:
+        """Why new logins are refused because of the store itself (#22: a shared store unreachable for longer
+        than store_outage_grace); None when logins may go on."""
+        ...
+
     def close(self) -> None: ...

@@ -4,7 +4,6 @@ the server through a worker thread (see `PolicyCache`)."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from pathlib import Path
 from dataclasses import dataclass, replace
@@ -16,8 +15,9 @@ from ..errors import StoreError
 from ..policy.file import policy_from_dict, policy_to_dict
 from ..policy.authorized_keys import KeyOptions, parse_options, split_line
 from ..policy.model import NAME_HINT, NAME_PATTERN, Policy, PolicyError, RevokedList, UserPolicy
+from .dialect import PostgresDatabase, SqliteDatabase, is_postgres
 from .interface import PublicKey
-from .schema import migrate, open_database
+from .schema import migrate
 
 
 
@@ -84,18 +84,55 @@ class PolicyPlan:
     keys_removed: list[tuple[str, PublicKey]]
 
 
-class Store:
-    """The users/keys/policy tables. Thread-safe: one connection behind a lock."""
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the gateway reads from the store, read in one transaction (#22: a node on PostgreSQL holds
+    it in memory and reads it again when told of a change)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._db = open_database(path)
+    version: int
+    policy: Policy
+    keys: dict[str, list[PublicKey]]
+    totp: dict[str, tuple[str, int | None]]
+
+
+class Store:
+    """The users/keys/policy tables. Thread-safe: one connection behind a lock.
+
+    `location`: the SQLite file (migrated on open, as always), or a "postgresql://…" URL (#22): the same methods
+    and SQL through dialect.py; its schema must have been migrated (`bastion store migrate`)."""
+
+    def __init__(self, location: Path | str, *, statement_timeout_ms: int = 0, check_schema: bool = True):
         self._lock = threading.Lock()
-        with self._lock:
-            migrate(self._db)
+        self._db: SqliteDatabase | PostgresDatabase
+        if is_postgres(location):
+            from . import pg_schema
+
+            self.path = None
+            self._db = PostgresDatabase(str(location), statement_timeout_ms=statement_timeout_ms)
+            if check_schema:
+                try:
+                    version = pg_schema.schema_version(self._db._live())
+                    pg_schema.check(version, self._db.where)
+                except BaseException:
+                    self._db.close()
+                    raise
+        else:
+            self.path = Path(location)
+            self._db = SqliteDatabase(self.path)
+            with self._lock:
+                migrate(self._db.db)
+
+    @property
+    def dialect(self) -> str:
+        return self._db.dialect
+
+    @property
+    def where(self) -> str:
+        """The file, or the URL without its password: for messages."""
+        return self._db.where
 
     def close(self) -> None:
-        self._db.conn.close()
+        self._db.close()
 
     # ---- users and keys -------------------------------------------------------------------
 
@@ -114,7 +151,7 @@ class Store:
                 raise StoreError(f"invalid user name {name!r}: expected {NAME_HINT}")
         now = iso(utc_now())
         changes: dict[str, list[tuple[PublicKey, str]]] = {}
-        with self._lock, self._db.conn:
+        with self._lock, self._db.transaction():
             for name, keys in keys_by_user.items():
                 if not create and self._db.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone() is None:
                     raise StoreError(f"no user named {name!r}; add it with `bastion user add {name} --key FILE`")
@@ -132,30 +169,30 @@ class Store:
         """Insert the key, or give a stored one the new options; "added", "updated" or None (unchanged). A key
         keeps the source it was first added by: a policy apply never removes a key a person added."""
         options = json.dumps(key.options.to_json(), sort_keys=True)
-        row = self._db.execute("SELECT options FROM user_keys WHERE user = ? AND fingerprint = ?",
+        row = self._db.execute("SELECT options FROM user_keys WHERE \"user\" = ? AND fingerprint = ?",
                                [name, key.fingerprint]).fetchone()
         if row is None:
             self._db.execute(
-                "INSERT INTO user_keys (user, fingerprint, key_type, public_key, comment, added_at, options, source) "
+                "INSERT INTO user_keys (\"user\", fingerprint, key_type, public_key, comment, added_at, options, source) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [name, key.fingerprint, key.key_type, key.public_key, key.comment, now, options, key.source],
             )
             return "added"
         if row[0] != options:
-            self._db.execute("UPDATE user_keys SET options = ? WHERE user = ? AND fingerprint = ?",
+            self._db.execute("UPDATE user_keys SET options = ? WHERE \"user\" = ? AND fingerprint = ?",
                              [options, name, key.fingerprint])
             return "updated"
         return None
 
     def remove_user(self, name: str) -> None:
-        with self._lock, self._db.conn:
+        with self._lock, self._db.transaction():
             if not self._db.execute("DELETE FROM users WHERE name = ?", [name]).rowcount:
                 raise StoreError(f"no user named {name!r}")
             self._bump_policy_version()
 
     def remove_key(self, name: str, fingerprint: str) -> None:
-        with self._lock, self._db.conn:
-            cursor = self._db.execute("DELETE FROM user_keys WHERE user = ? AND fingerprint = ?", [name, fingerprint])
+        with self._lock, self._db.transaction():
+            cursor = self._db.execute("DELETE FROM user_keys WHERE \"user\" = ? AND fingerprint = ?", [name, fingerprint])
             if not cursor.rowcount:
                 raise StoreError(f"user {name!r} has no key {fingerprint}")
             self._bump_policy_version()
@@ -187,7 +224,7 @@ class Store:
     def user_keys(self, name: str) -> list[PublicKey]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT fingerprint, key_type, public_key, comment, options, source FROM user_keys WHERE user = ?",
+                "SELECT fingerprint, key_type, public_key, comment, options, source FROM user_keys WHERE \"user\" = ?",
                 [name],
             ).fetchall()
         return [PublicKey(*row[:4], options=KeyOptions.from_json(json.loads(row[4])), source=row[5])
@@ -205,12 +242,16 @@ class Store:
             return self._read_policy()
 
     def _read_policy(self) -> tuple[int, Policy]:
-        with self._db.conn:
-            version = int(self._db.execute("SELECT value FROM meta WHERE key = 'policy_version'").fetchone()[0])
-            users = self._db.execute("SELECT name, definition FROM users").fetchall()
-            groups = self._db.execute("SELECT name, definition FROM groups").fetchall()
-            cas = self._db.execute("SELECT name, definition FROM cas").fetchall()
-            revoked = self._db.execute("SELECT kind, ca, value FROM revoked ORDER BY rowid").fetchall()
+        with self._db.read_transaction():
+            return self._read_policy_rows()
+
+    def _read_policy_rows(self) -> tuple[int, Policy]:
+        """The reads of _read_policy, inside the caller's transaction."""
+        version = int(self._db.execute("SELECT value FROM meta WHERE key = 'policy_version'").fetchone()[0])
+        users = self._db.execute("SELECT name, definition FROM users").fetchall()
+        groups = self._db.execute("SELECT name, definition FROM groups").fetchall()
+        cas = self._db.execute("SELECT name, definition FROM cas").fetchall()
+        revoked = self._db.execute(f"SELECT kind, ca, value FROM revoked ORDER BY {self._db.rowid}").fetchall()
         data = {
             "users": {name: json.loads(definition) for name, definition in users},
             "groups": {name: json.loads(definition) for name, definition in groups},
@@ -228,7 +269,7 @@ class Store:
         }
         with self._lock:
             version, current = self._read_policy()
-            stored = self._db.execute("SELECT user, fingerprint, key_type, public_key, comment, options, source "
+            stored = self._db.execute("SELECT \"user\", fingerprint, key_type, public_key, comment, options, source "
                                       "FROM user_keys").fetchall()
         target = declared.declared_over(current)
         problems = target.problems()
@@ -256,7 +297,7 @@ class Store:
         now = iso(utc_now())
         with self._lock:
             try:
-                with self._db.conn:
+                with self._db.transaction():
                     version = int(self._db.execute(
                         "SELECT value FROM meta WHERE key = 'policy_version'").fetchone()[0])
                     if version != plan.version:
@@ -268,10 +309,7 @@ class Store:
                             "updated_at = excluded.updated_at",
                             [name, json.dumps(_user_definition(user)), now, now],
                         )
-                    self._db.execute(
-                        f"DELETE FROM groups WHERE name NOT IN ({','.join('?' * len(plan.target.groups))})",
-                        list(plan.target.groups),
-                    )
+                    self._delete_others("groups", plan.target.groups)
                     for name, group in plan.target.groups.items():
                         definition = policy_to_dict(Policy(users={}, groups={name: group}))["groups"][name]
                         self._db.execute(
@@ -280,10 +318,7 @@ class Store:
                             "updated_at = excluded.updated_at",
                             [name, json.dumps(definition), now],
                         )
-                    self._db.execute(
-                        f"DELETE FROM cas WHERE name NOT IN ({','.join('?' * len(plan.target.cas))})",
-                        list(plan.target.cas),
-                    )
+                    self._delete_others("cas", plan.target.cas)
                     for name, ca in plan.target.cas.items():
                         definition = policy_to_dict(Policy(cas={name: ca}))["cas"][name]
                         self._db.execute(
@@ -293,16 +328,17 @@ class Store:
                             [name, json.dumps(definition), now],
                         )
                     self._db.execute("DELETE FROM revoked")  # (#21) declared state: the files' list only
-                    self._db.conn.executemany(
-                        "INSERT OR IGNORE INTO revoked (kind, ca, value, updated_at) VALUES (?, ?, ?, ?)",
+                    self._db.executemany(
+                        "INSERT INTO revoked (kind, ca, value, updated_at) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT DO NOTHING",
                         [(kind, ca, value, now) for kind, ca, value in _revoked_rows(plan.target.revoked)])
                     for name, key in plan.keys_removed:
-                        self._db.execute("DELETE FROM user_keys WHERE user = ? AND fingerprint = ? "
+                        self._db.execute("DELETE FROM user_keys WHERE \"user\" = ? AND fingerprint = ? "
                                          "AND source = 'policy'", [name, key.fingerprint])
                     for name, key in plan.keys_added:
                         self._put_key(name, key, now)
                     self._bump_policy_version()
-            except sqlite3.Error as exc:
+            except self._db.errors as exc:
                 raise StoreError(f"policy not applied: database error: {exc}") from None
         return plan
 
@@ -311,37 +347,69 @@ class Store:
     def totp_enroll(self, name: str, secret: str, *, force: bool = False) -> None:
         """Give the user a TOTP secret (policy/totp.py). An enrolled user keeps theirs unless `force`: a new
         secret makes their authenticator app's codes wrong. Never logged or audited."""
-        with self._lock, self._db.conn:
+        with self._lock, self._db.transaction():
             if self._db.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone() is None:
                 raise StoreError(f"no user named {name!r}; add it with `bastion user add {name} --key FILE`")
-            if not force and self._db.execute("SELECT 1 FROM totp WHERE user = ?", [name]).fetchone():
+            if not force and self._db.execute("SELECT 1 FROM totp WHERE \"user\" = ?", [name]).fetchone():
                 raise StoreError(f"{name} is already enrolled; `--force` gives a new secret (the old codes stop "
                                  "working), `user totp reset` removes it")
-            self._db.execute("INSERT INTO totp (user, secret, last_step, enrolled_at) VALUES (?, ?, NULL, ?) "
-                             "ON CONFLICT (user) DO UPDATE SET secret = excluded.secret, last_step = NULL, "
+            self._db.execute("INSERT INTO totp (\"user\", secret, last_step, enrolled_at) VALUES (?, ?, NULL, ?) "
+                             "ON CONFLICT (\"user\") DO UPDATE SET secret = excluded.secret, last_step = NULL, "
                              "enrolled_at = excluded.enrolled_at", [name, secret, iso(utc_now())])
+            self._bump_policy_version()  # (#22) the other nodes read the new secret
 
     def totp_reset(self, name: str) -> None:
         """Remove the user's TOTP secret: a user who needs a code cannot log in until enrolled again."""
-        with self._lock, self._db.conn:
-            if not self._db.execute("DELETE FROM totp WHERE user = ?", [name]).rowcount:
+        with self._lock, self._db.transaction():
+            if not self._db.execute("DELETE FROM totp WHERE \"user\" = ?", [name]).rowcount:
                 raise StoreError(f"{name!r} has no TOTP secret (not enrolled)")
+            self._bump_policy_version()  # (#22)
 
     def totp_secret(self, name: str) -> tuple[str, int | None] | None:
         """The user's TOTP secret and the last time step accepted (None: none yet); None when not enrolled."""
         with self._lock:
-            row = self._db.execute("SELECT secret, last_step FROM totp WHERE user = ?", [name]).fetchone()
+            row = self._db.execute("SELECT secret, last_step FROM totp WHERE \"user\" = ?", [name]).fetchone()
         return None if row is None else (row[0], row[1])
 
     def totp_accept(self, name: str, step: int) -> bool:
         """Record that the code for `step` was used; False when that step or a later one already was (a replay,
         also from another worker process or a concurrent login: the update is one statement)."""
-        with self._lock, self._db.conn:
-            return self._db.execute("UPDATE totp SET last_step = ? WHERE user = ? AND (last_step IS NULL OR "
+        with self._lock, self._db.transaction():
+            return self._db.execute("UPDATE totp SET last_step = ? WHERE \"user\" = ? AND (last_step IS NULL OR "
                                     "last_step < ?)", [step, name, step]).rowcount == 1
 
-    def _bump_policy_version(self) -> None:
-        self._db.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'policy_version'")
+    def _bump_policy_version(self) -> int:
+        """A new version, in the caller's transaction; on PostgreSQL every node is told of it at commit (#22)."""
+        version = int(self._db.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) "
+                                       "WHERE key = 'policy_version' RETURNING value").fetchone()[0])
+        self._db.notify(version)
+        return version
+
+    def _delete_others(self, table: str, keep: Iterable[str]) -> None:
+        names = list(keep)
+        if names:
+            self._db.execute(f"DELETE FROM {table} WHERE name NOT IN ({','.join('?' * len(names))})", names)
+        else:
+            self._db.execute(f"DELETE FROM {table}")
+
+    # ---- what a node holds (#22) -----------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The policy, its version, every user's keys and TOTP state, read together (one transaction)."""
+        with self._lock, self._db.read_transaction():
+            version, policy = self._read_policy_rows()
+            rows = self._db.execute("SELECT \"user\", fingerprint, key_type, public_key, comment, options, source "
+                                    "FROM user_keys ORDER BY added_at").fetchall()
+            totp = self._db.execute("SELECT \"user\", secret, last_step FROM totp").fetchall()
+        keys: dict[str, list[PublicKey]] = {}
+        for row in rows:
+            keys.setdefault(row[0], []).append(
+                PublicKey(*row[1:5], options=KeyOptions.from_json(json.loads(row[5])), source=row[6]))
+        return Snapshot(version, policy, keys, {row[0]: (row[1], row[2]) for row in totp})
+
+    def login_refusal(self) -> str | None:
+        """Why new logins are refused because of the store itself; never, for a store read directly."""
+        return None
 
 
 def _revoked_rows(revoked: RevokedList) -> list[tuple[str, str, str]]:

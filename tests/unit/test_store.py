@@ -1,4 +1,4 @@
-"""Store: users, keys and policy in SQLite; `apply_policy` is all or nothing."""
+"""Store: users, keys and policy in SQLite and PostgreSQL (#22); `apply_policy` is all or nothing."""
 
 import subprocess
 
@@ -8,6 +8,7 @@ from bastion.errors import StoreError
 from bastion.policy.file import parse_policy
 from bastion.policy.model import UserPolicy
 from bastion.store.sqlite import Store, parse_public_keys
+from testbed.pg_store import backend_location, pg_store_url, pg_url, postgres  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
@@ -20,9 +21,10 @@ def key_lines(tmp_path):
     return lines
 
 
-@pytest.fixture
-def store(tmp_path):
-    store = Store(tmp_path / "bastion.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """Every test runs on both backends (#22): the same Store methods on SQLite and on a real PostgreSQL."""
+    store = Store(backend_location(request, tmp_path))
     yield store
     store.close()
 
