@@ -33,7 +33,7 @@ from ..policy.certificates import key_fingerprint
 from ..policy.model import CertAuthority, Policy, TargetRule
 from ..policy.netguard import IPNetwork, NetGuard
 from ..policy.revocation import RevokedKeyFiles
-from ..policy.signing import HOME_CA
+from ..policy.signing import HOME_CA, with_home_authority
 from ..service.home import HomeAuthority, host_key_problem, user_ca_path
 from ..store.schema import MIGRATIONS
 
@@ -204,7 +204,9 @@ def policy_findings(policy: Policy, users: list[dict]) -> list[Finding]:
     for problem in policy.problems():
         findings.append(Finding("policy", WARNING, problem, "define the group, or remove it from the user"))
     if not findings:
-        findings.append(Finding("policy", OK, f"{len(users)} users, all with keys; the policy grants access"))
+        keyless = sum(not user["keys"] for user in users)
+        which = f"{keyless} of them with no key, by certificate only" if keyless else "all with keys"
+        findings.append(Finding("policy", OK, f"{len(users)} users, {which}; the policy grants access"))
     return findings
 
 
@@ -366,7 +368,7 @@ def _policy_checks(config: Config) -> list[Finding]:
     from ..store.sqlite import Store
 
     try:
-        store = Store(config.database)
+        store = Store(config.store or config.database)  # a shared PostgreSQL store when configured (#22)
         try:
             _, policy = store.load_policy()
             users = store.list_users()
@@ -374,10 +376,11 @@ def _policy_checks(config: Config) -> list[Finding]:
             store.close()
     except (BastionError, sqlite3.Error) as exc:
         return [Finding("policy", PROBLEM, f"cannot read the policy: {exc}", "see the database finding above")]
-    key = _stat(user_ca_path(config))
-    return (policy_findings(policy, users) + expiry_findings(policy, utc_now())
+    key, home_ca = _stat(user_ca_path(config)), HomeAuthority(config)()
+    in_force = with_home_authority(policy, home_ca)  # as the server has it: users may log in by certificate
+    return (policy_findings(in_force, users) + expiry_findings(policy, utc_now())
             + grant_findings(policy, make_guard(config))
-            + home_ca_findings(policy, HomeAuthority(config)(), None if key is None else key.st_mode))
+            + home_ca_findings(policy, home_ca, None if key is None else key.st_mode))
 
 
 def _stat(path: Path) -> os.stat_result | None:

@@ -118,3 +118,19 @@ def test_ssh_config_names_the_certificate_and_its_key_and_hints_where_a_ca_is_tr
     plain = render_ssh_config(ClientSetup(user="alice", host="bastion.example"), Policy({"alice": UserPolicy("alice")}),
                               [CA], NOW)
     assert "CertificateFile" not in plain
+
+
+def test_doctor_counts_users_without_keys_as_certificate_users_where_a_ca_is_trusted():
+    from bastion.ops.doctor import WARNING, home_ca_findings, policy_findings
+
+    users = [{"name": "alice", "keys": []}]
+    plain = Policy({"alice": UserPolicy("alice", allow=parse_policy('[users.a]\nallow = ["10.1.2.3"]\n')
+                                        .users["a"].allow)})
+    assert [f.level for f in policy_findings(plain, users)] == [WARNING]  # no key and no CA: cannot log in
+    trusted = with_home_authority(plain, home_authority(CA))
+    [finding] = policy_findings(trusted, users)
+    assert finding.message == "1 users, 1 of them with no key, by certificate only; the policy grants access"
+    other = parse_policy('[cas.home]\nkey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"\n')
+    [clash] = home_ca_findings(other, home_authority(CA), 0o100600)
+    assert clash.level == WARNING and "does not hold the home CA key" in clash.message
+    assert [f.level for f in home_ca_findings(Policy(), home_authority(CA), 0o100644)] == ["ok", "problem"]
