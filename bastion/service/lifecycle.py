@@ -257,7 +257,7 @@ class Gateway:
             return
         # The listener was made with these; a new value takes effect at the next start, not now.
         for key in ("listen", "compression", "fast_path", "workers", "event_loop", "log_level", "log_format",
-                    "metrics_listen", "audit_ship_to", "node_id"):  # the shipper (#22) keeps its own
+                    "metrics_listen", "store", "audit_ship_to", "node_id"):  # the shipper (#22) keeps its own
             running = getattr(self.config, key)
             if getattr(config, key) != running:
                 log.warning("%s changes need a restart; keeping %s", key, running)
@@ -270,6 +270,8 @@ class Gateway:
         self.context.config = config
         self.context.guard = make_guard(config)
         self.context.startup_limit = StartupLimit.parse(config.max_startups)
+        if self.cached is not None:  # (#22) a new grace counts from the start of an outage already under way
+            self.cached.grace_seconds = config.store_outage_grace_seconds
         asyncio.ensure_future(self.revoked_keys.check(force=True))  # (#21) the files again, perhaps others
         log.info("configuration reloaded")
         sd_notify.ready()
