@@ -342,7 +342,7 @@ def follow(conn: sqlite3.Connection, tables: Iterable[str], filters: Filters, af
                 matching.update((table, row[0]) for row in found)
         for seq, time, kind, table, row_id, payload, digest in events:
             if kind == "alarm" or (table, row_id) in matching and kind in ("insert", "update"):
-                row = json.loads(payload)
+                row = _typed(json.loads(payload))
                 row.pop("target_ip_key", None)
                 yield AuditEvent(seq, time, kind, table, row, digest)
 

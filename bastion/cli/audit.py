@@ -189,6 +189,8 @@ def follow(
     denied: bool = DENIED,
     session: Optional[str] = SESSION,
     client: Optional[str] = CLIENT,
+    cert_serial: Optional[int] = CERT_SERIAL,
+    key_id: Optional[str] = KEY_ID,
     limit: Optional[int] = typer.Option(None, "--limit", min=1, max=_MOST, help="Stop after this many events."),
     jsonl: bool = JSONL,
     interval: float = typer.Option(0.5, "--interval", min=0.05, help="Seconds between looks for new events."),
@@ -200,7 +202,8 @@ def follow(
 
     Example: bastion audit follow --denied --jsonl
     """
-    filters = make_filters(user=user, since=since, target=target, denied=denied, session=session, client=client)
+    filters = make_filters(user=user, since=since, target=target, denied=denied, session=session, client=client,
+                           cert_serial=cert_serial, key_id=key_id)
     tables = _follow_tables(table, filters)
     if store is not None:  # (#22)
         fleet_audit.follow(store, tables, filters, interval, node, jsonl, limit)

@@ -154,6 +154,12 @@ def test_revoked_certificates_and_keys_are_refused_and_audited(home, echo_server
     assert any("with certificate key id alice@corp serial 40" in entry["what"] for entry in shown["timeline"])
     csv = bastion(home, "audit", "sessions", "--cert-serial", "40", "--csv").stdout
     assert "cert_serial" in csv.splitlines()[0] and '"[""alice"", ""ops""]"' in csv
+    followed = bastion(home, "audit", "follow", "--since", "1h", "--key-id", "alice@corp", "--cert-serial", "40",
+                       "--limit", "6", "--jsonl")
+    events = [json.loads(line) for line in followed.stdout.splitlines()]
+    assert len(events) == 6 and {e["table"] for e in events} == {"auth", "sessions", "channels"}, followed.stdout
+    assert all(e["row"]["cert_serial"] == 40 for e in events if e["table"] != "channels")
+    assert {e["row"]["session_id"] for e in events if e["table"] == "channels"} <= {s["id"] for s in by_serial}
     verified = bastion(home, "audit", "verify")
     assert verified.returncode == 0 and verified.stdout.startswith("intact"), verified.stdout
 
