@@ -36,6 +36,7 @@ from testbed import (  # noqa: E402
     GW_ADDR,
     LAN_ADDR,
     SSH,
+    SSH_KEYGEN,
     SSHD,
     Bastion,
     Key,
@@ -79,6 +80,14 @@ BENCH_POLICY = f"""\
 [users.alice]
 allow = ["{LAN_ADDR}:22,{SOURCE_PORT}-{HELLO_PORT}"]
 """
+
+# Login modes for figures 4 and 5 (`run.py --login key,cert,totp`, issue #21). "key" is the bench as it always
+# was; the others are extra measurements of the same bastion process, sshd staying the key-login reference.
+LOGINS = {"key": "", "cert": "certificate login", "totp": "key + TOTP"}
+CERT_USER = "certuser"  # no key in the store: only its certificate, from the CA [cas.bench], logs it in
+TOTP_USERS = 4000  # bt0000…: a TOTP code is good once per 30 s step per user, so each login takes a user unused
+TOTP_GROUP = "totp"  # in the current step (clients.py, TotpPool): 4000 users cover 133 logins/s for a whole step
+TOTP_PREFIX = "bt"
 
 SSHD_CONFIG = """\
 Port {port}
@@ -159,12 +168,15 @@ class Server:
     user: str
     proc: subprocess.Popen | None = None
     workers: int = 1  # the bastion's `workers` (processes sharing the port); 1 for sshd
+    login: str = "key"  # key | cert | totp (LOGINS)
+    same_as: "Server | None" = None  # a login mode of another server: the same process, measured as it
 
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
-        return self.proc.pid
+        proc = self.same_as.proc if self.same_as is not None else self.proc
+        assert proc is not None and proc.poll() is None, f"{self.name} is not running"
+        return proc.pid
 
     def processes(self) -> list[psutil.Process]:
         """The whole tree: sshd's listener and its children, or the bastion (supervisor and workers)."""
@@ -228,8 +240,9 @@ class Bench:
     """Everything one benchmark run needs; a context manager that tears it all down."""
 
     def __init__(self, bastion_src: Path = ROOT, log=print, event_loop: str | None = None,
-                 congestion_control: str = CONGESTION_CONTROL) -> None:
+                 congestion_control: str = CONGESTION_CONTROL, logins: tuple[str, ...] = ("key",)) -> None:
         self.log = log
+        self.logins = logins  # figures 4 and 5 measure the bastion once per login mode
         self.event_loop = event_loop
         self.congestion_control = congestion_control  # in the bench's namespaces; HOST_CC leaves the host's
         self._allowed_before: str | None = None  # the host's allowed list, while the bench has widened it
@@ -242,6 +255,15 @@ class Bench:
         self.ours = Server("ours", "ours", OURS_PORT, "alice")
         self.sshd = Server("sshd", "sshd", SSHD_PORT, JUMP_USER)
         self.ours_tmpfs = Server("ours-tmpfs", "ours-tmpfs", OURS_TMPFS_PORT, "alice")
+        # the bastion again, logged into otherwise (figures 4 and 5 only); "{user}" is a TOTP user per login
+        self.login_variants = [Server(f"ours-{login}", f"ours-{login}", OURS_PORT,
+                                      CERT_USER if login == "cert" else "{user}", login=login, same_as=self.ours)
+                               for login in logins if login != "key"]
+        self.cert_key: Key | None = None  # its certificate is cert_key.path + "-cert.pub"
+        self.totp_key: Key | None = None
+        self.totp_users = self.workdir / "totp_users.json"  # [[name, secret], ...]
+        self.totp_state = self.workdir / "totp_state"  # clients.py records each user's last step used here
+        self.askpass = self.workdir / "askpass.sh"
         self._bastions: dict[str, Bastion] = {}
         self._targets: subprocess.Popen | None = None
         self.alice: Key | None = None
@@ -296,11 +318,64 @@ class Bench:
             bastion.set_config(**settings)
             self.bastion_settings = settings
             bastion.add_user("alice", self.alice)
-            bastion.apply_policy(BENCH_POLICY)
+            if server is self.ours and self.login_variants:
+                bastion.apply_policy(BENCH_POLICY + self._login_setup(keys))
+                if "totp" in self.logins:
+                    self._enrol_totp_users(bastion)
+            else:
+                bastion.apply_policy(BENCH_POLICY)
             self._bastions[server.name] = bastion
         self._write_ssh_config()
         self.start(self.ours)
         self.start(self.sshd)
+
+    def _login_setup(self, keys: Path) -> str:
+        """Keys, certificate and policy for the login modes other than "key"; returns the policy to add."""
+        allow = f'allow = ["{LAN_ADDR}:22,{SOURCE_PORT}-{HELLO_PORT}"]'
+        policy = ""
+        if "cert" in self.logins:
+            # its own key: a -cert.pub beside alice's key would make OpenSSH offer it in the key-login figures
+            self.cert_key = generate_key(keys / CERT_USER, CERT_USER)
+            ca = generate_key(keys / "bench_user_ca", "bench-ca")
+            subprocess.run([SSH_KEYGEN, "-q", "-s", ca.path, "-I", "bench-cert", "-n", CERT_USER, "-V", "-5m:+2d",
+                            "-z", "1", self.cert_key.pub_path], check=True, timeout=30)
+            policy += f'\n[cas.bench]\nkey = "{ca.public}"\n\n[users.{CERT_USER}]\n{allow}\n'
+        if "totp" in self.logins:
+            self.totp_key = generate_key(keys / "totp", "totp")
+            policy += f"\n[groups.{TOTP_GROUP}]\n{allow}\nrequire_totp = true\n"
+            policy += "".join(f'\n[users.{TOTP_PREFIX}{i:04d}]\ngroups = ["{TOTP_GROUP}"]\n' for i in range(TOTP_USERS))
+            self.askpass.write_text('#!/bin/sh\nprintf \'%s\\n\' "$BENCH_TOTP_CODE"\n')
+            self.askpass.chmod(0o755)
+            self.totp_state.mkdir(exist_ok=True)
+        return policy
+
+    def _enrol_totp_users(self, bastion: Bastion) -> None:
+        """The TOTP users' key and secrets, through the store's own calls (`user add-key`/`user totp enroll`
+        would be one process each, 0.5 s apiece), in the frozen copy of the bastion."""
+        assert self.totp_key is not None
+        script = f"""
+import json, sys
+import pyotp
+from bastion.config import DATABASE_FILE
+from bastion.store.sqlite import Store, parse_public_keys
+home, names = sys.argv[1], sys.argv[2:]
+store = Store(__import__("pathlib").Path(home) / DATABASE_FILE)
+key = parse_public_keys({self.totp_key.public!r})
+store.import_keys({{name: key for name in names}}, create=False)
+pairs = []
+for name in names:
+    secret = pyotp.random_base32()
+    store.totp_enroll(name, secret)
+    pairs.append([name, secret])
+store.close()
+print(json.dumps(pairs))
+"""
+        names = [f"{TOTP_PREFIX}{i:04d}" for i in range(TOTP_USERS)]
+        done = subprocess.run([sys.executable, "-c", script, str(bastion.home), *names], capture_output=True,
+                              text=True, timeout=600)
+        if done.returncode != 0:
+            raise TestbedError(f"enrolling the TOTP users failed: {done.stderr[-2000:]}")
+        self.totp_users.write_text(done.stdout)
 
     def _freeze_bastion(self) -> None:
         """Run the bastion from a copy of its package taken now: the tree may change under a long run
@@ -438,6 +513,32 @@ class Bench:
         log.close()
         wait_listening(self.sshd.proc, SSHD_PORT, "bench sshd")
 
+    def _login_ssh_config(self) -> str:
+        """Host blocks for the login modes; before `Host *` (the first value ssh_config finds wins)."""
+        text = ""
+        if self.cert_key is not None:
+            text += (f"Host ours-cert\n  HostName {GW_ADDR}\n  Port {OURS_PORT}\n  User {CERT_USER}\n"
+                     f"  IdentityFile {self.cert_key.path}\n  CertificateFile {self.cert_key.path}-cert.pub\n")
+        if self.totp_key is not None:  # the user is given per login (user@ours-totp); the code by SSH_ASKPASS
+            text += (f"Host ours-totp\n  HostName {GW_ADDR}\n  Port {OURS_PORT}\n  IdentityFile {self.totp_key.path}\n"
+                     "  BatchMode no\n  KbdInteractiveAuthentication yes\n"
+                     "  PreferredAuthentications publickey,keyboard-interactive\n")
+        return text
+
+    def login_args(self, server: Server) -> list[str]:
+        """clients.py options for a login mode (jump and handshake drivers)."""
+        if server.login == "cert":
+            assert self.cert_key is not None
+            return ["--login", "cert", "--cert", f"{self.cert_key.path}-cert.pub"]
+        if server.login == "totp":
+            return ["--login", "totp", "--totp-users", str(self.totp_users), "--totp-state", str(self.totp_state),
+                    "--askpass", str(self.askpass)]
+        return []
+
+    def jump_host(self, server: Server) -> str:
+        """What goes after -J or as the host of -W: the alias, with the per-login user placeholder for TOTP."""
+        return f"{{user}}@{server.alias}" if server.login == "totp" else server.alias
+
     def _write_ssh_config(self) -> None:
         known = [f"{GW_ADDR} {_key_blob(p)}" for p in self._bastions["ours"].host_public_keys()]
         known += [f"[{GW_ADDR}]:{OURS_TMPFS_PORT} {_key_blob(p)}"
@@ -448,7 +549,7 @@ class Bench:
         known_hosts = self.workdir / "known_hosts"
         known_hosts.write_text("\n".join(known) + "\n")
         assert self.alice is not None
-        self.ssh_config.write_text(SSH_CONFIG.format(
+        self.ssh_config.write_text(self._login_ssh_config() + SSH_CONFIG.format(
             gw=GW_ADDR, lan=LAN_ADDR, ours_port=OURS_PORT, ours_tmpfs_port=OURS_TMPFS_PORT, sshd_port=SSHD_PORT,
             identity=self.alice.path, target_identity=self.testbed.target_client_key.path,
             known_hosts=known_hosts, kex=KEX, cipher=DEFAULT_CIPHER, jump_user=JUMP_USER))
@@ -507,8 +608,9 @@ class Bench:
 
     def asyncssh_args(self, server: Server) -> list[str]:
         assert self.alice is not None
-        return ["--host", GW_ADDR, "--port", str(server.port), "--user", server.user, "--key", str(self.alice.path),
-                "--kex", KEX, "--cipher", DEFAULT_CIPHER]
+        key = {"cert": self.cert_key, "totp": self.totp_key}.get(server.login) or self.alice
+        return ["--host", GW_ADDR, "--port", str(server.port), "--user", server.user, "--key", str(key.path),
+                "--kex", KEX, "--cipher", DEFAULT_CIPHER, *self.login_args(server)]
 
 
 def machine_cpu_seconds() -> dict[str, float]:

@@ -11,6 +11,8 @@ the asyncssh drivers (handshake, hold) connect to the server themselves.
     jump  --count K [--first-byte] -- ARGV...  wall time of a command (ssh -J ... true), or time to its first
                                                 byte on stdout (ssh -W host:hello); must exit 0
     handshake --server ... --concurrency C --duration S   asyncssh connect + auth + close, per second
+    (jump and handshake take --login cert|totp: an OpenSSH user certificate, or the key then a TOTP code;
+    see TotpPool for how a code, good once per user per 30 s step, is never replayed)
     hold  --server ... --sessions N             N sessions each with one open direct-tcpip channel; prints
                                                 {"ready": ...} and holds them until stdin closes
 """
@@ -155,12 +157,26 @@ async def _hammer(port: int, concurrency: int, duration: float) -> dict:
     return {"opens": done, "failed": failed, "seconds": time.perf_counter() - start, "us": samples}
 
 
-def jump(argv: list[str], count: int, first_byte: bool) -> dict:
-    """Wall time of `argv` until it exits 0, or (first_byte) until its first byte on stdout arrives."""
+def jump(argv: list[str], count: int, first_byte: bool, totp: TotpPool | None = None, askpass: str = "") -> dict:
+    """Wall time of `argv` until it exits 0, or (first_byte) until its first byte on stdout arrives. With
+    `totp`, each run logs in as a user free in this step ("{user}" in argv) and OpenSSH answers the
+    "Verification code:" prompt through SSH_ASKPASS: a shell script that prints the code computed here
+    before the clock starts (a Python askpass would add its own start-up, tens of ms, to every login)."""
     samples = []
+    run_argv, env = argv, None
     for _ in range(count):
+        if totp is not None:
+            while (user := totp.take()) is None:
+                totp.waits += 1
+                time.sleep(totp.seconds_to_next_step())
+            import os
+
+            env = dict(os.environ, SSH_ASKPASS=askpass, SSH_ASKPASS_REQUIRE="force", DISPLAY=":0",
+                       BENCH_TOTP_CODE=totp.code(user))
+            run_argv = [a.replace("{user}", user) for a in argv]
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(run_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env, start_new_session=totp is not None)
         try:
             if first_byte:
                 got = proc.stdout.read(1)  # type: ignore[union-attr]
@@ -171,10 +187,75 @@ def jump(argv: list[str], count: int, first_byte: bool) -> dict:
                 proc.kill()
                 proc.wait()
         if proc.returncode != 0 or (first_byte and got != b"H"):
-            raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {err.decode()[-500:]}")
+            raise SystemExit(f"{' '.join(run_argv)} exited {proc.returncode}: {err.decode()[-500:]}")
         if not first_byte:
             samples.append((time.perf_counter() - start) * 1e6)
+    if totp is not None:
+        totp.save()
+        return {"us": samples, "totp_waits": totp.waits}
     return {"us": samples}
+
+
+# ---- TOTP users -------------------------------------------------------------------------------------
+
+
+class TotpPool:
+    """The enrolled TOTP users this process may log in as, least recently used first. The bastion takes a
+    user's code once per 30 s step (a replay, or an older step, is refused), so a login takes a user not used
+    in the current step, and a user is used at most once per step. The state (each user's last step) is kept
+    in files in --totp-state, one per process, read (the maximum over files) by the next process; processes
+    running at once take disjoint slices of the users (--slot I --slots N). When every user of the slice has
+    been used in this step the login waits for the next step, counted in `waits` (it caps the rate: say so)."""
+
+    STEP = 30
+
+    def __init__(self, users_file: str, state_dir: str, slot: int, slots: int) -> None:
+        import collections
+
+        import pyotp
+
+        self.state_dir = Path(state_dir)
+        pairs = json.loads(Path(users_file).read_text())[slot::slots]
+        self.totp = {name: pyotp.TOTP(secret) for name, secret in pairs}
+        self.last: dict[str, int] = {}
+        for path in self.state_dir.glob("*.json"):
+            for name, step in json.loads(path.read_text()).items():
+                if name in self.totp:
+                    self.last[name] = max(step, self.last.get(name, -1))
+        self.order = collections.deque(sorted(self.totp, key=lambda n: self.last.get(n, -1)))
+        self.used: dict[str, int] = {}
+        self.waits = 0
+        self.slot = slot
+
+    @classmethod
+    def step(cls) -> int:
+        return int(time.time()) // cls.STEP
+
+    def take(self) -> str | None:
+        """A user free in the current step (its last code was of an earlier step), or None: wait for the next."""
+        name = self.order[0]
+        if self.last.get(name, -1) >= self.step():
+            return None
+        self.order.rotate(-1)
+        return name
+
+    def code(self, name: str) -> str:
+        """The current code, and the user marked used in this step (also if the login then fails)."""
+        step = self.step()
+        self.last[name] = self.used[name] = step
+        return self.totp[name].at(step * self.STEP)
+
+    def seconds_to_next_step(self) -> float:
+        return (self.step() + 1) * self.STEP - time.time() + 0.05
+
+    def save(self) -> None:
+        import os
+
+        (self.state_dir / f"state-{self.slot}-{os.getpid()}.json").write_text(json.dumps(self.used))
+
+
+def _totp_pool(args: argparse.Namespace, slot: int = 0, slots: int = 1) -> TotpPool | None:
+    return TotpPool(args.totp_users, args.totp_state, slot, slots) if args.login == "totp" else None
 
 
 # ---- asyncssh clients ------------------------------------------------------------------------------
@@ -183,9 +264,15 @@ def jump(argv: list[str], count: int, first_byte: bool) -> dict:
 def _ssh_options(args: argparse.Namespace):
     import asyncssh
 
+    key = asyncssh.read_private_key(args.key)
+    login = getattr(args, "login", "key")  # hold has no --login
+    extra = {}
+    if login == "totp":
+        extra = dict(kbdint_auth=True, preferred_auth=["publickey", "keyboard-interactive"])
     return asyncssh.SSHClientConnectionOptions(
         username=args.user,
-        client_keys=[asyncssh.read_private_key(args.key)],
+        client_keys=[(key, asyncssh.read_certificate(args.cert))] if login == "cert" else [key],
+        **extra,
         known_hosts=None,  # the bench pins nothing: both servers are ours, on a sealed network
         server_host_key_algs=["ssh-ed25519"],
         kex_algs=[args.kex],
@@ -196,10 +283,26 @@ def _ssh_options(args: argparse.Namespace):
     )
 
 
+def _totp_client(pool: TotpPool, user: str):
+    import asyncssh
+
+    class Client(asyncssh.SSHClient):
+        """Answers the bastion's "Verification code:" prompt with the user's current code."""
+
+        def kbdint_auth_requested(self) -> str:
+            return ""
+
+        def kbdint_challenge_received(self, name, instructions, lang, prompts):
+            return [pool.code(user)] if prompts else []
+
+    return Client
+
+
 async def _handshake(args: argparse.Namespace) -> dict:
     import asyncssh
 
     options = _ssh_options(args)
+    pool = _totp_pool(args, args.slot, args.slots)
     done = failed = 0
     errors: set[str] = set()
     deadline = time.perf_counter() + args.duration
@@ -208,7 +311,16 @@ async def _handshake(args: argparse.Namespace) -> dict:
         nonlocal done, failed
         while time.perf_counter() < deadline:
             try:
-                conn = await asyncssh.connect(args.host, args.port, options=options)
+                if pool is None:
+                    conn = await asyncssh.connect(args.host, args.port, options=options)
+                else:
+                    while (user := pool.take()) is None:
+                        pool.waits += 1
+                        await asyncio.sleep(min(pool.seconds_to_next_step(), max(0.0, deadline - time.perf_counter())))
+                        if time.perf_counter() >= deadline:
+                            return
+                    conn = await asyncssh.connect(args.host, args.port, options=options, username=user,
+                                                  client_factory=_totp_client(pool, user))
                 conn.close()
                 await conn.wait_closed()
                 done += 1
@@ -218,7 +330,12 @@ async def _handshake(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-    return {"handshakes": done, "failed": failed, "seconds": time.perf_counter() - start, "errors": sorted(errors)[:3]}
+    result = {"handshakes": done, "failed": failed, "seconds": time.perf_counter() - start,
+              "errors": sorted(errors)[:3]}
+    if pool is not None:
+        pool.save()
+        result["totp_waits"] = pool.waits
+    return result
 
 
 async def _hold(args: argparse.Namespace) -> None:
@@ -275,9 +392,17 @@ def main() -> None:
     p = sub.add_parser("jump")
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--first-byte", action="store_true")
-    p.add_argument("argv", nargs=argparse.REMAINDER)
+    for p in (p, sub.add_parser("handshake")):
+        p.add_argument("--login", choices=("key", "cert", "totp"), default="key")
+        p.add_argument("--cert", help="the OpenSSH user certificate (--login cert)")
+        p.add_argument("--totp-users", help="JSON [[user, secret], ...] (--login totp)")
+        p.add_argument("--totp-state", help="directory of the users' last steps used (--login totp)")
+        p.add_argument("--askpass", default="", help="SSH_ASKPASS script printing $BENCH_TOTP_CODE (jump)")
+        p.add_argument("--slot", type=int, default=0, help="this process's slice of the TOTP users")
+        p.add_argument("--slots", type=int, default=1)
+    sub.choices["jump"].add_argument("argv", nargs=argparse.REMAINDER)
     for name in ("handshake", "hold"):
-        p = sub.add_parser(name)
+        p = sub.choices[name] if name in sub.choices else sub.add_parser(name)
         p.add_argument("--host", required=True)
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--user", required=True)
@@ -301,7 +426,7 @@ def main() -> None:
         emit(asyncio.run(_hammer(args.port, args.concurrency, args.duration)))
     elif args.command == "jump":
         argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-        emit(jump(argv, args.count, args.first_byte))
+        emit(jump(argv, args.count, args.first_byte, _totp_pool(args), args.askpass))
     elif args.command == "handshake":
         emit(asyncio.run(_handshake(args)))
     elif args.command == "hold":

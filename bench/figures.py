@@ -11,10 +11,10 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bed import DEFAULT_CIPHER, LAN_ADDR, Bench, Server, fd_limit, machine_busy_seconds, wait_quiet
+from bed import DEFAULT_CIPHER, LAN_ADDR, LOGINS, Bench, Server, fd_limit, machine_busy_seconds, wait_quiet
 from targets import ECHO_PORT, HELLO_PORT, SINK_PORT, SOURCE_PORT
 
 CIPHERS = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com")
@@ -214,19 +214,49 @@ def _latency_rows(figure: int, label: str, samples: dict[str, list], unit_scale:
     return rows
 
 
+def _login_rows(rows: list[Row], samples: dict[str, list], variants: list[Server], value) -> list[Row]:
+    """For each login mode other than key: `rows` again (same figure, unit, sshd column: sshd with a key),
+    with "(certificate login)" or "(key + TOTP)" on the measure and the bastion's value for that mode;
+    `value(server_name, row_index)` gives it. The note compares with the bastion's key login."""
+    extra = []
+    for server in variants:
+        for i, row in enumerate(rows):
+            ours = value(server.name, i)
+            note = (f"login: {LOGINS[server.login]}; the bastion with a key: {row.ours:.3g} {row.unit} "
+                    f"(×{ours / row.ours:.2f}); sshd: key login") if row.ours else ""
+            extra.append(replace(row, measure=f"{row.measure} ({LOGINS[server.login]})", ours=ours, note=note,
+                                 paired=None, detail={}))
+    return extra
+
+
+def _totp_waits(samples: dict[str, list]) -> str:
+    waits = sum(s.get("totp_waits", 0) for runs in samples.values() for s in runs if isinstance(s, dict))
+    return f"; TOTP logins that waited for a new 30 s step: {waits}" if waits else ""
+
+
 def figure_latency(bench: Bench, p: Params) -> list[Row]:
     """4: `ssh -J server target true` wall time, and one direct-tcpip open on an open session (OpenSSH -L:
-    connect to the forward until the target's first byte arrives)."""
+    connect to the forward until the target's first byte arrives). With other login modes (run.py --login),
+    the two login figures are measured for each, interleaved with the key login and sshd; the open on an
+    open session is not (no login in it)."""
+    servers = (bench.ours, bench.sshd, *bench.login_variants)
     bench.log(f"  ssh -J ... true, {p.jump_per_round} x {p.latency_rounds}")
-    jump = interleaved(bench, p.latency_rounds, (bench.ours, bench.sshd), lambda s: bench.client(
-        "jump", "--count", p.jump_per_round, "--", *bench.ssh_argv("-J", s.alias, "target", "true")))
+    jump = interleaved(bench, p.latency_rounds, servers, lambda s: bench.client(
+        "jump", "--count", p.jump_per_round, *bench.login_args(s), "--",
+        *bench.ssh_argv("-J", bench.jump_host(s), "target", "true")))
     rows = _latency_rows(4, "ssh -J … target true (wall time)", jump, 1000, "ms",
                          f"n={p.jump_per_round * p.latency_rounds} each; includes the target sshd's login and exec")
+    rows += _login_rows(rows, jump, bench.login_variants, lambda name, i: percentile(
+        [x for run in jump[name] for x in run["us"]], (50, 99)[i]) / 1000)
     bench.log(f"  ssh -W hello (the jump alone, to the first byte), {p.jump_per_round} x {p.latency_rounds}")
-    stdio = interleaved(bench, p.latency_rounds, (bench.ours, bench.sshd), lambda s: bench.client(
-        "jump", "--count", p.jump_per_round, "--first-byte", "--",
-        *bench.ssh_argv("-W", f"{LAN_ADDR}:{HELLO_PORT}", s.alias)))
-    rows += _latency_rows(4, "ssh -W target (ProxyJump's leg): connect to first byte", stdio, 1000, "ms")
+    stdio = interleaved(bench, p.latency_rounds, servers, lambda s: bench.client(
+        "jump", "--count", p.jump_per_round, "--first-byte", *bench.login_args(s), "--",
+        *bench.ssh_argv("-W", f"{LAN_ADDR}:{HELLO_PORT}", bench.jump_host(s))))
+    stdio_rows = _latency_rows(4, "ssh -W target (ProxyJump's leg): connect to first byte", stdio, 1000, "ms")
+    rows += stdio_rows + _login_rows(stdio_rows, stdio, bench.login_variants, lambda name, i: percentile(
+        [x for run in stdio[name] for x in run["us"]], (50, 99)[i]) / 1000)
+    if waits := _totp_waits(jump) + _totp_waits(stdio):
+        rows[-1].note += waits
 
     def open_latency(server: Server) -> dict:
         with bench.forwards(server, [HELLO_PORT]) as (port,):
@@ -266,8 +296,9 @@ def _handshakes(bench: Bench, server: Server, concurrency: int, seconds: float) 
     wait_quiet(server, 0.3)
     cpu_before = server.cpu_seconds()
     with ThreadPoolExecutor(processes) as pool:
-        results = list(pool.map(lambda n: bench.client("handshake", *bench.asyncssh_args(server),
-                                                       "--concurrency", n, "--duration", seconds), shares))
+        results = list(pool.map(lambda i: bench.client(
+            "handshake", *bench.asyncssh_args(server), "--slot", i, "--slots", processes,
+            "--concurrency", shares[i], "--duration", seconds), range(processes)))
     wait_quiet(server, 0.3)  # sshd's children finish and are reaped
     cpu = server.cpu_seconds() - cpu_before
     done = sum(r["handshakes"] for r in results)
@@ -276,18 +307,20 @@ def _handshakes(bench: Bench, server: Server, concurrency: int, seconds: float) 
         "cpu_ms_per_handshake": 1000 * cpu / done if done else math.nan,
         "failed": sum(r["failed"] for r in results),
         "errors": sorted({e for r in results for e in r["errors"]})[:3],
+        "totp_waits": sum(r.get("totp_waits", 0) for r in results),
     }
 
 
 def figure_handshakes(bench: Bench, p: Params) -> list[Row]:
     """5: raise the number of concurrent clients until neither server's rate grows by 5 % twice running."""
+    servers = (bench.ours, bench.sshd, *bench.login_variants)
     levels: dict[int, dict[str, dict]] = {}
-    best = {"ours": 0.0, "sshd": 0.0}
-    flat = {"ours": 0, "sshd": 0}
+    best = {s.name: 0.0 for s in servers}
+    flat = {s.name: 0 for s in servers}
     for level in p.handshake_levels:
         bench.log(f"  handshakes, {level} concurrent clients, {p.handshake_seconds:g} s")
         levels[level] = {name: runs[0] for name, runs in interleaved(
-            bench, 1, (bench.ours, bench.sshd), lambda s: _handshakes(bench, s, level, p.handshake_seconds)).items()}
+            bench, 1, servers, lambda s: _handshakes(bench, s, level, p.handshake_seconds)).items()}
         for name, sample in levels[level].items():
             flat[name] = flat[name] + 1 if sample["rate"] < 1.05 * best[name] else 0
             best[name] = max(best[name], sample["rate"])
@@ -296,19 +329,29 @@ def figure_handshakes(bench: Bench, p: Params) -> list[Row]:
     peak = {name: max(levels, key=lambda lv: levels[lv][name]["rate"]) for name in best}
     rate = {name: levels[peak[name]][name]["rate"] for name in best}
     cpu = {name: levels[peak[name]][name]["cpu_ms_per_handshake"] for name in best}
-    failed = sum(levels[lv][n]["failed"] for lv in levels for n in best)
+    failed = sum(levels[lv][n]["failed"] for lv in levels for n in ("ours", "sshd"))
     note = (f"peak at {peak['ours']} / {peak['sshd']} concurrent clients (asyncssh, 2 processes); the clients share "
             f"the machine, so this is the machine's rate with both ends on it")
     if failed:
         note += f"; {failed} handshakes failed"
     detail = {"levels": levels}
     cores = os.cpu_count() or 1
-    return [Row(5, "handshakes per second at saturation", "/s", "higher", rate["ours"], rate["sshd"], note=note,
+    rows = [Row(5, "handshakes per second at saturation", "/s", "higher", rate["ours"], rate["sshd"], note=note,
                 detail=detail),
             Row(5, "server CPU per handshake at that load", "ms", "lower", cpu["ours"], cpu["sshd"]),
             Row(5, "server-only handshakes/s implied by that CPU", "/s", "higher", 1000 / cpu["ours"],
                 1000 * cores / cpu["sshd"],
                 note=f"estimate: ours is one process (1 core), sshd forks per connection ({cores} cores)")]
+    extra = _login_rows(rows, {}, bench.login_variants,
+                        lambda name, i: (rate[name], cpu[name], 1000 / cpu[name])[i])
+    for row in extra:
+        name = next(s.name for s in bench.login_variants if row.measure.endswith(f"({LOGINS[s.login]})"))
+        if row.measure.startswith("handshakes per second"):
+            lost = sum(levels[lv][name]["failed"] for lv in levels)
+            waits = sum(levels[lv][name].get("totp_waits", 0) for lv in levels)
+            row.note += f"; peak at {peak[name]} concurrent clients" + (f"; {lost} handshakes failed" if lost else "")
+            row.note += f"; logins that waited for a new TOTP step: {waits}" if waits else ""
+    return rows + extra
 
 
 # ---- 6: memory per session ------------------------------------------------------------------------

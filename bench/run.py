@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py [--quick] [--only bulk,latency,...] [--json out.json] [--markdown out.md]
     .venv/bin/python bench/run.py --profile [--quick]        # py-spy on the bastion during bulk -L
+    .venv/bin/python bench/run.py --only latency,handshakes --login key,cert,totp   # figures 4 and 5 per login
 
 Both servers run at once in one sealed namespace, are driven by the same clients (OpenSSH 'ssh', or the
 asyncssh drivers in clients.py for load), and are measured in turns: ours, sshd, ours, sshd, ...
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bed import CONGESTION_CONTROL, HOST_CC, KEX, ROOT, SSH, SSHD, Bench, machine_cpu_seconds  # noqa: E402
+from bed import CONGESTION_CONTROL, HOST_CC, KEX, LOGINS, ROOT, SSH, SSHD, Bench, machine_cpu_seconds  # noqa: E402
 from figures import FIGURES, FULL, QUICK, Row  # noqa: E402
 
 console = Console(stderr=True, highlight=False)
@@ -129,7 +130,14 @@ def main() -> int:
     parser.add_argument("--congestion-control", default=CONGESTION_CONTROL, metavar="NAME",
                         help=f"TCP congestion control in the bench's namespaces (default {CONGESTION_CONTROL}, "
                              f"Linux's default; '{HOST_CC}' keeps the host's)")
+    parser.add_argument("--login", default="key", metavar="MODES",
+                        help="comma list of how the user logs in to the bastion in figures 4 and 5: key (as always), "
+                             "cert (an OpenSSH user certificate from a CA the policy trusts), totp (key, then a "
+                             "one-time code); each mode is measured and labelled apart, sshd always with a key")
     args = parser.parse_args()
+    logins = tuple(dict.fromkeys(m.strip() for m in args.login.split(",") if m.strip()))
+    if "key" not in logins or any(m not in LOGINS for m in logins):
+        parser.error(f"--login: a comma list of {','.join(LOGINS)} that includes key (the reference)")
     if os.geteuid() != 0:
         console.print("bench/run.py needs root: it creates network namespaces (see /work/shared/TESTBED.md)")
         return 2
@@ -152,10 +160,11 @@ def main() -> int:
     errors: dict[str, str] = {}
     started = time.monotonic()
     with Bench(args.bastion_src, log=lambda text: console.print(text, markup=False),
-               event_loop=args.event_loop, congestion_control=args.congestion_control) as bench:
+               event_loop=args.event_loop, congestion_control=args.congestion_control, logins=logins) as bench:
         meta["bastion_digest"] = bench.bastion_digest
         meta["congestion_control"] = bench.congestion_control
         meta["bastion_settings"] = bench.bastion_settings
+        meta["logins"] = list(logins)
         console.print(f"bench in {bench.workdir} ({mode}); namespaces {bench.testbed.gw}, {bench.testbed.lan}")
         for name in names:
             console.print(f"[bold]{name}[/]")
@@ -182,6 +191,8 @@ def main() -> int:
                       f"CPU during the run (steal {meta['steal_share']:.0%}); absolute numbers are noisy, "
                       f"ratios less so (the runs were interleaved)[/]")
     meta["mode"] = mode
+    if len(logins) > 1 and not {"latency", "handshakes"} & set(names):
+        console.print("[yellow]--login changes only figures 4 (latency) and 5 (handshakes)[/]")
     rows.sort(key=lambda r: r.figure)
     print_table(rows, meta)
     report = {"machine": meta, "params": asdict(params), "figure_seconds": timings, "errors": errors,
