@@ -117,7 +117,33 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX listeners_user_opened ON listeners ("user", opened_at);
     CREATE INDEX listeners_session ON listeners (node, session_id);
     """,
+    # 2: the fleet's live sessions, as each node's shipper last saw them (a heartbeat), and kill requests that
+    # the owning node's shipper carries out
+    """
+    CREATE TABLE live_sessions (
+        node TEXT NOT NULL, id TEXT NOT NULL,
+        "user" TEXT, client_ip TEXT, client_port INTEGER, started_at TEXT, channels INTEGER, listeners INTEGER,
+        bytes_up BIGINT, bytes_down BIGINT, worker INTEGER,
+        seen_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (node, id)
+    );
+    CREATE TABLE session_kills (
+        id BIGSERIAL PRIMARY KEY,
+        node TEXT NOT NULL,
+        session_id TEXT,                   -- or every session of "user" on that node
+        "user" TEXT,
+        requested_by TEXT NOT NULL,
+        requested_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        done_at TIMESTAMPTZ,
+        result TEXT                        -- JSON: the node's answer
+    );
+    CREATE INDEX session_kills_pending ON session_kills (node) WHERE done_at IS NULL;
+    """,
 )
+LIVE_COLUMNS = ("id", "user", "client_ip", "client_port", "started_at", "channels", "listeners", "bytes_up",
+                "bytes_down", "worker")
+HEARTBEAT_SECONDS = 2.0
+STALE_SECONDS = 10.0  # a node not heard of for this long: its sessions are not listed as live
 # the columns computed here, not shipped: an address's ip_key
 _KEYS = {"auth": {"client_ip_key": "client_ip"}, "sessions": {"client_ip_key": "client_ip"},
          "listeners": {"listen_host_key": "listen_host"}, "channels": {}}
@@ -636,3 +662,77 @@ class _Rows:
 
     def __iter__(self) -> Iterator[tuple]:
         return iter(self.rows)
+
+
+
+# ---- the fleet's live sessions ----------------------------------------------------------------------------
+
+
+def publish_sessions(conn: "psycopg.Connection", node: str, sessions: list[dict[str, Any]]) -> None:
+    """Replace this node's live sessions with `sessions` (what its control socket said), in one transaction."""
+    with conn.transaction():
+        conn.execute("DELETE FROM live_sessions WHERE node = %s", [node])
+        if sessions:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    f"INSERT INTO live_sessions (node, {', '.join(_quote(c) for c in LIVE_COLUMNS)}) "
+                    f"VALUES (%s, {', '.join(['%s'] * len(LIVE_COLUMNS))})",
+                    [(node, *(s.get(c) for c in LIVE_COLUMNS)) for s in sessions])
+        conn.execute("UPDATE audit_nodes SET reported_at = now() WHERE node = %s", [node])
+
+
+def pending_kills(conn: "psycopg.Connection", node: str) -> list[tuple[int, str | None, str | None, str]]:
+    return [tuple(r) for r in conn.execute(
+        "SELECT id, session_id, \"user\", requested_by FROM session_kills WHERE node = %s AND done_at IS NULL "
+        "ORDER BY id", [node])]
+
+
+def kill_done(conn: "psycopg.Connection", kill_id: int, result: dict[str, Any]) -> None:
+    conn.execute("UPDATE session_kills SET done_at = now(), result = %s WHERE id = %s", [json.dumps(result), kill_id])
+
+
+def live_sessions(conn: "psycopg.Connection", node: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The live sessions of every node heard of within STALE_SECONDS (or of `node`), and the nodes that were
+    not (their sessions are unknown)."""
+    rows = conn.execute(
+        f"SELECT l.node, {', '.join('l.' + _quote(c) for c in LIVE_COLUMNS)} FROM live_sessions l JOIN audit_nodes n "
+        "ON n.node = l.node WHERE n.reported_at > now() - make_interval(secs => %s)"
+        + (" AND l.node = %s" if node else "") + " ORDER BY l.started_at, l.node, l.id",
+        [STALE_SECONDS, node] if node else [STALE_SECONDS]).fetchall()
+    stale = [r[0] for r in conn.execute(
+        "SELECT node FROM audit_nodes WHERE reported_at <= now() - make_interval(secs => %s)"
+        + (" AND node = %s" if node else "") + " ORDER BY node", [STALE_SECONDS, node] if node else [STALE_SECONDS])]
+    return [dict(zip(("node", *LIVE_COLUMNS), row)) for row in rows], stale
+
+
+def request_kill(conn: "psycopg.Connection", session_id: str | None, user: str | None, by: str,
+                 wait_seconds: float = 10.0) -> list[dict[str, Any]]:
+    """Ask the node(s) holding the session (or the user's sessions) to end it; wait for their answers. Returns
+    one answer per node: {"node", "ok", "killed" or "error"}; a node that did not answer in time says so."""
+    sessions, _ = live_sessions(conn)
+    nodes = sorted({s["node"] for s in sessions if (session_id and s["id"] == session_id)
+                    or (user and s["user"] == user)})
+    if not nodes:
+        what = f"no live session {session_id!r}" if session_id else f"user {user!r} has no live session"
+        raise BastionError(f"{what} on any node heard of in the last {STALE_SECONDS:g}s")
+    ids = {}
+    for name in nodes:
+        ids[name] = conn.execute(
+            "INSERT INTO session_kills (node, session_id, \"user\", requested_by) VALUES (%s, %s, %s, %s) "
+            "RETURNING id", [name, session_id, user, by]).fetchone()[0]
+    deadline = time.monotonic() + wait_seconds
+    answers: dict[str, dict[str, Any]] = {}
+    while len(answers) < len(ids) and time.monotonic() < deadline:
+        for name, kill_id in ids.items():
+            if name in answers:
+                continue
+            row = conn.execute("SELECT result FROM session_kills WHERE id = %s AND done_at IS NOT NULL",
+                               [kill_id]).fetchone()
+            if row is not None:
+                answers[name] = {"node": name, **json.loads(row[0])}
+        time.sleep(0.1)
+    for name in ids:
+        answers.setdefault(name, {"node": name, "ok": False,
+                                  "error": f"node {name} did not answer within {wait_seconds:g}s (its shipper "
+                                           "carries kills out; it is asked again when it reconnects)"})
+    return [answers[name] for name in sorted(answers)]

@@ -31,8 +31,9 @@ from typing import Any, Callable
 from ..clock import iso, utc_now
 from ..store.schema import connect as connect_sqlite
 from .chain import Head
-from .fleet import (FleetError, NodeStatus, ShipAlarm, connect, lag_of, migrate, node_reports, open_store, redact,
-                    report_node, ship_batch, shipped_head)
+from .fleet import (HEARTBEAT_SECONDS, FleetError, NodeStatus, ShipAlarm, connect, kill_done, lag_of, migrate,
+                    node_reports, open_store, pending_kills, publish_sessions, redact, report_node, ship_batch,
+                    shipped_head)
 
 log = logging.getLogger("bastion.audit")
 
@@ -57,7 +58,11 @@ class Shipper:
 
     def __init__(self, database: Path, url: str, node: str, *, batch: int = 2000, poll: float = 0.2,
                  max_backoff: float = 10.0, report_every: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 live: Callable[[], list[dict[str, Any]]] | None = None,
+                 kill: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        """`live` and `kill` (the server's control requests, run from this thread): publish the node's live
+        sessions every HEARTBEAT_SECONDS and carry out `sessions kill --store` requests addressed to it."""
         self.database, self.url, self.node = database, url, node
         self.batch, self.poll, self.max_backoff, self.report_every = batch, poll, max_backoff, report_every
         self._clock = clock
@@ -69,6 +74,8 @@ class Shipper:
         self.last_error: str | None = None
         self.connected = False
         self.shipped_total = 0
+        self.live, self.kill = live, kill
+        self._last_heartbeat = -HEARTBEAT_SECONDS
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="audit-shipper", daemon=True)
@@ -101,6 +108,8 @@ class Shipper:
                     self.last_error = None
                     self._write_status()
                 self._drain(local, pg)
+                if self.live is not None and self._clock() - self._last_heartbeat >= HEARTBEAT_SECONDS:
+                    self._heartbeat(pg)
                 backoff = 0.5
                 self._stop.wait(self.poll)
             except ShipAlarm as exc:
@@ -161,6 +170,27 @@ class Shipper:
                 last_report = now
             if len(events) < self.batch:
                 return
+
+    def _heartbeat(self, pg: Any) -> None:
+        """Kill requests for this node first (so the sessions published next are without them), then the live
+        sessions as the control socket lists them (every worker's)."""
+        assert self.live is not None
+        self._last_heartbeat = self._clock()
+        if self.kill is not None:
+            for kill_id, session_id, user, by in pending_kills(pg, self.node):
+                try:
+                    answer = self.kill({"op": "kill", "by": f"{by} (fleet)", "session": session_id, "user": user})
+                    result = {"ok": True, "killed": answer.get("killed", [])}
+                except Exception as exc:  # NotRunning, a session already gone: the answer says so
+                    result = {"ok": False, "error": str(exc)}
+                kill_done(pg, kill_id, result)
+                log.info("fleet kill request %d by %s: %s", kill_id, by, result)
+        try:
+            sessions = self.live()
+        except Exception as exc:  # the control socket is not up yet, or going away
+            log.debug("no live sessions to publish: %s", exc)
+            return
+        publish_sessions(pg, self.node, sessions)
 
     def _measure(self, local: sqlite3.Connection, head: int | None = None) -> None:
         """The backlog (local head past the shipped one) and how long its oldest event has waited."""

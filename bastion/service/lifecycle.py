@@ -27,6 +27,7 @@ from ..policy.model import Policy
 from ..store.cached import CachedStore
 from ..store.sqlite import Store
 from . import event_loop, sd_notify
+from .control import request as control_request
 from .control import serve_lock, start_control_server
 from .home import HomeAuthority, load_host_keys
 from .metrics import Metrics, start_metrics_server
@@ -79,7 +80,10 @@ class Gateway:
         # workers only worker 0 runs it (they all write the one local chain)
         self.shipper: Shipper | None = None
         if config.audit_ship_to and not worker:
-            self.shipper = Shipper(config.database, config.audit_ship_to, config.node)
+            home = config.home  # the fleet's live sessions and kills go through the control socket (all workers)
+            self.shipper = Shipper(config.database, config.audit_ship_to, config.node,
+                                   live=lambda: control_request(home, {"op": "sessions"})["sessions"],
+                                   kill=lambda message: control_request(home, message))
             if self.metrics is not None:
                 self.metrics.watch_shipper(self.shipper)
 

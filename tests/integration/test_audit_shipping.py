@@ -8,6 +8,7 @@ import json
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -279,3 +280,44 @@ def test_two_nodes_ship_to_one_database(tmp_path, postgres, pg_url, echo_server,
     verified = audit(homes["n2"], "verify", "--store", pg_url)
     assert verified.returncode == 0 and [line.split(":")[0] for line in verified.stdout.splitlines()] == ["n1", "n2"]
     assert "needs --store" in audit(homes["n1"], "sessions", "--node", "n2").stderr
+
+
+def test_sessions_list_and_kill_across_the_fleet(tmp_path, postgres, pg_url, echo_server, key):  # noqa: F811
+    homes = {name: make_home(tmp_path, name, pg_url, name, echo_server, key) for name in ("n1", "n2")}
+    nodes = {name: Node(home, key, echo_server) for name, home in homes.items()}
+    client = None
+    try:
+        node = nodes["n2"]
+        client = subprocess.Popen(
+            [SSH, "-F", "/dev/null", "-p", str(node.port), "-i", str(key), "-o", "BatchMode=yes",
+             "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={node.known}",
+             "-W", f"127.0.0.2:{echo_server}", "alice@127.0.0.1"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        client.stdin.write(b"ping\n")
+        client.stdin.flush()
+        assert client.stdout.readline() == b"ping\n"  # the tunnel is up: a live session on n2
+
+        def listed():
+            shown = cli(homes["n1"], "sessions", "list", "--store", pg_url, "--json")
+            return [s for s in json.loads(shown.stdout) if s["node"] == "n2"] if shown.returncode == 0 else None
+        live = wait_until(listed, timeout=20)
+        assert len(live) == 1 and live[0]["user"] == "alice" and live[0]["channels"] == 1
+        table = cli(homes["n1"], "sessions", "list", "--store", pg_url)
+        assert table.stdout.splitlines()[0].split()[:3] == ["node", "id", "user"]
+        began = time.monotonic()
+        killed = cli(homes["n1"], "sessions", "kill", live[0]["id"], "--store", pg_url)
+        assert killed.returncode == 0, killed.stdout + killed.stderr
+        assert f"ended session {live[0]['id']} on node n2" in killed.stdout
+        client.wait(timeout=20)  # the server ended it
+        print(f"fleet kill took {time.monotonic() - began:.2f}s")
+        wait_until(lambda: listed() == [], timeout=20)
+        gone = subprocess.run([sys.executable, "-m", "bastion", "--home", str(homes["n1"]), "sessions", "kill",
+                               live[0]["id"], "--store", pg_url], capture_output=True, text=True, timeout=60)
+        assert gone.returncode != 0 and "no live session" in gone.stderr
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+        for each in nodes.values():
+            each.stop()
+    ended = json.loads(audit(homes["n2"], "sessions", "--json").stdout)
+    assert ended[0]["end_reason"].startswith("killed by") and "(fleet)" in ended[0]["end_reason"]
