@@ -209,3 +209,27 @@ def test_concurrent_writers_on_two_connections_keep_versions_distinct(pg_store_u
     finally:
         for store in stores:
             store.close()
+
+
+def test_the_postgresql_schema_has_every_store_table_and_column_of_sqlite(pg_store_url, tmp_path):  # noqa: F811
+    """A migration that adds a store table or column to SQLite (schema.py) needs its PostgreSQL twin
+    (pg_schema.py), or the shared SQL breaks on one backend: this names what is missing."""
+    from bastion.audit.chain import AUDIT_TABLES, CHAIN_TABLE
+
+    local = Store(tmp_path / "bastion.db")
+    shared = Store(pg_store_url)
+    try:
+        tables = [row[0] for row in local._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                  if row[0] not in (*AUDIT_TABLES, CHAIN_TABLE) and not row[0].startswith("sqlite_")]
+        missing = []
+        for table in tables:
+            want = {row[1] for row in local._db.execute(f"PRAGMA table_info({table})")}
+            have = {row[0] for row in shared._db.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+                "AND table_schema = current_schema()", [table]).fetchall()}
+            missing += [f"{table}.{column}" for column in sorted(want - have)]
+        assert not missing, f"add to bastion/store/pg_schema.py: {missing}"
+        assert set(tables) >= {"meta", "users", "user_keys", "groups", "cas", "totp", "revoked"}
+    finally:
+        local.close()
+        shared.close()
