@@ -173,8 +173,8 @@ class Store:
                                [name, key.fingerprint]).fetchone()
         if row is None:
             self._db.execute(
-                "INSERT INTO user_keys (\"user\", fingerprint, key_type, public_key, comment, added_at, options, source) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO user_keys (\"user\", fingerprint, key_type, public_key, comment, added_at, options, "
+                "source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [name, key.fingerprint, key.key_type, key.public_key, key.comment, now, options, key.source],
             )
             return "added"
@@ -192,7 +192,8 @@ class Store:
 
     def remove_key(self, name: str, fingerprint: str) -> None:
         with self._lock, self._db.transaction():
-            cursor = self._db.execute("DELETE FROM user_keys WHERE \"user\" = ? AND fingerprint = ?", [name, fingerprint])
+            cursor = self._db.execute("DELETE FROM user_keys WHERE \"user\" = ? AND fingerprint = ?",
+                                      [name, fingerprint])
             if not cursor.rowcount:
                 raise StoreError(f"user {name!r} has no key {fingerprint}")
             self._bump_policy_version()
