@@ -1,7 +1,7 @@
 """Benchmark: how fast a node's audit backlog drains into PostgreSQL (#22 part 3). Not a test; run it by hand (as
 root: it starts a throwaway PostgreSQL, testbed/postgres.py) and record the numbers.
 
-    .venv/bin/python bench/audit_shipping.py                       # 20,000 sessions, 100,000 channels
+    .venv/bin/python bench/audit_shipping.py                       # 20,000 sessions, 100,000 channels, 90 days
     .venv/bin/python bench/audit_shipping.py --sessions 2000 --channels 10000 --batch 500
 
 Fills an SQLite file with a valid chain (bench/audit_queries.py's fill: one event per row), then lets the real
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20_000)
     parser.add_argument("--channels", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--days", type=int, default=90, help="the span of the log (audit_queries.py's: 90)")
     parser.add_argument("--queries", action="store_true", help="then time the audit query shapes with --store")
     args = parser.parse_args()
     reason = unavailable()
@@ -41,7 +42,7 @@ def main() -> None:
         sys.exit(f"cannot run: {reason}")
     with tempfile.TemporaryDirectory() as work, Postgres.create() as pg:
         database = Path(work) / "bastion.db"
-        fill(database, args.sessions, args.channels, days=30, now=utc_now())
+        fill(database, args.sessions, args.channels, days=args.days, now=utc_now())
         url = pg.new_database("bench")
         shipper = Shipper(database, url, "bench-1", batch=args.batch, poll=0.01)
         head = sqlite3.connect(database).execute("SELECT max(seq) FROM audit_events").fetchone()[0]

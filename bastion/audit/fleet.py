@@ -139,6 +139,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX session_kills_pending ON session_kills (node) WHERE done_at IS NULL;
     """,
+    # 3: `sessions --denied` looks for a refused channel or listener of each session: only refusals indexed
+    """
+    CREATE INDEX channels_denied_session ON channels (node, session_id) WHERE decision = 'deny';
+    CREATE INDEX listeners_denied_session ON listeners (node, session_id) WHERE decision = 'deny';
+    """,
 )
 LIVE_COLUMNS = ("id", "user", "client_ip", "client_port", "started_at", "channels", "listeners", "bytes_up",
                 "bytes_down", "worker")
