@@ -114,6 +114,12 @@ class Shipper:
                 self._stop.wait(self.poll)
             except ShipAlarm as exc:
                 self._failed(f"ALARM: {exc}", error=True)
+                try:  # so `ship status` on any node shows it
+                    if pg is not None:
+                        report_node(pg, self.node, self.local_seq, self.shipped.seq, self.lag_seconds,
+                                    self.last_error)
+                except Exception:  # PostgreSQL went too: the local status file still says it
+                    pass
                 pg = self._close(pg)
                 self._stop.wait(60.0)  # an operator must look: retry rarely, never overwrite
             except Exception as exc:  # psycopg.Error, FleetError, sqlite3.Error, OSError: wait and retry

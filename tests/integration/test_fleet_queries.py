@@ -141,6 +141,11 @@ def test_two_chains_under_one_node_id_are_an_alarm_not_an_overwrite(filled, pg_u
         shipper.stop()
     assert "two nodes share this node_id" in shipper.last_error
     assert shipped(pg_url, "n1") == before
+    store = fleet.open_store(pg_url)
+    try:  # every node's `audit ship status` sees the alarm
+        assert [r["reported_error"] for r in fleet.node_reports(store)][0].startswith("ALARM")
+    finally:
+        store.close()
     # the same batch sent straight: refused whole, nothing stored
     conn = fleet.connect(pg_url)
     try:
