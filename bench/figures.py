@@ -214,7 +214,7 @@ def _latency_rows(figure: int, label: str, samples: dict[str, list], unit_scale:
     return rows
 
 
-def _login_rows(rows: list[Row], samples: dict[str, list], variants: list[Server], value) -> list[Row]:
+def _login_rows(rows: list[Row], variants: list[Server], value) -> list[Row]:
     """For each login mode other than key: `rows` again (same figure, unit, sshd column: sshd with a key),
     with "(certificate login)" or "(key + TOTP)" on the measure and the bastion's value for that mode;
     `value(server_name, row_index)` gives it. The note compares with the bastion's key login."""
@@ -246,14 +246,14 @@ def figure_latency(bench: Bench, p: Params) -> list[Row]:
         *bench.ssh_argv("-J", bench.jump_host(s), "target", "true")))
     rows = _latency_rows(4, "ssh -J … target true (wall time)", jump, 1000, "ms",
                          f"n={p.jump_per_round * p.latency_rounds} each; includes the target sshd's login and exec")
-    rows += _login_rows(rows, jump, bench.login_variants, lambda name, i: percentile(
+    rows += _login_rows(rows, bench.login_variants, lambda name, i: percentile(
         [x for run in jump[name] for x in run["us"]], (50, 99)[i]) / 1000)
     bench.log(f"  ssh -W hello (the jump alone, to the first byte), {p.jump_per_round} x {p.latency_rounds}")
     stdio = interleaved(bench, p.latency_rounds, servers, lambda s: bench.client(
         "jump", "--count", p.jump_per_round, "--first-byte", *bench.login_args(s), "--",
         *bench.ssh_argv("-W", f"{LAN_ADDR}:{HELLO_PORT}", bench.jump_host(s))))
     stdio_rows = _latency_rows(4, "ssh -W target (ProxyJump's leg): connect to first byte", stdio, 1000, "ms")
-    rows += stdio_rows + _login_rows(stdio_rows, stdio, bench.login_variants, lambda name, i: percentile(
+    rows += stdio_rows + _login_rows(stdio_rows, bench.login_variants, lambda name, i: percentile(
         [x for run in stdio[name] for x in run["us"]], (50, 99)[i]) / 1000)
     if waits := _totp_waits(jump) + _totp_waits(stdio):
         rows[-1].note += waits
@@ -342,7 +342,7 @@ def figure_handshakes(bench: Bench, p: Params) -> list[Row]:
             Row(5, "server-only handshakes/s implied by that CPU", "/s", "higher", 1000 / cpu["ours"],
                 1000 * cores / cpu["sshd"],
                 note=f"estimate: ours is one process (1 core), sshd forks per connection ({cores} cores)")]
-    extra = _login_rows(rows, {}, bench.login_variants,
+    extra = _login_rows(rows, bench.login_variants,
                         lambda name, i: (rate[name], cpu[name], 1000 / cpu[name])[i])
     for row in extra:
         name = next(s.name for s in bench.login_variants if row.measure.endswith(f"({LOGINS[s.login]})"))
@@ -351,6 +351,11 @@ def figure_handshakes(bench: Bench, p: Params) -> list[Row]:
             waits = sum(levels[lv][name].get("totp_waits", 0) for lv in levels)
             row.note += f"; peak at {peak[name]} concurrent clients" + (f"; {lost} handshakes failed" if lost else "")
             row.note += f"; logins that waited for a new TOTP step: {waits}" if waits else ""
+        elif row.measure.startswith("server CPU per handshake"):  # every level, each against the key login's
+            ratios = [levels[lv][name]["cpu_ms_per_handshake"] / levels[lv]["ours"]["cpu_ms_per_handshake"]
+                      for lv in levels]
+            row.note += (f"; at each of the {len(ratios)} levels against the key login's: median ×"
+                         f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})")
     return rows + extra
 
 
