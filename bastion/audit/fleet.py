@@ -363,6 +363,8 @@ _NOCASE = re.compile(r"(\w+) = \? COLLATE NOCASE")
 _USER = re.compile(r'(?<![\w."])user(?![\w"])')
 _SESSION_OF = re.compile(r"(\w+)\.id = (\w+)\.session_id")
 _SESSION_IS = re.compile(r"(\w+)\.session_id = (\w+)\.id")
+_EITHER_REFUSED = re.compile(r"\(EXISTS \((SELECT 1 FROM channels c WHERE [^()]*)\) "
+                             r"OR EXISTS \((SELECT 1 FROM listeners l WHERE [^()]*)\)\)")
 
 
 def postgres_sql(sql: str) -> str:
@@ -381,6 +383,9 @@ def postgres_sql(sql: str) -> str:
                       "(node, session_id) IN (SELECT node, id FROM sessions WHERE")
     sql = sql.replace("id IN (SELECT session_id FROM channels WHERE",
                       "(node, id) IN (SELECT node, session_id FROM channels WHERE")
+    # sessions --denied: one EXISTS over both tables, probed per session through the partial indexes; an OR of two
+    # EXISTS makes PostgreSQL hash every refusal of the trail first (8 ms against 240 ms on a million channels)
+    sql = _EITHER_REFUSED.sub(r"EXISTS (\1 UNION ALL \2)", sql)
     return sql.replace("?", "%s")
 
 
