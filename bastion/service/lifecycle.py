@@ -67,6 +67,8 @@ class Gateway:
             self.metrics = self.context.metrics = Metrics()
             self.metrics.watch(self.context)
             self.audit.observer = self.metrics.audited
+            if self.cached is not None:
+                self.metrics.watch_store(self.cached)  # store reachability (#22)
         self._metrics_server: asyncio.AbstractServer | None = None
         self.revoked_keys = RevokedKeysWatcher(self.context, self.revalidate)  # revoked_keys files (#21)
         self.metrics_address: tuple[str, int] | None = None

@@ -135,6 +135,12 @@ class Metrics(GatewayMetrics):
         last measured (no database is touched on the event loop)."""
         self.registry.register(_Shipping(shipper))
 
+    def watch_store(self, cached: Any) -> None:
+        """The shared PostgreSQL store's reachability (store = "postgresql://…", #22), read at each scrape from
+        what the node's store listener last found (no database is touched on the event loop). Not called for the
+        embedded SQLite store, so those series are absent there."""
+        self.registry.register(_Store(cached))
+
     def exposition(self) -> bytes:
         """The text a scrape gets (Prometheus text format 0.0.4)."""
         return generate_latest(self.registry)
@@ -261,6 +267,21 @@ class _Shipping(Collector):
                                       "PostgreSQL.")
         shipped.add_metric([], shipper.shipped_total)
         yield shipped
+
+
+class _Store(Collector):
+    """store = "postgresql://…" (#22): whether this node's copy of the shared store is kept current."""
+
+    def __init__(self, cached: Any):
+        self.cached = cached
+
+    def collect(self) -> Iterable[Metric]:
+        cached = self.cached
+        yield _gauge("bastion_store_reachable", "1 while the PostgreSQL store answers this node's pings, 0 during "
+                     "an outage (the node serves on the policy it holds for store_outage_grace, then refuses "
+                     "logins).", 1 if cached.healthy() else 0)
+        yield _gauge("bastion_store_unreachable_seconds", "Seconds since the PostgreSQL store was found "
+                     "unreachable (0 while it is reachable).", cached.unreachable_seconds())
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

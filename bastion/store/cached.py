@@ -226,3 +226,8 @@ class CachedStore:
 
     def healthy(self) -> bool:
         return self.lost_at is None
+
+    def unreachable_seconds(self) -> float:
+        """Seconds since the database was found unreachable; 0 while it is reachable (metrics)."""
+        lost = self.lost_at
+        return 0.0 if lost is None else max(0.0, self._clock() - lost)

@@ -200,6 +200,7 @@ def test_counters_move_by_exactly_what_happened(home, echo_server, alice, tmp_pa
             time.sleep(0.05)
         assert value(samples(scrape(url)), "bastion_sessions_total") == value(after, "bastion_sessions_total")
         exposition = scrape(url)
+        assert "bastion_store_" not in exposition  # the embedded SQLite store: no reachability series (#22)
     finally:
         server.stop()
 

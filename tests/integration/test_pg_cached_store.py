@@ -9,13 +9,22 @@ import threading
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bastion.errors import StoreError
+from bastion.service.metrics import Metrics
 from bastion.policy.file import parse_policy
 from bastion.store.cached import CachedStore
 from bastion.store.copy import copy_store, counts
 from bastion.store.sqlite import Store, parse_public_keys
 from testbed.pg_store import pg_store_url, pg_url, postgres  # noqa: F401 (fixtures)
+
+
+def store_gauges(metrics: Metrics) -> dict[str, float]:
+    """The store reachability series of one scrape (#22 part 4)."""
+    text = metrics.exposition().decode()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name.startswith("bastion_store_")}
 
 
 def key_line(tmp_path, name: str) -> str:
@@ -116,10 +125,14 @@ def test_an_outage_is_lost_then_grace_over_then_back(pg_store_url, postgres, tmp
     admin.totp_enroll("alice", "JBSWY3DPEHPK3PXP")
     admin.close()
     node = Node(pg_store_url, grace=2.0)
+    metrics = Metrics()
+    metrics.watch_store(node.cached)
     try:
         assert node.cached.login_refusal() is None and node.cached.healthy()
+        assert store_gauges(metrics) == {"bastion_store_reachable": 1, "bastion_store_unreachable_seconds": 0}
         postgres.stop()
         wait_for(lambda: node.outages)
+        assert store_gauges(metrics)["bastion_store_reachable"] == 0
         assert node.outages[0][0] == "lost" and "serving on the policy held" in node.outages[0][1]
         assert node.cached.login_refusal() is None  # within the grace
         assert len(node.cached.user_keys("alice")) == 1
@@ -129,6 +142,7 @@ def test_an_outage_is_lost_then_grace_over_then_back(pg_store_url, postgres, tmp
         assert node.cached.totp_secret("alice") == ("JBSWY3DPEHPK3PXP", 1000)
         wait_for(lambda: len(node.outages) >= 2, timeout=6)
         assert node.outages[1][0] == "expired" and "refusing new logins" in node.outages[1][1]
+        assert store_gauges(metrics)["bastion_store_unreachable_seconds"] >= 2.0  # past the grace
         refusal = node.cached.login_refusal()
         assert refusal is not None and "store_outage_grace" in refusal
         assert node.cached.totp_accept("alice", 1001) is False  # fail closed
@@ -136,6 +150,7 @@ def test_an_outage_is_lost_then_grace_over_then_back(pg_store_url, postgres, tmp
         wait_for(lambda: len(node.outages) >= 3, timeout=15)
         assert node.outages[2][0] == "restored" and node.cached.login_refusal() is None
         assert [state for state, _ in node.outages] == ["lost", "expired", "restored"]
+        assert store_gauges(metrics) == {"bastion_store_reachable": 1, "bastion_store_unreachable_seconds": 0}
         # back on the database: a step is used once across nodes
         assert node.cached.totp_accept("alice", 1002) is True
         other = Store(pg_store_url)
