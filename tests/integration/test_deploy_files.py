@@ -5,6 +5,7 @@ needed); and the install commands have help with an example and a place in the R
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bastion.cli.main import app
+from bastion.config import Config, load_config
 from bastion.policy.netguard import DEFAULT_INTERNAL_NETWORKS
 from bastion.ops.policy_files import load_policy_file
 
@@ -164,6 +166,47 @@ def test_compose_builds_from_existing_files_and_grants_only_the_private_target()
         return
     services = yaml.safe_load(compose)["services"]
     assert set(services) == {"bastion", "target"}
+
+
+def test_compose_fleet_sets_only_known_keys_mounts_existing_files_and_haproxy_sends_proxy_v2(tmp_path):
+    """compose-fleet.yaml (#22) is not run in CI (no Docker engine): its config keys are bastion's and load, its
+    files exist, HAProxy sends PROXY v2 to both nodes, and only HAProxy's address may send the headers."""
+    compose = (DEPLOY / "compose-fleet.yaml").read_text()
+    header = compose.split("\nname:", 1)[0]
+    for words in ("Not run in CI", "docker compose -f deploy/compose-fleet.yaml up", "bastion store migrate",
+                  "bastion user add", "bastion policy apply", "ssh -J demo@127.0.0.1:2222"):
+        assert words in header, words
+    # every BASTION_<KEY> is a Config key, and each value loads as bastion's own parser takes it
+    settings = re.findall(r"^\s+BASTION_([A-Z_]+): (\S+)$", compose, re.M)
+    assert {name for name, _ in settings} >= {"STORE", "AUDIT_SHIP_TO", "PROXY_PROTOCOL_FROM", "NODE_ID"}
+    known = {field.name for field in fields(Config)}
+    for name, value in settings:
+        assert name.lower() in known, f"BASTION_{name} is not a bastion config key"
+        load_config(home=tmp_path, environ={f"BASTION_{name}": value.strip('"')})
+    assert sorted(value for name, value in settings if name == "NODE_ID") == ["node1", "node2"]
+    # files it builds from and mounts
+    for context, dockerfile in re.findall(r"context: (\S+)\n\s+dockerfile: (\S+)", compose):
+        assert (DEPLOY / context / dockerfile).is_file(), (context, dockerfile)
+    sources = re.findall(r"source: (\./\S+)", compose)
+    assert sources and all((DEPLOY / source).is_file() for source in sources), sources
+    declared = compose.split("\nvolumes:\n", 1)[1]
+    for volume in re.findall(r"^\s+- ([a-z0-9-]+):/", compose, re.M):
+        assert f"\n  {volume}:" in "\n" + declared, f"volume {volume} is not declared"
+    # HAProxy: its config, PROXY v2 to each node, and its fixed address is the nodes' proxy_protocol_from
+    haproxy_cfg = re.search(r"source: \./(\S+)\n\s+target: /usr/local/etc/haproxy/haproxy.cfg", compose).group(1)
+    servers = [line.split() for line in (DEPLOY / haproxy_cfg).read_text().splitlines()
+               if line.strip().startswith("server ")]
+    assert len(servers) == 2 and all("send-proxy-v2" in server for server in servers)
+    addresses = dict(re.findall(r"\n  (\w+):\n(?:(?!\n  \w).)*?ipv4_address: (\S+)", compose, re.S))
+    assert sorted(server[2] for server in servers) == [f"{addresses['node1']}:2222", f"{addresses['node2']}:2222"]
+    balancers = load_config(home=tmp_path, environ={"BASTION_PROXY_PROTOCOL_FROM": dict(settings)[
+        "PROXY_PROTOCOL_FROM"]}).proxy_protocol_from
+    assert [str(network) for network in balancers] == [f"{addresses['haproxy']}/32"]
+    assert addresses["target"] == "10.89.0.10"  # what compose-policy.toml grants
+    tool = shutil.which("haproxy")
+    if tool is not None:
+        check = subprocess.run([tool, "-c", "-f", DEPLOY / haproxy_cfg], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
 
 
 # ---- help and docs for the install commands --------------------------------------------------------------
