@@ -248,3 +248,21 @@ def test_the_postgresql_schema_has_every_store_table_and_column_of_sqlite(pg_sto
     finally:
         local.close()
         shared.close()
+
+
+def test_a_node_with_metrics_exports_store_reachability_only_on_postgresql(pg_store_url, tmp_path):  # noqa: F811
+    """The server wires its store copy into its metrics (#22 part 4); the embedded SQLite store has no such series."""
+    from bastion.config import load_config
+    from bastion.service.lifecycle import Gateway
+
+    for store, expected in ((pg_store_url, {"bastion_store_reachable": 1, "bastion_store_unreachable_seconds": 0}),
+                            (None, {})):
+        config = load_config(home=tmp_path / ("pg" if store else "sqlite"), environ={},
+                             overrides={"store": store, "metrics_listen": "127.0.0.1:0"})
+        config.home.mkdir()
+        gateway = Gateway(config)
+        try:
+            assert gateway.metrics is not None and store_gauges(gateway.metrics) == expected
+        finally:
+            gateway.audit.stop()
+            gateway.store.close()
