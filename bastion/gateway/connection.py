@@ -248,17 +248,8 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
                 return True
         else:
             reason = "key not accepted"
-        self.failed_auths += 1
-        self.log.info("key %s refused: %s", fingerprint, reason)
         self.auth_log.failed_publickey(key)
-        self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure",
-                                   reason)
-        if self.failed_auths >= self.ctx.config.max_auth_tries and self.conn is not None:
-            self.log.info("too many authentication failures (%d)", self.failed_auths)
-            self.auth_log.too_many_failures()
-            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", None, "failure",
-                                       "too many authentication failures")
-            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures")
+        self._publickey_refused(fingerprint, reason)
         return False
 
     def examine_certificate(self, username: str, certificate: Certificate, key: asyncssh.SSHKey) -> bool:
@@ -287,17 +278,18 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
             self._certificate_key_type = algorithm.decode() if isinstance(algorithm, bytes) else str(algorithm)
             return True
         self.auth_log.failed_publickey(key)
-        self._certificate_refused(fingerprint, f"certificate refused: {reason}: {describe_certificate(certificate)}",
-                                  certificate)
+        self._publickey_refused(fingerprint, f"certificate refused: {reason}: {describe_certificate(certificate)}",
+                                certificate)
         return False
 
     def certificate_unreadable(self, username: str, key_data: bytes, problem: str) -> None:
         """A certificate asyncssh could not read (an unknown critical option, a bad signature) was refused: audit
         it, named by what it claims, and count it toward max_auth_tries like any refused key."""
-        self._certificate_refused(None, unreadable_refusal(key_data, problem))
+        self._publickey_refused(None, unreadable_refusal(key_data, problem))
 
-    def _certificate_refused(self, fingerprint: str | None, reason: str,
-                             certificate: Certificate | None = None) -> None:
+    def _publickey_refused(self, fingerprint: str | None, reason: str,
+                           certificate: Certificate | None = None) -> None:
+        """A refused key or certificate: logged, audited, counted toward max_auth_tries (then disconnected)."""
         self.failed_auths += 1
         self.log.info("key %s refused: %s", fingerprint or "(certificate)", reason)
         self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure",

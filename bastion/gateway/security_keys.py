@@ -39,7 +39,7 @@ def key_type(key: asyncssh.SSHKey) -> str:
 
 class SecurityKeys:
     """The security-key half of a login for a GatewayConnection (which provides user, log, auth_log, key_options,
-    _login_policy and _certificate_refused)."""
+    _login_policy and _publickey_refused)."""
 
     _security_key_flags: int | None = None  # of the signature that proved the key, once verified
     _security_key_note = ""
@@ -49,7 +49,7 @@ class SecurityKeys:
     auth_log: Any
     key_options: Any
     _login_policy: Policy | None
-    _certificate_refused: Any  # (fingerprint, reason, certificate) -> None: log, audit, count toward max_auth_tries
+    _publickey_refused: Any  # (fingerprint, reason, certificate) -> None: log, audit, count toward max_auth_tries
 
     def security_key_type_refusal(self, key: asyncssh.SSHKey) -> str | None:
         """Why this key (or certified key) may not log the user in, by its type; None if it may. Called while the
@@ -77,7 +77,7 @@ class SecurityKeys:
         if certificate is not None:  # named like every other certificate refusal
             reason = f"certificate refused: {reason}: {describe_certificate(certificate)}"
         self.auth_log.failed_publickey(key)
-        self._certificate_refused(key.get_fingerprint("sha256"), reason, certificate)
+        self._publickey_refused(key.get_fingerprint("sha256"), reason, certificate)
         return False
 
     def security_key_note(self) -> str:
