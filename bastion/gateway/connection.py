@@ -290,16 +290,23 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
     def _publickey_refused(self, fingerprint: str | None, reason: str,
                            certificate: Certificate | None = None) -> None:
         """A refused key or certificate: logged, audited, counted toward max_auth_tries (then disconnected)."""
-        self.failed_auths += 1
         self.log.info("key %s refused: %s", fingerprint or "(certificate)", reason)
         self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", fingerprint, "failure",
                                    reason, certificate=certificate)
-        if self.failed_auths >= self.ctx.config.max_auth_tries and self.conn is not None:
-            self.log.info("too many authentication failures (%d)", self.failed_auths)
-            self.auth_log.too_many_failures()
-            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, "publickey", None, "failure",
-                                       "too many authentication failures")
-            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures")
+        self.count_failure("publickey")
+
+    def count_failure(self, method: str) -> bool:
+        """One more failed attempt, its own row already written; at max_auth_tries the connection is closed, with
+        a row and sshd's line saying so. Returns True when it was."""
+        self.failed_auths += 1
+        if self.failed_auths < self.ctx.config.max_auth_tries or self.conn is None:
+            return False
+        self.log.info("too many authentication failures (%d)", self.failed_auths)
+        self.auth_log.too_many_failures()
+        self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, method, None, "failure",
+                                   "too many authentication failures")
+        self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures")
+        return True
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         """Return True only for the CA of the certificate that `examine_certificate` has just accepted: a

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import asyncssh
 
 from ..clock import utc_now
 from ..policy.model import Policy
@@ -32,7 +31,7 @@ NOT_ENROLLED = "verification code required but none enrolled"
 
 class SecondFactor:
     """The keyboard-interactive half of a login for a GatewayConnection (which provides ctx, user, log, auth_log,
-    client_ip, client_port, key_fingerprint, failed_auths, disconnect and _refuse_unaudited)."""
+    client_ip, client_port, key_fingerprint, failed_auths, count_failure, disconnect and _refuse_unaudited)."""
 
     _totp_needed = False
     _totp_secret: tuple[str, int | None] | None = None
@@ -48,6 +47,7 @@ class SecondFactor:
     client_port: int
     key_fingerprint: str | None
     failed_auths: int
+    count_failure: Any  # (method) -> bool: one more failed attempt; True when it closed the connection
     _server_fault: bool
     disconnect: Any  # (reason) -> None
     _refuse_unaudited: Any  # (fingerprint) -> None
@@ -135,18 +135,11 @@ class SecondFactor:
             self.totp_verified = True
             self.log.info("verification code accepted")
             return True
-        self.failed_auths += 1
         self.log.info("verification code refused: %s", reason)
         self.auth_log.failed_keyboard_interactive()
         self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, METHOD, self.key_fingerprint,
                                    "failure", reason)
-        if self.failed_auths >= self.ctx.config.max_auth_tries and self.conn is not None:
-            self.log.info("too many authentication failures (%d)", self.failed_auths)
-            self.auth_log.too_many_failures()
-            self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, METHOD, None, "failure",
-                                       "too many authentication failures")
-            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures")
-        elif reason == NOT_ENROLLED:
+        if not self.count_failure(METHOD) and reason == NOT_ENROLLED:  # not already closed at max_auth_tries
             self.disconnect("login refused: a verification code is required; ask your bastion admin to enrol you "
                             "(bastion user totp enroll)")
         return False
