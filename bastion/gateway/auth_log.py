@@ -17,9 +17,15 @@ the JSON format.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import struct
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
+
+from ..printable import printable
+
+if TYPE_CHECKING:
+    from ..policy.certificates import Certificate
 
 log = logging.getLogger("bastion")
 
@@ -44,12 +50,30 @@ def key_type_name(algorithm: str) -> str:
     return algorithm.upper() or "UNKNOWN"
 
 
-def key_description(key: asyncssh.SSHKey) -> str:
+def key_description(key: asyncssh.SSHKey, certificate: "Certificate | None" = None) -> str:
     """'ED25519 SHA256:…': the key as sshd's "ssh2: …" suffix names it."""
     algorithm = key.get_algorithm()
     if isinstance(algorithm, bytes):
         algorithm = algorithm.decode("ascii", "replace")
-    return f"{key_type_name(algorithm)} {key.get_fingerprint('sha256')}"
+    return described(algorithm, key.get_fingerprint("sha256"), certificate)
+
+
+def described(algorithm: str, fingerprint: str, certificate: "Certificate | None" = None) -> str:
+    """sshd's format_key() (auth2-pubkey.c): 'ED25519 SHA256:…', or for a certificate 'ED25519-CERT SHA256:… ID
+    alice@corp (serial 7) CA ED25519 SHA256:…' (the fingerprint is the certified key's, as sshd's)."""
+    if certificate is None:
+        return f"{key_type_name(algorithm)} {fingerprint}"
+    key_id = printable(certificate.key_id)[:100]  # the holder's text: one line, whatever the service formatter
+    return (f"{key_type_name(algorithm)}-CERT {fingerprint} ID {key_id} (serial {certificate.serial}) "
+            f"CA {key_type_name(_blob_type(certificate.ca_key))} {certificate.ca_fingerprint}")
+
+
+def _blob_type(blob: bytes) -> str:
+    """The key type named at the start of an SSH public key blob ('ssh-ed25519'), '' if unreadable."""
+    if len(blob) < 4:
+        return ""
+    (length,) = struct.unpack(">I", blob[:4])
+    return blob[4:4 + length].decode("ascii", "replace") if 0 < length <= min(64, len(blob) - 4) else ""
 
 
 class AuthEvents:
@@ -95,17 +119,18 @@ class AuthEvents:
         if not valid:
             self._log(f"Invalid user {self._user()} from {self._where()}")
 
-    def failed_publickey(self, key: asyncssh.SSHKey) -> None:
-        self._log(f"Failed publickey for {self._for()} from {self._where()} ssh2: {key_description(key)}")
+    def failed_publickey(self, key: asyncssh.SSHKey, certificate: "Certificate | None" = None) -> None:
+        self._log(f"Failed publickey for {self._for()} from {self._where()} ssh2: "
+                  f"{key_description(key, certificate)}")
 
-    def accepted_publickey(self, algorithm: str, fingerprint: str) -> None:
+    def accepted_publickey(self, algorithm: str, fingerprint: str, certificate: "Certificate | None" = None) -> None:
         self._log(f"Accepted publickey for {self._user()} from {self._where()} ssh2: "
-                  f"{key_type_name(algorithm)} {fingerprint}")
+                  f"{described(algorithm, fingerprint, certificate)}")
 
-    def partial_publickey(self, algorithm: str, fingerprint: str) -> None:
+    def partial_publickey(self, algorithm: str, fingerprint: str, certificate: "Certificate | None" = None) -> None:
         """The key is proved and a one-time code comes next (#21; sshd's line under AuthenticationMethods)."""
         self._log(f"Partial publickey for {self._user()} from {self._where()} ssh2: "
-                  f"{key_type_name(algorithm)} {fingerprint}")
+                  f"{described(algorithm, fingerprint, certificate)}")
 
     def failed_keyboard_interactive(self) -> None:
         """A wrong or used one-time code (fail2ban's sshd filter counts "Failed <method> for")."""

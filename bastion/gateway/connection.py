@@ -277,7 +277,7 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
             algorithm = key.get_algorithm()
             self._certificate_key_type = algorithm.decode() if isinstance(algorithm, bytes) else str(algorithm)
             return True
-        self.auth_log.failed_publickey(key)
+        self.auth_log.failed_publickey(key, certificate)
         self._publickey_refused(fingerprint, f"certificate refused: {reason}: {describe_certificate(certificate)}",
                                 certificate)
         return False
@@ -338,8 +338,9 @@ class GatewayConnection(SecurityKeys, SecondFactor, SessionChannels, asyncssh.SS
         if self.totp_verified:  # sshd names the last method of the chain
             self.auth_log.accepted_keyboard_interactive()
         else:
-            self.auth_log.accepted_publickey(accepted.key_type if accepted else self._certificate_key_type,
-                                             self.key_fingerprint)
+            certificate = self.certificate
+            self.auth_log.accepted_publickey(self._certificate_key_type if certificate or not accepted
+                                             else accepted.key_type, self.key_fingerprint, certificate)
         ctx.sessions_by_user.setdefault(self.user, set()).add(self)
         self.session_committed = asyncio.ensure_future(self._begin_session())
         refusal = session_cap_refusal(self.user, len(ctx.sessions_of(self.user)), ctx.config.max_sessions_per_user)

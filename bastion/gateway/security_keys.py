@@ -76,7 +76,7 @@ class SecurityKeys:
         certificate = getattr(self, "certificate", None)
         if certificate is not None:  # named like every other certificate refusal
             reason = f"certificate refused: {reason}: {describe_certificate(certificate)}"
-        self.auth_log.failed_publickey(key)
+        self.auth_log.failed_publickey(key, certificate)
         self._publickey_refused(key.get_fingerprint("sha256"), reason, certificate)
         return False
 

@@ -89,8 +89,9 @@ class SecondFactor:
             return False
         self._key_proven = True
         stored = getattr(self, "_keys", {}).get(self.key_fingerprint)
-        self.auth_log.partial_publickey(stored.key_type if stored else getattr(self, "_certificate_key_type", ""),
-                                        self.key_fingerprint or "")
+        certificate = getattr(self, "certificate", None)
+        key_type = getattr(self, "_certificate_key_type", "") if certificate or not stored else stored.key_type
+        self.auth_log.partial_publickey(key_type, self.key_fingerprint or "", certificate)
         if self._totp_secret is None:
             self.log.info("login refused: %s", NOT_ENROLLED)
             self.ctx.audit.record_auth(self.user, self.client_ip, self.client_port, METHOD, self.key_fingerprint,

@@ -82,7 +82,7 @@ def signing_request(user: str, serial: int, validity: str, maximum: str, now: da
                 raise PolicyError(f"--source-address {item.strip()[:60]!r} is not an address or CIDR, e.g. "
                                   "10.0.0.0/8 or 192.0.2.7") from None
     return SigningRequest(
-        user=user, serial=serial, key_id=f"{user}@bastion serial {serial}",
+        user=user, serial=serial, key_id=f"{user}@bastion",  # the serial is a field of its own (sshd logs both)
         principals=tuple(dict.fromkeys(principals or (user,))),
         valid_after=now - BACKDATE, valid_before=now + length, source_addresses=tuple(networks),
     )

@@ -99,7 +99,7 @@ def test_ca_sign_makes_the_certificate_asked_for_and_refuses_what_it_may_not(hom
     cert = tmp_path / "id_ed25519-cert.pub"
     cert.write_text(signed.stdout)
     fields = certificate_fields(cert)
-    assert "user certificate" in fields and 'Key ID: "alice@bastion serial 1"' in fields
+    assert "user certificate" in fields and 'Key ID: "alice@bastion"' in fields
     assert "Serial: 1" in fields
     principals = fields.split("Principals:")[1].split("Critical Options:")[0].split()
     assert principals == ["alice", "ops"]
@@ -185,5 +185,5 @@ def test_a_certificate_from_ca_sign_logs_in_through_ssh_config_with_no_stored_ke
     rows = json.loads(bastion(home, "audit", "auth", "--json").stdout)
     fingerprint = bastion(home, "doctor").stdout.split("home CA")[1].split()[0]
     reasons = [row["reason"] for row in rows]
-    assert f"certificate accepted: key id alice@bastion serial 1 serial 1 CA {fingerprint}" in reasons, reasons
+    assert f"certificate accepted: key id alice@bastion serial 1 CA {fingerprint}" in reasons, reasons
     assert any("serial 1 of CA home revoked by the policy" in reason for reason in reasons), reasons

@@ -45,7 +45,7 @@ def test_validity_parser_never_raises_anything_else(text):
 
 def test_signing_request_defaults_and_limits():
     request = signing_request("alice", 7, "8h", "24h", NOW)
-    assert request.principals == ("alice",) and request.key_id == "alice@bastion serial 7"
+    assert request.principals == ("alice",) and request.key_id == "alice@bastion"
     assert request.valid_after == datetime(2026, 12, 2, 7, 55, tzinfo=timezone.utc)  # 5 minutes of clock skew
     assert request.valid_before == datetime(2026, 12, 2, 16, 0, tzinfo=timezone.utc)
     assert request.extensions == ("permit-port-forwarding",)
