@@ -26,6 +26,7 @@ from bastion.audit import fleet  # noqa: E402
 from bastion.audit.shipper import Shipper  # noqa: E402
 from bastion.clock import utc_now  # noqa: E402
 from bench.audit_queries import fill  # noqa: E402
+from testbed.pg_trail import trail_migrated  # noqa: E402
 from testbed.postgres import Postgres, unavailable  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work, Postgres.create() as pg:
         database = Path(work) / "bastion.db"
         fill(database, args.sessions, args.channels, days=args.days, now=utc_now())
-        url = pg.new_database("bench")
+        url = trail_migrated(pg.new_database("bench"))  # `bastion store migrate` (#22)
         shipper = Shipper(database, url, "bench-1", batch=args.batch, poll=0.01)
         head = sqlite3.connect(database).execute("SELECT max(seq) FROM audit_events").fetchone()[0]
         began = time.perf_counter()

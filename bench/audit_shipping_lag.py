@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from testbed.pg_trail import trail_migrated  # noqa: E402
 from testbed.postgres import Postgres, unavailable  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def main() -> None:
     if reason:
         sys.exit(f"cannot run: {reason}")
     with tempfile.TemporaryDirectory() as work, Postgres.create() as pg:
-        url = pg.new_database("lag")
+        url = trail_migrated(pg.new_database("lag"))  # `bastion store migrate` (#22)
         home = Path(work) / "home"
         bastion(home, "init", "--listen", "127.0.0.1:0")
         config = home / "config.toml"

@@ -12,7 +12,10 @@ like the local ones with a `node` column — auth, sessions, channels, listeners
 `bastion audit` (filters.py) run here as written, through a small dialect switch (`postgres_sql`).
 `audit_nodes` holds what each shipper last reported (its local head, lag, last error) for `audit ship status`.
 
-The schema grows by numbered migrations, like the SQLite ones, recorded in `schema_version`.
+The schema grows by numbered migrations, like the SQLite ones, recorded in `schema_version` (the store's
+tables, store/pg_schema.py, may share the database and keep theirs in `store_schema_version`). They are run by
+`bastion store migrate` only, explicitly: a shipper or `audit … --store` that finds the schema missing or old says
+to run it (`check_schema`) and changes nothing; the shipper keeps its node serving, the events waiting locally.
 """
 
 from __future__ import annotations
@@ -186,8 +189,10 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def migrate(conn: "psycopg.Connection") -> int:
-    """Bring the schema to the newest version, under an advisory lock (nodes start together). Returns it."""
+def migrate(conn: "psycopg.Connection") -> tuple[int, int]:
+    """`bastion store migrate`: bring the schema to the newest version, under an advisory lock (two runs take
+    turns), in one transaction. Returns (version before, version now). A trail made by an earlier bastion's
+    shipper (which migrated it itself, into the same `schema_version`) is taken as it is and only moved on."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(22022022)")
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -195,11 +200,11 @@ def migrate(conn: "psycopg.Connection") -> int:
         version = (row[0] if row else None) or 0
         if version > len(MIGRATIONS):
             raise FleetError(f"the fleet's audit schema is newer than this bastion (version {version}, this one "
-                             f"knows {len(MIGRATIONS)}); upgrade this node")
+                             f"knows {len(MIGRATIONS)}); upgrade bastion")
         for number in range(version + 1, len(MIGRATIONS) + 1):
             conn.execute(MIGRATIONS[number - 1])
             conn.execute("INSERT INTO schema_version (version) VALUES (%s)", [number])
-    return len(MIGRATIONS)
+    return version, len(MIGRATIONS)
 
 
 def schema_version(conn: "psycopg.Connection") -> int:
@@ -209,16 +214,28 @@ def schema_version(conn: "psycopg.Connection") -> int:
     return conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
 
 
-def open_store(url: str) -> "psycopg.Connection":
-    """A connection for queries: the schema must be there (a node that ships creates it)."""
-    conn = connect(url, autocommit=True)
+def check_schema(conn: "psycopg.Connection", url: str) -> int:
+    """The trail's schema version when this bastion can use it as it is; else FleetError, one line saying
+    what to run. Never changes the schema (`bastion store migrate` does, explicitly)."""
     version = schema_version(conn)
-    if version == 0:
-        conn.close()
-        raise FleetError(f"{redact(url)}: no bastion audit trail here yet (a node with audit_ship_to creates it)")
+    if version == len(MIGRATIONS):
+        return version
     if version > len(MIGRATIONS):
+        raise FleetError(f"{redact(url)}: the audit trail's schema (version {version}) is newer than this bastion "
+                         f"({len(MIGRATIONS)}); upgrade bastion")
+    state = "no bastion audit trail here yet" if version == 0 else \
+        f"the audit trail's schema version {version} is old (this bastion needs {len(MIGRATIONS)})"
+    raise FleetError(f"{redact(url)}: {state}; run `bastion store migrate` (once, from a node with audit_ship_to)")
+
+
+def open_store(url: str) -> "psycopg.Connection":
+    """A connection for queries: the schema must be there, at this bastion's version (`store migrate`)."""
+    conn = connect(url, autocommit=True)
+    try:
+        check_schema(conn, url)
+    except BaseException:
         conn.close()
-        raise FleetError(f"{redact(url)}: the audit schema is newer than this bastion (version {version})")
+        raise
     return conn
 
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 from ..clock import iso, utc_now
 from ..store.schema import connect as connect_sqlite
 from .chain import Head
-from .fleet import (HEARTBEAT_SECONDS, FleetError, NodeStatus, ShipAlarm, connect, kill_done, lag_of, migrate,
+from .fleet import (HEARTBEAT_SECONDS, FleetError, NodeStatus, ShipAlarm, check_schema, connect, kill_done, lag_of,
                     node_reports, open_store, pending_kills, publish_sessions, redact, report_node, ship_batch,
                     shipped_head)
 
@@ -99,7 +99,7 @@ class Shipper:
                     local = connect_sqlite(self.database, readonly=True)
                 if pg is None:
                     pg = connect(self.url, **_SESSION)
-                    migrate(pg)
+                    check_schema(pg, self.url)  # `bastion store migrate` makes it; until then events wait here
                     self.shipped = shipped_head(pg, self.node)
                     self._check_resume(local)
                     self.connected = True

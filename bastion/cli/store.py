@@ -16,31 +16,55 @@ app = typer.Typer(help="The store of users, keys and policy: migrate a PostgreSQ
 @app.command("migrate")
 def migrate(
     ctx: typer.Context,
-    url: Optional[str] = typer.Option(None, "--url", help="A postgresql:// URL; default: `store` in config.toml."),
+    url: Optional[str] = typer.Option(None, "--url", help="A postgresql:// URL of a store; default: `store` in "
+                                                          "config.toml."),
+    audit_url: Optional[str] = typer.Option(None, "--audit-url", help="A postgresql:// URL of a fleet's audit "
+                                                                      "trail; default: `audit_ship_to`."),
 ) -> None:
-    """Create or upgrade the schema of a PostgreSQL store (run once, from any node, before the nodes use it and
-    after upgrading bastion). The home's own SQLite store needs nothing: it migrates itself when opened.
+    """Create or upgrade the schemas in PostgreSQL: the store of users and policy (`store`) and the fleet's
+    audit trail (`audit_ship_to`), each with its own version table; one database may hold both. Run it once,
+    from any node, before the nodes use them and after upgrading bastion: nodes and other commands never
+    change a shared schema, they say to run this. With --url or --audit-url, only what is named. The home's
+    own SQLite file needs nothing: it migrates itself when opened.
 
-    Example: bastion store migrate --url postgresql://bastion@db.internal/bastion
+    Example: bastion store migrate    |    bastion store migrate --url postgresql://bastion@db.internal/bastion
     """
+    from ..audit import fleet
     from ..store import pg_schema
     from ..store.dialect import connect, is_postgres, redact
 
-    target = url or config_of(ctx).store
-    if not target:
-        typer.echo("this home's store is its SQLite file, which migrates itself when opened; nothing to do")
-        return
-    if not is_postgres(target):
-        raise BastionError(f"--url must be a postgresql:// URL, not {redact(target)!r}")
-    conn = connect(target)
-    try:
-        before, after = pg_schema.migrate(conn)
-    finally:
-        conn.close()
+    if url is None and audit_url is None:
+        config = config_of(ctx)
+        url = config.store if is_postgres(config.store) else None
+        audit_url = config.audit_ship_to or None
+        if url is None and audit_url is None:
+            typer.echo("this home's store is its SQLite file, which migrates itself when opened, and it ships no "
+                       "audit (audit_ship_to is not set); nothing to do")
+            return
+    for name, given in (("--url", url), ("--audit-url", audit_url)):
+        if given is not None and not is_postgres(given):
+            raise BastionError(f"{name} must be a postgresql:// URL, not {redact(given)!r}")
+    if url is not None:
+        conn = connect(url)
+        try:
+            before, after = pg_schema.migrate(conn)
+        finally:
+            conn.close()
+        _migrated(redact(url), "store", before, after)
+    if audit_url is not None:
+        trail = fleet.connect(audit_url)
+        try:
+            before, after = fleet.migrate(trail)
+        finally:
+            trail.close()
+        _migrated(redact(audit_url), "audit trail", before, after)
+
+
+def _migrated(where: str, what: str, before: int, after: int) -> None:
     if before == after:
-        typer.echo(f"{redact(target)}: store schema version {after}, up to date")
+        typer.echo(f"{where}: {what} schema version {after}, up to date")
     else:
-        typer.echo(f"{redact(target)}: store schema migrated from version {before} to {after}")
+        typer.echo(f"{where}: {what} schema migrated from version {before} to {after}")
 
 
 @app.command("copy")

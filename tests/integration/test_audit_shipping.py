@@ -24,7 +24,9 @@ pytestmark = pytest.mark.skipif(SSH is None, reason="needs the OpenSSH client (o
 
 
 def make_home(tmp_path: Path, name: str, url: str, node: str, echo_port: int, key: Path,
-              metrics_port: int | None = None) -> Path:
+              metrics_port: int | None = None, migrate: bool = True) -> Path:
+    """A node's home shipping to `url` as `node`; alice may reach the echo server. `migrate`: run `bastion store
+    migrate` there, as an operator does once before the nodes ship (a shipper never makes the trail's schema)."""
     home = tmp_path / name
     assert cli(home, "init", "--listen", "127.0.0.1:0").returncode == 0
     config = home / "config.toml"
@@ -37,6 +39,9 @@ def make_home(tmp_path: Path, name: str, url: str, node: str, echo_port: int, ke
     policy = tmp_path / f"{name}-policy.toml"
     policy.write_text(f'[users.alice]\nallow = ["127.0.0.2:{echo_port}"]\n')
     assert cli(home, "policy", "apply", str(policy)).returncode == 0
+    if migrate:
+        migrated = cli(home, "store", "migrate")
+        assert migrated.returncode == 0 and "audit trail schema" in migrated.stdout, migrated.stdout + migrated.stderr
     return home
 
 
@@ -98,7 +103,7 @@ def local_events(home: Path) -> list[tuple[int, str]]:
 def shipped_events(postgres, url: str, node: str) -> list[tuple[int, str]]:  # noqa: F811
     database = url.rsplit("/", 1)[1]
     if not postgres.sql(database, "SELECT to_regclass('audit_events') IS NOT NULL")[0][0]:
-        return []  # the first shipper creates the schema
+        return []  # `store migrate` was not run yet
     return [tuple(r) for r in postgres.sql(database, "SELECT seq, hash FROM audit_events WHERE node = %s "
                                                      "ORDER BY seq", (node,))]
 
@@ -195,6 +200,31 @@ def test_postgres_down_logins_go_on_and_the_backlog_drains(tmp_path, postgres, p
         assert scraped["bastion_audit_ship_backlog_events"] == 0 and scraped["bastion_audit_ship_connected"] == 1
         assert scraped["bastion_audit_ship_lag_seconds"] == 0
         assert scraped["bastion_audit_shipped_events_total"] == len(events)
+    finally:
+        node.stop()
+    assert audit(home, "verify", "--store", pg_url).returncode == 0
+
+
+def test_a_node_on_a_trail_not_migrated_serves_and_says_what_to_run(tmp_path, postgres, pg_url,  # noqa: F811
+                                                                   echo_server, key):  # noqa: F811
+    """A shipper never makes the shared schema: on an empty database the node serves, its events wait locally
+    and `ship status` says in one line to run `bastion store migrate`; once it is run they all arrive."""
+    home = make_home(tmp_path, "n1", pg_url, "n1", echo_server, key, migrate=False)
+    node = Node(home, key, echo_server)
+    try:
+        node.tunnel()
+        node.tunnel()  # logins go on
+        status = wait_until(lambda: (s := json.loads(audit(home, "ship", "status", "--json").stdout))
+                            ["nodes"][0]["last_error"] and s)
+        error = status["nodes"][0]["last_error"]
+        assert "no bastion audit trail here yet; run `bastion store migrate`" in error and "\n" not in error
+        assert status["nodes"][0]["backlog"] == len(local_events(home)) > 0
+        assert "run `bastion store migrate`" in audit(home, "sessions", "--store", pg_url).stderr
+        assert shipped_events(postgres, pg_url, "n1") == []  # nothing made: no table at all
+        migrated = cli(home, "store", "migrate")
+        assert migrated.returncode == 0 and "audit trail schema migrated from version 0" in migrated.stdout
+        node.tunnel()
+        all_shipped(postgres, pg_url, "n1", home)
     finally:
         node.stop()
     assert audit(home, "verify", "--store", pg_url).returncode == 0

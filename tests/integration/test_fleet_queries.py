@@ -6,6 +6,8 @@ the same node id is an alarm, never an overwrite; `audit prune` keeps what was n
 from __future__ import annotations
 
 import json
+import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +24,8 @@ from bastion.audit.shipper import Shipper
 from bastion.cli.main import app
 from bastion.clock import utc_now
 from bench.audit_queries import fill, sample_of
-from testbed.postgres import pg_url, postgres, wait_until  # noqa: F401 (fixtures)
+from testbed.pg_trail import pg_trail_url, pg_url, postgres  # noqa: F401 (fixtures)
+from testbed.postgres import wait_until
 
 
 def local_events(database: Path) -> list[tuple[int, str]]:
@@ -62,12 +65,12 @@ def filled(tmp_path) -> Path:
     return database
 
 
-def test_every_filter_finds_the_same_rows_as_sqlite(filled, pg_url):  # noqa: F811
+def test_every_filter_finds_the_same_rows_as_sqlite(filled, pg_trail_url):  # noqa: F811
     began = time.monotonic()
-    ship_all(filled, pg_url, "n1", batch=1000)
+    ship_all(filled, pg_trail_url, "n1", batch=1000)
     events = len(local_events(filled))
     print(f"shipped {events} events in {time.monotonic() - began:.2f}s")
-    assert shipped(pg_url, "n1") == local_events(filled)
+    assert shipped(pg_trail_url, "n1") == local_events(filled)
     sample = sample_of(filled)
     user, host, net24, net16, name, sid = (sample[k] for k in ("user", "host", "net24", "net16", "name", "session"))
     shapes = [
@@ -87,7 +90,7 @@ def test_every_filter_finds_the_same_rows_as_sqlite(filled, pg_url):  # noqa: F8
         ("listeners", {"target": "127.0.0.1"}), ("listeners", {"session": sid}), ("listeners", {"client": "::/0"}),
     ]
     local = open_reader(filled)
-    conn = fleet.open_store(pg_url)
+    conn = fleet.open_store(pg_trail_url)
     now = utc_now()
     try:
         for table, spelled in shapes:
@@ -108,18 +111,18 @@ def test_every_filter_finds_the_same_rows_as_sqlite(filled, pg_url):  # noqa: F8
         conn.close()
 
 
-def test_a_shipper_stopped_mid_backlog_resumes(filled, pg_url):  # noqa: F811
+def test_a_shipper_stopped_mid_backlog_resumes(filled, pg_trail_url):  # noqa: F811
     expected = local_events(filled)
-    first = Shipper(filled, pg_url, "n1", batch=100, poll=0.05)
+    first = Shipper(filled, pg_trail_url, "n1", batch=100, poll=0.05)
     first.start()
     wait_until(lambda: first.shipped.seq >= 500)
     first.stop()
-    partial = shipped(pg_url, "n1")
+    partial = shipped(pg_trail_url, "n1")
     assert 500 <= len(partial) < len(expected) and partial == expected[:len(partial)]
-    second = ship_all(filled, pg_url, "n1", batch=100)
+    second = ship_all(filled, pg_trail_url, "n1", batch=100)
     assert second.last_error is None
-    assert shipped(pg_url, "n1") == expected  # nothing lost, nothing twice
-    conn = fleet.open_store(pg_url)
+    assert shipped(pg_trail_url, "n1") == expected  # nothing lost, nothing twice
+    conn = fleet.open_store(pg_trail_url)
     try:
         report = fleet.verify(conn)
     finally:
@@ -128,26 +131,26 @@ def test_a_shipper_stopped_mid_backlog_resumes(filled, pg_url):  # noqa: F811
     assert report.nodes["n1"].events == len(expected) and report.nodes["n1"].rows > 7500
 
 
-def test_two_chains_under_one_node_id_are_an_alarm_not_an_overwrite(filled, pg_url, tmp_path):  # noqa: F811
-    ship_all(filled, pg_url, "n1")
-    before = shipped(pg_url, "n1")
+def test_two_chains_under_one_node_id_are_an_alarm_not_an_overwrite(filled, pg_trail_url, tmp_path):  # noqa: F811
+    ship_all(filled, pg_trail_url, "n1")
+    before = shipped(pg_trail_url, "n1")
     other = tmp_path / "other.db"
     fill(other, sessions=100, channels=300, days=1, now=utc_now(), seed=9)
-    shipper = Shipper(other, pg_url, "n1")
+    shipper = Shipper(other, pg_trail_url, "n1")
     shipper.start()
     try:
         wait_until(lambda: (shipper.last_error or "").startswith("ALARM"))
     finally:
         shipper.stop()
     assert "two nodes share this node_id" in shipper.last_error
-    assert shipped(pg_url, "n1") == before
-    store = fleet.open_store(pg_url)
+    assert shipped(pg_trail_url, "n1") == before
+    store = fleet.open_store(pg_trail_url)
     try:  # every node's `audit ship status` sees the alarm
         assert [r["reported_error"] for r in fleet.node_reports(store)][0].startswith("ALARM")
     finally:
         store.close()
     # the same batch sent straight: refused whole, nothing stored
-    conn = fleet.connect(pg_url)
+    conn = fleet.connect(pg_trail_url)
     try:
         events = sqlite3.connect(other).execute("SELECT seq, time, kind, tbl, row_id, payload, prev_hash, hash FROM "
                                                 "audit_events ORDER BY seq LIMIT 50").fetchall()
@@ -157,10 +160,10 @@ def test_two_chains_under_one_node_id_are_an_alarm_not_an_overwrite(filled, pg_u
         assert fleet.ship_batch(conn, "n1-other", events) == 0  # again: idempotent
     finally:
         conn.close()
-    assert shipped(pg_url, "n1") == before
+    assert shipped(pg_trail_url, "n1") == before
 
 
-def test_prune_keeps_the_events_not_yet_shipped(tmp_path, pg_url):  # noqa: F811
+def test_prune_keeps_the_events_not_yet_shipped(tmp_path, pg_trail_url):  # noqa: F811
     home = tmp_path / "home"
     runner = CliRunner()
 
@@ -169,14 +172,13 @@ def test_prune_keeps_the_events_not_yet_shipped(tmp_path, pg_url):  # noqa: F811
 
     assert bastion("init", "--listen", "127.0.0.1:0").exit_code == 0
     config = home / "config.toml"
-    config.write_text(config.read_text().replace('audit_ship_to = ""', f'audit_ship_to = "{pg_url}"')
+    config.write_text(config.read_text().replace('audit_ship_to = ""', f'audit_ship_to = "{pg_trail_url}"')
                       .replace('node_id = ""', 'node_id = "n1"'))
     database = home / "bastion.db"
     fill(database, sessions=300, channels=900, days=10, now=utc_now() - timedelta(days=2))
     events = local_events(database)
-    conn = fleet.connect(pg_url)
+    conn = fleet.connect(pg_trail_url)
     try:
-        fleet.migrate(conn)
         rows = sqlite3.connect(database).execute(
             "SELECT seq, time, kind, tbl, row_id, payload, prev_hash, hash FROM audit_events WHERE seq <= 400 "
             "ORDER BY seq").fetchall()
@@ -191,7 +193,7 @@ def test_prune_keeps_the_events_not_yet_shipped(tmp_path, pg_url):  # noqa: F811
     assert bastion("audit", "verify").exit_code == 0
 
 
-def test_follow_store_follows_every_node_as_it_ships(tmp_path, pg_url):  # noqa: F811
+def test_follow_store_follows_every_node_as_it_ships(tmp_path, pg_trail_url):  # noqa: F811
     from bastion.store.sqlite import Store
     from tests.integration.test_audit_cli import write_session
 
@@ -201,17 +203,14 @@ def test_follow_store_follows_every_node_as_it_ships(tmp_path, pg_url):  # noqa:
         Store(databases[name]).close()
         for number in range(3):
             write_session(databases[name], f"{name}-s{number}", "alice" if number else "bob")
-    conn = fleet.connect(pg_url)
-    fleet.migrate(conn)
-    conn.close()
     follower = subprocess.Popen(
-        [sys.executable, "-m", "bastion", "--home", str(tmp_path / "nohome"), "audit", "follow", "--store", pg_url,
+        [sys.executable, "-m", "bastion", "--home", str(tmp_path / "nohome"), "audit", "follow", "--store", pg_trail_url,
          "--table", "sessions", "--user", "alice", "--jsonl", "--limit", "8", "--interval", "0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(2)  # it has looked once: no node yet, so every node it meets is followed from its first event
         for name, database in databases.items():
-            ship_all(database, pg_url, name)
+            ship_all(database, pg_trail_url, name)
         out, err = follower.communicate(timeout=60)
     finally:
         follower.kill()
@@ -219,3 +218,88 @@ def test_follow_store_follows_every_node_as_it_ships(tmp_path, pg_url):  # noqa:
     assert follower.returncode == 0 and len(events) == 8, err
     assert {(e["node"], e["row"]["id"], e["kind"]) for e in events} == {
         (node, f"{node}-s{n}", kind) for node in ("n1", "n2") for n in (1, 2) for kind in ("insert", "update")}
+
+
+def test_store_migrate_takes_over_a_trail_an_earlier_shipper_made(filled, pg_url, tmp_path):  # noqa: F811
+    """Before `store migrate` knew the trail, each shipper made it itself, in the same `schema_version`: an
+    upgraded fleet's trail (here as a shipper of schema 2 left it, with events) is moved on, nothing lost."""
+    conn = fleet.connect(pg_url)
+    try:
+        with conn.transaction():  # what an earlier shipper's migrate() did, up to its version 2
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            for number in (1, 2):
+                conn.execute(fleet.MIGRATIONS[number - 1])
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", [number])
+        rows = sqlite3.connect(filled).execute("SELECT seq, time, kind, tbl, row_id, payload, prev_hash, hash FROM "
+                                               "audit_events WHERE seq <= 300 ORDER BY seq").fetchall()
+        assert fleet.ship_batch(conn, "n1", rows) == 300
+    finally:
+        conn.close()
+    pg_trail_url = pg_url  # not migrated by the fixture: the earlier shipper made it
+    with pytest.raises(fleet.FleetError, match=r"schema version 2 is old .* run `bastion store migrate`"):
+        fleet.open_store(pg_trail_url)
+    # a shipper finds it old: it says so and changes nothing; the events wait
+    waiting = Shipper(filled, pg_trail_url, "n1", poll=0.05)
+    waiting.start()
+    try:
+        wait_until(lambda: waiting.last_error)
+    finally:
+        waiting.stop()
+    assert "run `bastion store migrate`" in waiting.last_error and waiting.shipped.seq == 0
+    assert shipped(pg_trail_url, "n1") == local_events(filled)[:300]
+
+    def migrate():
+        return CliRunner().invoke(app, ["--home", str(tmp_path / "nohome"), "store", "migrate", "--audit-url",
+                                        pg_trail_url], env={"BASTION_HOME": None})
+    first = migrate()
+    assert first.exit_code == 0, first.output
+    assert first.output.strip().endswith(f"audit trail schema migrated from version 2 to {len(fleet.MIGRATIONS)}")
+    assert shipped(pg_trail_url, "n1") == local_events(filled)[:300]  # nothing lost
+    assert migrate().output.strip().endswith(f"audit trail schema version {len(fleet.MIGRATIONS)}, up to date")
+    ship_all(filled, pg_trail_url, "n1")  # and shipping goes on where it was
+    assert shipped(pg_trail_url, "n1") == local_events(filled)
+    conn = fleet.open_store(pg_trail_url)
+    try:
+        assert fleet.verify(conn).intact
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY 1")] == list(
+            range(1, len(fleet.MIGRATIONS) + 1))
+    finally:
+        conn.close()
+
+
+def test_store_migrate_makes_the_store_and_the_trail_of_the_config(tmp_path, postgres, pg_url):  # noqa: F811
+    """`store` and `audit_ship_to` in one database, then in two: each schema with its own version table."""
+    from bastion.store import pg_schema
+
+    other = postgres.new_database(f"trail_{os.urandom(3).hex()}")
+    for store, trail in ((pg_url, pg_url), (pg_url, other)):
+        home = tmp_path / f"home-{trail.rsplit('/', 1)[1]}"
+        runner = CliRunner()
+
+        def bastion(*args: str):
+            return runner.invoke(app, ["--home", str(home), *args], env={"BASTION_HOME": None})
+
+        assert bastion("init", "--listen", "127.0.0.1:0").exit_code == 0
+        config = home / "config.toml"
+        config.write_text(re.sub(r'(?m)^store = ".*"$', f'store = "{store}"', config.read_text())
+                          .replace('audit_ship_to = ""', f'audit_ship_to = "{trail}"'))
+        done = bastion("store", "migrate")
+        assert done.exit_code == 0, done.output
+        lines = done.output.splitlines()
+        assert len(lines) == 2, done.output
+        assert lines[0].startswith(f"{store}: store schema") and lines[1].startswith(f"{trail}: audit trail schema")
+        again = bastion("store", "migrate").output.splitlines()
+        assert [line.rsplit(",", 1)[1].strip() for line in again] == ["up to date", "up to date"]
+        for url in {store, trail}:
+            conn = fleet.connect(url)
+            try:
+                assert fleet.schema_version(conn) == (len(fleet.MIGRATIONS) if url == trail else 0)
+                assert pg_schema.schema_version(conn) == (len(pg_schema.MIGRATIONS) if url == store else 0)
+            finally:
+                conn.close()
+        if store == trail:  # the next round needs an empty store again
+            postgres.sql(store.rsplit("/", 1)[1], "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    plain = tmp_path / "plain"
+    assert CliRunner().invoke(app, ["--home", str(plain), "init"], env={"BASTION_HOME": None}).exit_code == 0
+    nothing = CliRunner().invoke(app, ["--home", str(plain), "store", "migrate"], env={"BASTION_HOME": None})
+    assert nothing.exit_code == 0 and "nothing to do" in nothing.output
