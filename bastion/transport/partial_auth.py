@@ -27,6 +27,7 @@ refuses users who need a second factor (fails closed; see gateway/totp.py).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 from typing import Any
@@ -63,6 +64,19 @@ def apply() -> bool:
 
     setattr(send_success, _PATCHED, True)
     auth.ServerAuth.send_success = send_success  # type: ignore[method-assign]
+    return True
+
+
+def restart_login_timer(conn: Any, seconds: float) -> bool:
+    """Give the client `seconds` from now to finish logging in: asyncssh's login timer (`login_timeout`), started
+    again. For a person typing a one-time code after the key, not for an anonymous client: the key is proved by
+    then. Returns False, changing nothing, when there is no timer (login_timeout 0) or asyncssh lacks these names."""
+    timer = getattr(conn, "_login_timer", None)
+    expire = getattr(conn, "_login_timer_callback", None)
+    if timer is None or expire is None:
+        return False
+    timer.cancel()
+    conn._login_timer = asyncio.get_running_loop().call_later(seconds, expire)
     return True
 
 

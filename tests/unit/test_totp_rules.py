@@ -3,6 +3,8 @@ pass (RFC 6238, ±1 step, used once), the otpauth:// URI, and `require_totp` in 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from urllib.parse import parse_qs, urlparse
 
 import pyotp
@@ -159,6 +161,7 @@ def _login(user: str):
     login.user, login.key_fingerprint, login._totp_needed = user, "SHA256:x", totp_required(POLICY, user)
     login._totp_secret = (SECRET, None)
     login.log = login.auth_log = _Events()
+    login.ctx = SimpleNamespace(config=SimpleNamespace(login_grace_seconds=0))  # no login timer to restart
     return login
 
 
