@@ -4,7 +4,6 @@ pass (RFC 6238, ±1 step, used once), the otpauth:// URI, and `require_totp` in 
 from __future__ import annotations
 
 from types import SimpleNamespace
-
 from urllib.parse import parse_qs, urlparse
 
 import pyotp
