@@ -151,6 +151,12 @@ MIGRATIONS: tuple[str, ...] = (
 LIVE_COLUMNS = ("id", "user", "client_ip", "client_port", "started_at", "channels", "listeners", "bytes_up",
                 "bytes_down", "worker")
 HEARTBEAT_SECONDS = 2.0
+# `sessions kill --store`: the request's INSERT notifies KILLS (payload: the node) in its transaction, and the node's
+# shipper, listening, carries it out at once; the answer's UPDATE notifies KILLS_DONE (payload: the request's id)
+# for the CLI waiting on it. Each node also looks for requests right after it (re)connects — any made while it
+# was not listening — and every KILL_POLL_SECONDS (a CLI of an earlier bastion does not notify).
+KILLS, KILLS_DONE = "bastion_session_kills", "bastion_session_kills_done"
+KILL_POLL_SECONDS = 2.0
 STALE_SECONDS = 10.0  # a node not heard of for this long: its sessions are not listed as live
 # the columns computed here, not shipped: an address's ip_key
 _KEYS = {"auth": {"client_ip_key": "client_ip"}, "sessions": {"client_ip_key": "client_ip"},
@@ -715,7 +721,11 @@ def pending_kills(conn: "psycopg.Connection", node: str) -> list[tuple[int, str 
 
 
 def kill_done(conn: "psycopg.Connection", kill_id: int, result: dict[str, Any]) -> None:
-    conn.execute("UPDATE session_kills SET done_at = now(), result = %s WHERE id = %s", [json.dumps(result), kill_id])
+    """Record the node's answer; the CLI waiting for it is told at commit."""
+    with conn.transaction():
+        conn.execute("UPDATE session_kills SET done_at = now(), result = %s WHERE id = %s",
+                     [json.dumps(result), kill_id])
+        conn.execute("SELECT pg_notify(%s, %s)", [KILLS_DONE, str(kill_id)])
 
 
 def live_sessions(conn: "psycopg.Connection", node: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
@@ -742,14 +752,17 @@ def request_kill(conn: "psycopg.Connection", session_id: str | None, user: str |
     if not nodes:
         what = f"no live session {session_id!r}" if session_id else f"user {user!r} has no live session"
         raise BastionError(f"{what} on any node heard of in the last {STALE_SECONDS:g}s")
+    conn.execute(f"LISTEN {KILLS_DONE}")  # before the requests: no answer can come unheard
     ids = {}
-    for name in nodes:
-        ids[name] = conn.execute(
-            "INSERT INTO session_kills (node, session_id, \"user\", requested_by) VALUES (%s, %s, %s, %s) "
-            "RETURNING id", [name, session_id, user, by]).fetchone()[0]
+    with conn.transaction():  # each owning node is told at commit, so it never looks before the row is there
+        for name in nodes:
+            ids[name] = conn.execute(
+                "INSERT INTO session_kills (node, session_id, \"user\", requested_by) VALUES (%s, %s, %s, %s) "
+                "RETURNING id", [name, session_id, user, by]).fetchone()[0]
+            conn.execute("SELECT pg_notify(%s, %s)", [KILLS, name])
     deadline = time.monotonic() + wait_seconds
     answers: dict[str, dict[str, Any]] = {}
-    while len(answers) < len(ids) and time.monotonic() < deadline:
+    while True:
         for name, kill_id in ids.items():
             if name in answers:
                 continue
@@ -757,7 +770,14 @@ def request_kill(conn: "psycopg.Connection", session_id: str | None, user: str |
                                [kill_id]).fetchone()
             if row is not None:
                 answers[name] = {"node": name, **json.loads(row[0])}
-        time.sleep(0.1)
+        remaining = deadline - time.monotonic()
+        if len(answers) == len(ids) or remaining <= 0:
+            break
+        # woken by an answer's notification; looked again after at most 0.5 s all the same (a notification that
+        # arrived during the SELECT above is not kept by every psycopg version)
+        for _ in conn.notifies(timeout=min(0.5, remaining), stop_after=1):
+            pass
+    conn.execute(f"UNLISTEN {KILLS_DONE}")
     for name in ids:
         answers.setdefault(name, {"node": name, "ok": False,
                                   "error": f"node {name} did not answer within {wait_seconds:g}s (its shipper "

@@ -13,6 +13,12 @@ nothing (skipped by (node, seq), its hash compared). The head found there is che
 of that seq: a different hash is an alarm (two nodes with one node_id, or a replaced local database) and
 shipping stops rather than mixing two chains.
 
+With `live` and `kill` it also publishes the node's live sessions (a heartbeat) and carries out `sessions kill
+--store` requests addressed to this node: it LISTENs on a second connection of its own (so no notification can
+arrive while the first is busy shipping), waits there instead of sleeping between looks at the local chain, and
+looks for requests when one names this node, right after each (re)connection (requests made while it was not
+listening), and every KILL_POLL_SECONDS. The event loop never waits for any of it.
+
 For `bastion audit ship status` and `audit prune` without PostgreSQL at hand, the thread also writes what it
 knows to HOME/audit-ship.json (atomically) after each batch and each error: shipped seq, last error.
 """
@@ -31,7 +37,8 @@ from typing import Any, Callable
 from ..clock import iso, utc_now
 from ..store.schema import connect as connect_sqlite
 from .chain import Head
-from .fleet import (HEARTBEAT_SECONDS, FleetError, NodeStatus, ShipAlarm, check_schema, connect, kill_done, lag_of,
+from .fleet import (HEARTBEAT_SECONDS, KILL_POLL_SECONDS, KILLS, FleetError, NodeStatus, ShipAlarm, check_schema,
+                    connect, kill_done, lag_of,
                     node_reports, open_store, pending_kills, publish_sessions, redact, report_node, ship_batch,
                     shipped_head)
 
@@ -60,9 +67,11 @@ class Shipper:
                  max_backoff: float = 10.0, report_every: float = 5.0,
                  clock: Callable[[], float] = time.monotonic,
                  live: Callable[[], list[dict[str, Any]]] | None = None,
-                 kill: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 kill: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 kill_poll: float = KILL_POLL_SECONDS) -> None:
         """`live` and `kill` (the server's control requests, run from this thread): publish the node's live
-        sessions every HEARTBEAT_SECONDS and carry out `sessions kill --store` requests addressed to it."""
+        sessions every HEARTBEAT_SECONDS and carry out `sessions kill --store` requests addressed to it, when
+        notified and every `kill_poll` seconds."""
         self.database, self.url, self.node = database, url, node
         self.batch, self.poll, self.max_backoff, self.report_every = batch, poll, max_backoff, report_every
         self._clock = clock
@@ -76,6 +85,10 @@ class Shipper:
         self.shipped_total = 0
         self.live, self.kill = live, kill
         self._last_heartbeat = -HEARTBEAT_SECONDS
+        self.kill_poll = kill_poll
+        self._last_kill_poll = 0.0
+        self._kills_due = False  # a request for this node was notified (or may have been, while away)
+        self.kills_notified = 0  # notifications naming this node (tests)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="audit-shipper", daemon=True)
@@ -92,7 +105,7 @@ class Shipper:
     def _run(self) -> None:
         backoff = 0.5
         local: sqlite3.Connection | None = None
-        pg = None
+        pg = listen = None
         while not self._stop.is_set():
             try:
                 if local is None:
@@ -100,6 +113,10 @@ class Shipper:
                 if pg is None:
                     pg = connect(self.url, **_SESSION)
                     check_schema(pg, self.url)  # `bastion store migrate` makes it; until then events wait here
+                    if self.kill is not None:
+                        listen = connect(self.url, **_SESSION)
+                        listen.execute(f"LISTEN {KILLS}")
+                        self._kills_due = True  # what was requested while this node was not listening
                     self.shipped = shipped_head(pg, self.node)
                     self._check_resume(local)
                     self.connected = True
@@ -107,11 +124,10 @@ class Shipper:
                         log.info("audit shipping to %s resumed at seq %d", redact(self.url), self.shipped.seq)
                     self.last_error = None
                     self._write_status()
-                self._drain(local, pg)
-                if self.live is not None and self._clock() - self._last_heartbeat >= HEARTBEAT_SECONDS:
-                    self._heartbeat(pg)
+                self._drain(local, pg, listen)
+                self._fleet_sessions(pg)
                 backoff = 0.5
-                self._stop.wait(self.poll)
+                self._wait(listen)
             except ShipAlarm as exc:
                 self._failed(f"ALARM: {exc}", error=True)
                 try:  # so `ship status` on any node shows it
@@ -120,7 +136,7 @@ class Shipper:
                                     self.last_error)
                 except Exception:  # PostgreSQL went too: the local status file still says it
                     pass
-                pg = self._close(pg)
+                pg, listen = self._close(pg), self._close(listen)
                 self._stop.wait(60.0)  # an operator must look: retry rarely, never overwrite
             except Exception as exc:  # psycopg.Error, FleetError, sqlite3.Error, OSError: wait and retry
                 text = str(exc) if isinstance(exc, FleetError) else f"{type(exc).__name__}: {_first_line(exc)}"
@@ -130,13 +146,14 @@ class Shipper:
                     except sqlite3.Error:
                         pass
                 self._failed(redact(text), error=self.connected or self.last_error is None)
-                pg = self._close(pg)
+                pg, listen = self._close(pg), self._close(listen)
                 if isinstance(exc, sqlite3.Error) and local is not None:
                     local.close()
                     local = None
                 self._stop.wait(backoff)
                 backoff = min(self.max_backoff, backoff * 2)
         self._close(pg)
+        self._close(listen)
         if local is not None:
             local.close()
 
@@ -153,8 +170,9 @@ class Shipper:
             raise ShipAlarm(f"PostgreSQL holds node {self.node!r} up to seq {self.shipped.seq}, this node's chain "
                             f"ends at {head}: two nodes share this node_id, or this audit database was replaced")
 
-    def _drain(self, local: sqlite3.Connection, pg: Any) -> None:
-        """Ship every committed event after the shipped head, a batch per transaction."""
+    def _drain(self, local: sqlite3.Connection, pg: Any, listen: Any = None) -> None:
+        """Ship every committed event after the shipped head, a batch per transaction; between batches of a long
+        backlog, carry out a kill request notified meanwhile."""
         last_report = 0.0
         while not self._stop.is_set():
             events = local.execute(f"SELECT {_EVENT_COLUMNS} FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -176,21 +194,51 @@ class Shipper:
                 last_report = now
             if len(events) < self.batch:
                 return
+            if listen is not None:
+                self._wait(listen, 0)
+                self._fleet_sessions(pg)
+
+    def _wait(self, listen: Any, timeout: float | None = None) -> None:
+        """`poll` seconds (or `timeout`) before the next look at the local chain, or less when a kill request for
+        this node is notified (then it is carried out at once)."""
+        timeout = self.poll if timeout is None else timeout
+        if listen is None:
+            self._stop.wait(timeout)
+            return
+        for note in listen.notifies(timeout=timeout, stop_after=1):
+            if note.payload == self.node:
+                self._kills_due = True
+                self.kills_notified += 1
+
+    def _fleet_sessions(self, pg: Any) -> None:
+        """Kill requests for this node when notified or due, then (after any, so the sessions published are
+        without them, or every HEARTBEAT_SECONDS) the live sessions as the control socket lists them."""
+        now = self._clock()
+        killed = False
+        if self.kill is not None and (self._kills_due or now - self._last_kill_poll >= self.kill_poll):
+            self._kills_due, self._last_kill_poll = False, now
+            killed = self._carry_out_kills(pg)
+        if self.live is not None and (killed or now - self._last_heartbeat >= HEARTBEAT_SECONDS):
+            self._heartbeat(pg)
+
+    def _carry_out_kills(self, pg: Any) -> bool:
+        """Every pending request for this node, through the control socket; True when there was one."""
+        assert self.kill is not None
+        pending = pending_kills(pg, self.node)
+        for kill_id, session_id, user, by in pending:
+            try:
+                answer = self.kill({"op": "kill", "by": f"{by} (fleet)", "session": session_id, "user": user})
+                result = {"ok": True, "killed": answer.get("killed", [])}
+            except Exception as exc:  # NotRunning, a session already gone: the answer says so
+                result = {"ok": False, "error": str(exc)}
+            kill_done(pg, kill_id, result)
+            log.info("fleet kill request %d by %s: %s", kill_id, by, result)
+        return bool(pending)
 
     def _heartbeat(self, pg: Any) -> None:
-        """Kill requests for this node first (so the sessions published next are without them), then the live
-        sessions as the control socket lists them (every worker's)."""
+        """Publish the live sessions as the control socket lists them (every worker's)."""
         assert self.live is not None
         self._last_heartbeat = self._clock()
-        if self.kill is not None:
-            for kill_id, session_id, user, by in pending_kills(pg, self.node):
-                try:
-                    answer = self.kill({"op": "kill", "by": f"{by} (fleet)", "session": session_id, "user": user})
-                    result = {"ok": True, "killed": answer.get("killed", [])}
-                except Exception as exc:  # NotRunning, a session already gone: the answer says so
-                    result = {"ok": False, "error": str(exc)}
-                kill_done(pg, kill_id, result)
-                log.info("fleet kill request %d by %s: %s", kill_id, by, result)
         try:
             sessions = self.live()
         except Exception as exc:  # the control socket is not up yet, or going away

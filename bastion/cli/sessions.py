@@ -61,8 +61,8 @@ def kill(
     session_id: Optional[str] = typer.Argument(None, help="The session id, as `sessions list` shows it."),
     user: Optional[str] = typer.Option(None, "--user", help="End every live session of this user."),
     store: Optional[str] = typer.Option(None, "--store", help="On whichever node holds it: the request goes "
-                                                              "through the fleet's PostgreSQL to that node's "
-                                                              "shipper (within about 2 s)."),
+                                                              "through the fleet's PostgreSQL, which notifies "
+                                                              "that node's shipper at once."),
 ) -> None:
     """End live sessions at once; the audit log records who ended them.
 
