@@ -21,15 +21,19 @@ def init(ctx: typer.Context) -> None:
     """Make the CA key in the home (user_ca_key, Ed25519, mode 0600; never replaces one) and print its public key
     and fingerprint. The server trusts it at once as the CA `home` (require_known_user = true: certificates log in
     users of the policy), with no policy file to edit; `policy show` and `doctor` show it. To change its settings,
-    declare [cas.home] with the same key in a policy file (the lines are printed).
+    declare [cas.home] with the same key in a policy file (the lines are printed). With a PostgreSQL `store` the
+    public key and the serials go into the store, so every node trusts it; the private key stays in this home
+    (the one to sign on), and a fleet has one home CA.
 
     Example: bastion ca init
     """
     from ..ops.ca import ca_policy_lines, init_ca
 
-    line, fingerprint = init_ca(config_of(ctx))
+    line, fingerprint, fleet = init_ca(config_of(ctx))
     typer.echo(line)
     typer.echo(f"fingerprint {fingerprint}")
+    if fleet:
+        typer.echo(fleet)
     typer.echo("trusted as CA home (require_known_user = true); to change its settings, add to a policy file:")
     typer.echo(ca_policy_lines(line), nl=False)
     notify_server(ctx, "home CA created")

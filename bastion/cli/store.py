@@ -74,13 +74,17 @@ def copy(
     force: bool = typer.Option(False, "--force", help="Replace what the target already holds."),
 ) -> None:
     """Copy this home's SQLite store (users, keys with their options, groups, CAs, the revoked list, TOTP
-    secrets, the policy version) into an empty PostgreSQL store, in one transaction. The schema is migrated
+    secrets, the policy version) and its home CA's public key and last serial (`ca init`; the private key stays
+    here) into an empty PostgreSQL store, in one transaction. The schema is migrated
     first. A store that holds anything is refused unless --force. The audit log stays where it is.
 
     Example: bastion store copy --to postgresql://bastion@db.internal/bastion
     """
+    import asyncssh
+
+    from ..ops.ca import home_ca_line, key_home, last_serial
     from ..store import pg_schema
-    from ..store.copy import copy_store
+    from ..store.copy import HomeCA, copy_store
     from ..store.dialect import connect, is_postgres, redact
     from ..store.sqlite import Store
 
@@ -94,13 +98,19 @@ def copy(
         pg_schema.migrate(conn)
     finally:
         conn.close()
+    line = home_ca_line(config)  # (#22) the home CA: trusted on every node, its serials go on from this home's
+    ca = HomeCA(line, asyncssh.import_public_key(line).get_fingerprint("sha256") if line else None,
+                key_home(config), last_serial(config))
     source, target = Store(config.database), Store(to)
     try:
-        copied = copy_store(source, target, force=force)
+        copied = copy_store(source, target, force=force, ca=ca)
     finally:
         source.close()
         target.close()
-    what = ", ".join(f"{n} {table}" for table, n in copied.items() if table != "policy_version")
+    what = ", ".join(f"{n} {table}" for table, n in copied.items() if table not in ("policy_version", "last_serial"))
     typer.echo(f"copied {config.database} to {redact(to)}: {what}; policy version {copied['policy_version']}")
+    if line:
+        typer.echo(f"home CA {ca.fingerprint}: trusted by every node on the store; its private key stays in "
+                   f"{config.home} (sign there); the fleet's serials go on after {copied['last_serial']}")
     if config.store != to:
         typer.echo(f'next: set store = "{redact(to)}" in {config.home / "config.toml"} on every node, and restart')

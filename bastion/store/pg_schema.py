@@ -68,6 +68,21 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (kind, ca, value)
     );
     """,
+    # 2: the fleet's home CA (`bastion ca init`, #21): its public key, which every node trusts as CA `home`, where
+    # its private key is (the one home `ca init` ran in), and the last serial issued, raised in the transaction of
+    # each `ca sign` so no two certificates of the fleet share one (store/home_ca.py). SQLite keeps these in the
+    # home's files (user_ca_key.pub, user_ca_key.serial) as before.
+    """
+    CREATE TABLE home_ca (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        public_key TEXT,                   -- "ssh-ed25519 AAAA…"; NULL until `ca init` or `store copy`
+        fingerprint TEXT,
+        key_home TEXT,                     -- where the private key is: "host:/path/of/the/home"
+        created_at TEXT,
+        last_serial BIGINT NOT NULL DEFAULT 0 CHECK (last_serial >= 0)
+    );
+    INSERT INTO home_ca (id) VALUES (1);
+    """,
 )
 
 _LOCK = 22022201  # pg_advisory_xact_lock: two `store migrate` at once take turns

@@ -399,6 +399,10 @@ class Store:
         """The policy, its version, every user's keys and TOTP state, read together (one transaction)."""
         with self._lock, self._db.read_transaction():
             version, policy = self._read_policy_rows()
+            if self._db.dialect == "postgresql":  # (#22) the fleet's home CA, trusted on every node (home_ca.py)
+                from . import home_ca
+
+                policy = home_ca.trusted(self._db, policy)
             rows = self._db.execute("SELECT \"user\", fingerprint, key_type, public_key, comment, options, source "
                                     "FROM user_keys ORDER BY added_at").fetchall()
             totp = self._db.execute("SELECT \"user\", secret, last_step FROM totp").fetchall()

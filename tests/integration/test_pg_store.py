@@ -122,7 +122,7 @@ def test_the_cli_on_a_postgresql_store(pg_url, tmp_path):  # noqa: F811
     unmigrated = bastion(home, "user", "list")
     assert unmigrated.returncode != 0 and "bastion store migrate" in unmigrated.stderr
     assert "Traceback" not in unmigrated.stderr
-    assert "migrated from version 0 to 1" in ok(bastion(home, "store", "migrate")).stdout
+    assert "store schema migrated from version 0 to 2" in ok(bastion(home, "store", "migrate")).stdout
     assert "up to date" in ok(bastion(home, "store", "migrate")).stdout
     key = keygen(tmp_path / "alice")
     ok(bastion(home, "user", "add", "alice", "--key", f"{key}.pub"))
