@@ -88,7 +88,6 @@ class Shipper:
         self.kill_poll = kill_poll
         self._last_kill_poll = 0.0
         self._kills_due = False  # a request for this node was notified (or may have been, while away)
-        self.kills_notified = 0  # notifications naming this node (tests)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="audit-shipper", daemon=True)
@@ -208,7 +207,6 @@ class Shipper:
         for note in listen.notifies(timeout=timeout, stop_after=1):
             if note.payload == self.node:
                 self._kills_due = True
-                self.kills_notified += 1
 
     def _fleet_sessions(self, pg: Any) -> None:
         """Kill requests for this node when notified or due, then (after any, so the sessions published are
