@@ -7,7 +7,9 @@ load balancer in front of several bastion nodes (#22), and later a database host
 
 Built on Testbed for running things inside (run, popen, start, close: kill by pid, delete the namespaces,
 remove the /etc/netns files); `node(ns)` is the view a Bastion (bastion_process.py) needs to run in a host's
-namespace instead of gw.
+namespace instead of gw. `partition(host, peer)` / `heal(host, peer)` cut one host off from another silently
+(nftables drops inside the host's namespace: no RST, no ICMP, as a dead link or a firewall would), the rest of
+the bridge untouched.
 """
 
 from __future__ import annotations
@@ -81,3 +83,23 @@ class Fleet(Testbed):
 
     def node(self, ns: str) -> NodeView:
         return NodeView(self, ns)
+
+    def partition(self, host: str, peer: str) -> None:
+        """Drop every packet between `host` and `peer`, in `host`'s namespace, both ways, without a word: a
+        connection in flight hangs until its own timeouts, a new one gets no answer to its SYN."""
+        table = _partition_table(peer)
+        address = self.addresses[peer]
+        rules = (f"add table inet {table}\n"
+                 f"add chain inet {table} out {{ type filter hook output priority 0; policy accept; }}\n"
+                 f"add chain inet {table} in {{ type filter hook input priority 0; policy accept; }}\n"
+                 f"add rule inet {table} out ip daddr {address} drop\n"
+                 f"add rule inet {table} in ip saddr {address} drop\n")
+        run(self.argv(self.hosts[host], ["nft", "-f", "-"]), input=rules.encode(), check=True)
+
+    def heal(self, host: str, peer: str) -> None:
+        """Undo `partition(host, peer)`."""
+        run(self.argv(self.hosts[host], ["nft", "delete", "table", "inet", _partition_table(peer)]), check=True)
+
+
+def _partition_table(peer: str) -> str:
+    return "bt_cut_" + "".join(c if c.isalnum() else "_" for c in peer)

@@ -8,6 +8,15 @@ It listens on a unix socket in its directory and on 127.0.0.1 at a free port (lo
     with Postgres.create(tmp) as pg:
         url = pg.new_database("t1")      # postgresql://postgres@127.0.0.1:PORT/t1
 
+Or inside a database host's network namespace (testbed/fleet.py), listening on that host's address, port 5432:
+`initdb`, `pg_ctl start` and `pg_ctl stop` run as `ip netns exec NS runuser -u postgres -- …`, so the server is
+in that namespace and only the hosts on its bridge reach it. `url()` is what they use; the test process itself
+(in no namespace of the fleet) reaches it through the unix socket in its directory (`local_url()`).
+
+    pg = Postgres.create(netns="bt-db-XXXX", address="10.98.0.20")   # in /tmp: postgres must reach it
+    pg.url("t1")          # postgresql://postgres@10.98.0.20:5432/t1, for the nodes
+    pg.local_url("t1")    # the same database through the socket, for the test
+
 Without root or without the binaries, `unavailable()` says why (the tests skip with that reason).
 """
 
@@ -63,32 +72,43 @@ def free_port() -> int:
 class Postgres:
     """One cluster; `url(db)` for clients, `new_database(name)` for a fresh database per test."""
 
-    def __init__(self, root: Path, port: int) -> None:
+    def __init__(self, root: Path, port: int, netns: str | None = None, address: str = "127.0.0.1") -> None:
         self.root = root  # owned by postgres: data/ and the socket
         self.data = root / "data"
         self.port = port
+        self.netns = netns  # None: this machine's own network (loopback)
+        self.address = address
         self.bin = bin_dir()
         self.log = root / "server.log"
 
     @classmethod
-    def create(cls, parent: Path | None = None) -> "Postgres":
+    def create(cls, parent: Path | None = None, *, netns: str | None = None,
+               address: str | None = None) -> "Postgres":
+        """A new cluster, started. With `netns` (and that namespace's `address`), it runs inside it on port 5432
+        (the namespace is the cluster's alone); else on 127.0.0.1 at a free port."""
+        if (netns is None) != (address is None):
+            raise ValueError("netns and address go together")
         entry = pwd.getpwnam(USER)
         root = Path(tempfile.mkdtemp(prefix="bt-pg-", dir=parent))
         os.chmod(root, 0o700)
         os.chown(root, entry.pw_uid, entry.pw_gid)
-        pg = cls(root, free_port())
+        pg = cls(root, 5432, netns, address) if netns else cls(root, free_port())
         pg._as_postgres(["initdb", "-D", str(pg.data), "-A", "trust", "-U", USER, "--no-sync", "-E", "UTF8",
                          "--locale=C"])
+        if netns:  # the hosts on its bridge: trust, as on the socket (a sealed network of the test's own)
+            with (pg.data / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all samenet trust\n")
         pg.start()
         return pg
 
     def _as_postgres(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
         assert self.bin is not None
-        return subprocess.run(["runuser", "-u", USER, "--", str(self.bin / argv[0]), *argv[1:]], cwd="/",
+        inside = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return subprocess.run([*inside, "runuser", "-u", USER, "--", str(self.bin / argv[0]), *argv[1:]], cwd="/",
                               capture_output=True, text=True, timeout=60, check=check)
 
     def start(self) -> None:
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
+        options = (f"-c listen_addresses={self.address} -p {self.port} -k {self.root} -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off")
         done = self._as_postgres(["pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t",
                                   "30", "start"], check=False)
@@ -96,19 +116,28 @@ class Postgres:
             log = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
             raise RuntimeError(f"pg_ctl start failed: {done.stdout}{done.stderr}\n{log}")
 
-    def stop(self) -> None:
-        self._as_postgres(["pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop"], check=False)
+    def stop(self, mode: str = "fast") -> None:
+        """`pg_ctl stop -m MODE` (fast: clients are disconnected; immediate: as a crash would)."""
+        self._as_postgres(["pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop"], check=False)
 
     def running(self) -> bool:
         return self._as_postgres(["pg_ctl", "-D", str(self.data), "status"], check=False).returncode == 0
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
+        """What clients use: TCP to its address (inside a namespace, from the hosts on its bridge)."""
+        return f"postgresql://{USER}@{self.address}:{self.port}/{database}"
+
+    def local_url(self, database: str = "postgres") -> str:
+        """For this process: the unix socket in the cluster's directory (reachable from any namespace); the
+        same as url() for a cluster on loopback."""
+        if self.netns is None:
+            return self.url(database)
+        return f"postgresql://{USER}@/{database}?host={self.root}&port={self.port}"
 
     def new_database(self, name: str) -> str:
         import psycopg
 
-        with psycopg.connect(self.url(), autocommit=True) as conn:
+        with psycopg.connect(self.local_url(), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
@@ -116,7 +145,7 @@ class Postgres:
         """Run one statement as the superuser and return its rows (for a test's look or its tampering)."""
         import psycopg
 
-        with psycopg.connect(self.url(database), autocommit=True) as conn:
+        with psycopg.connect(self.local_url(database), autocommit=True) as conn:
             cursor = conn.execute(statement, params)
             return cursor.fetchall() if cursor.description else []
 
