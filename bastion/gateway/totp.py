@@ -23,7 +23,7 @@ from typing import Any
 from ..clock import utc_now
 from ..policy.model import Policy
 from ..policy.totp import PROMPT, USED, check_code, totp_required
-from ..transport.partial_auth import restart_login_timer
+from .. import transport
 
 # A person reads the code off a phone and types it: once the key is proved they get sshd's LoginGraceTime (120 s),
 # however short login_grace_seconds is set against anonymous clients holding connections open.
@@ -105,7 +105,7 @@ class SecondFactor:
             return True
         self.log.info("key %s accepted; asking for a verification code", self.key_fingerprint)
         if self.ctx.config.login_grace_seconds:  # 0: no login timer at all
-            restart_login_timer(self.conn, max(self.ctx.config.login_grace_seconds, CODE_ENTRY_SECONDS))
+            transport.restart_login_timer(self.conn, max(self.ctx.config.login_grace_seconds, CODE_ENTRY_SECONDS))
         return True
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:

@@ -89,6 +89,11 @@ def second_factor_supported() -> bool:
     return partial_auth.installed()
 
 
+def restart_login_timer(conn: Any, seconds: float) -> bool:
+    """Give a client whose key is proved `seconds` from now to finish logging in (partial_auth.py)."""
+    return partial_auth.restart_login_timer(conn, seconds)
+
+
 def security_key_flags_supported() -> bool:
     """Whether the gateway sees the flags (user presence, user verification) of each security-key signature
     (security_keys.py: the owner's `security_key_signed`). False before `install()`, or on an asyncssh without the
