@@ -108,8 +108,9 @@ def paired(first: list[float], second: list[float]) -> tuple[float, str]:
     the medians beside it: a round the whole machine ran slow in cancels in its own ratio (bench/figures.py)."""
     ratios = [a / b for a, b in zip(first, second)]
     of_medians = statistics.median(first) / statistics.median(second)
-    return statistics.median(ratios), (f"median of {len(ratios)} paired ratios ({min(ratios):.2f}–{max(ratios):.2f});"
-                                       f" of the medians {of_medians:.2f}")
+    median = statistics.median(ratios)
+    return median, (f"paired: median of {len(ratios)} ratios {median:.2f} ({min(ratios):.2f}–{max(ratios):.2f}); "
+                    f"of the medians {of_medians:.2f}")
 
 
 def turns(count: int, names: tuple[str, str]) -> list[str]:
@@ -282,6 +283,7 @@ class Node:
                 if "listening on" in line:
                     self.port = int(line.rsplit(":", 1)[1].split()[0])
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
                 raise RuntimeError(f"{self.name}: serve did not start:\n{self.log_tail()}")
             time.sleep(0.05)
         known = lab.workdir / f"known_{home.name}"
@@ -333,6 +335,20 @@ class Node:
         self.log_file.close()
 
 
+def start_nodes(lab: Lab, homes: list[Path]) -> list[Node]:
+    """`bastion serve` on each home at once; if one does not start, the others are stopped before raising."""
+    with ThreadPoolExecutor(len(homes)) as pool:
+        futures = [pool.submit(Node, lab, home) for home in homes]
+        outcomes = [(f.result(), None) if f.exception() is None else (None, f.exception()) for f in futures]
+    failure = next((error for _, error in outcomes if error is not None), None)
+    if failure is not None:
+        for node, _ in outcomes:
+            if node is not None:
+                node.stop()
+        raise failure
+    return [node for node, _ in outcomes if node is not None]
+
+
 async def open_one(conn, port: int) -> float:  # type: ignore[no-untyped-def]
     """One direct-tcpip open to the hello target, timed to its first byte; the channel is closed after."""
     began = time.perf_counter()
@@ -375,8 +391,7 @@ class Fleet:
                 lab.home(name, like=self.pg_home, audit_ship_to="", node_id="") for name in ("admin", "pg-b", "pg-c"))
             # alice, her key and her grant: on the SQLite home, and through admin on the store
             list(pool.map(lambda home: lab.bastion(home, "policy", "apply", str(grant)), [self.admin, self.sqlite_home]))
-            nodes = pool.map(lambda home: Node(lab, home), [self.pg_home, self.sqlite_home])
-            self.nodes = dict(zip(("postgresql", "sqlite"), nodes))
+        self.nodes = dict(zip(("postgresql", "sqlite"), start_nodes(lab, [self.pg_home, self.sqlite_home])))
         log(f"homes and nodes ready in {time.monotonic() - began:.1f} s (2 `bastion init`, 2 `policy apply`)")
 
     def close(self) -> None:
@@ -590,8 +605,7 @@ class Fleet:
         from bastion.store.sqlite import Store
 
         p = self.params
-        with ThreadPoolExecutor(2) as pool:
-            others = list(pool.map(lambda home: Node(self.lab, home), [self.b_home, self.c_home]))
+        others = start_nodes(self.lab, [self.b_home, self.c_home])
         nodes = [self.nodes["postgresql"], *others]
         fifo = self.lab.workdir / "revoke.toml"  # the CLI reads its policy file from here: see pending_cli
         os.mkfifo(fifo)
@@ -800,13 +814,15 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write every sample and the table as JSON to this file")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown (for bench/README.md)")
     parser.add_argument("--bastion-src", type=Path, help="run the bastion package in DIR/bastion instead of git HEAD's")
-    parser.add_argument("--backlog-sessions", type=int, help="the shipping backlog's sessions (20,000; quick 3,000)")
-    parser.add_argument("--backlog-channels", type=int, help="its channels (100,000; quick 15,000): ~1.44 events each")
+    parser.add_argument("--backlog-sessions", type=int, help="the shipping backlog's sessions (14,000; quick 3,000)")
+    parser.add_argument("--backlog-channels", type=int, help="its channels (70,000; quick 15,000); events: about "
+                                                             "2.2 per session and 1 per channel")
     parser.add_argument("--batch", type=int, default=2000, help="the shipper's batch (its default: 2000)")
     parser.add_argument("--days", type=int, default=90, help="the backlog's span in days (audit_queries.py's: 90)")
     parser.add_argument("--verify", action="store_true", help="then `audit verify --store` over the shipped backlog")
     parser.add_argument("--queries", action="store_true", help="then time the audit query shapes with --store on it")
-    parser.add_argument("--revocations", type=int, help="revocation rounds (30; quick 10)")
+    parser.add_argument("--logins", type=int, help="logins per node (150; quick 40)")
+    parser.add_argument("--revocations", type=int, help="revocation rounds (25; quick 6)")
     parser.add_argument("--serve-targets", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_targets:
@@ -826,7 +842,8 @@ def main() -> int:
     base = QUICK if args.quick else FULL
     params = Params(**{**asdict(base), **{k: v for k, v in {
         "backlog_sessions": args.backlog_sessions, "backlog_channels": args.backlog_channels,
-        "revocations": args.revocations, "verify": args.verify or None}.items() if v is not None}})
+        "logins": args.logins, "revocations": args.revocations, "verify": args.verify or None}.items()
+        if v is not None}})
     meta = machine_meta() | {"mode": "quick" if args.quick else "full", "params": asdict(params),
                              "loadavg": {"before": loadavg()}}
     rows: list[Row] = []

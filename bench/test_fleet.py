@@ -34,7 +34,7 @@ def test_a_pair_the_machine_slowed_for_both_cancels_in_the_paired_ratio():
     # medians sets PostgreSQL's slow third turn against SQLite's fast one
     ratio, note = paired([10.0, 20.0, 12.0], [10.0, 20.0, 9.0])
     assert ratio == 1.0
-    assert "median of 3 paired ratios (1.00–1.33); of the medians 1.20" in note
+    assert "paired: median of 3 ratios 1.00 (1.00–1.33); of the medians 1.20" in note
 
 
 def test_the_markdown_table_marks_a_missed_target():
