@@ -157,7 +157,7 @@ def show(
     Example: bastion policy show alice
     """
     with open_store(ctx) as store:
-        _, policy = store.load_policy()
+        _, policy = store.policy_in_force()  # a fleet's home CA from the store (#22)
     policy = with_home_authority(policy, HomeAuthority(config_of(ctx))())  # the home CA is in force too (#21)
     data = policy_to_dict(policy)
     for user in data.get("users", {}).values():

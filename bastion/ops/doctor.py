@@ -210,9 +210,11 @@ def policy_findings(policy: Policy, users: list[dict]) -> list[Finding]:
     return findings
 
 
-def home_ca_findings(policy: Policy, home_ca: CertAuthority | None, key_mode: int | None) -> list[Finding]:
+def home_ca_findings(policy: Policy, home_ca: CertAuthority | None, key_mode: int | None,
+                     fleet: bool = False) -> list[Finding]:
     """The home's user CA (`bastion ca init`, #21): trusted as CA `home`, unless the policy's own [cas.home] holds
-    another key (then `ca sign`'s certificates are refused); its private key readable by others."""
+    another key (then `ca sign`'s certificates are refused); its private key readable by others. `fleet`: the
+    fleet's CA, from the store, its private key in another home (#22)."""
     if home_ca is None:
         return []
     findings = []
@@ -224,7 +226,8 @@ def home_ca_findings(policy: Policy, home_ca: CertAuthority | None, key_mode: in
                                 "put the line of user_ca_key.pub in [cas.home], or name the policy's CA otherwise"))
     else:
         settings = declared or home_ca
-        findings.append(Finding("home CA", OK, f"{fingerprint} (user_ca_key) trusted as CA {HOME_CA} "
+        where = "the fleet's, from the store; its private key is in another home" if fleet else "user_ca_key"
+        findings.append(Finding("home CA", OK, f"{fingerprint} ({where}) trusted as CA {HOME_CA} "
                                 f"(require_known_user = {str(settings.require_known_user).lower()}, "
                                 f"principals_as_groups = {str(settings.principals_as_groups).lower()})"))
     if key_mode is not None and key_mode & 0o077:
@@ -371,16 +374,19 @@ def _policy_checks(config: Config) -> list[Finding]:
         store = Store(config.store or config.database)  # a shared PostgreSQL store when configured (#22)
         try:
             _, policy = store.load_policy()
+            _, fleet_policy = store.policy_in_force()  # with a fleet's home CA from the store (#22)
             users = store.list_users()
         finally:
             store.close()
     except (BastionError, sqlite3.Error) as exc:
         return [Finding("policy", PROBLEM, f"cannot read the policy: {exc}", "see the database finding above")]
     key, home_ca = _stat(user_ca_path(config)), HomeAuthority(config)()
-    in_force = with_home_authority(policy, home_ca)  # as the server has it: users may log in by certificate
+    in_force = with_home_authority(fleet_policy, home_ca)  # as the server has it: users may log in by certificate
+    fleet_ca = fleet_policy.cas.get(HOME_CA) if HOME_CA not in policy.cas else None
     return (policy_findings(in_force, users) + expiry_findings(policy, utc_now())
             + grant_findings(policy, make_guard(config))
-            + home_ca_findings(policy, home_ca, None if key is None else key.st_mode))
+            + home_ca_findings(policy, home_ca or fleet_ca, None if key is None else key.st_mode,
+                               fleet=home_ca is None and fleet_ca is not None))
 
 
 def _stat(path: Path) -> os.stat_result | None:

@@ -395,14 +395,24 @@ class Store:
 
     # ---- what a node holds (#22) -----------------------------------------------------------------
 
+    def policy_in_force(self) -> tuple[int, Policy]:
+        """The policy and its version as a node holds them: on PostgreSQL with the fleet's home CA trusted (#22), so
+        `policy show` and `doctor` on a node without the CA's private key show what its logins are decided by."""
+        with self._lock, self._db.read_transaction():
+            return self._policy_in_force_rows()
+
+    def _policy_in_force_rows(self) -> tuple[int, Policy]:
+        version, policy = self._read_policy_rows()
+        if self._db.dialect == "postgresql":  # (#22) the fleet's home CA, trusted on every node (home_ca.py)
+            from . import home_ca
+
+            policy = home_ca.trusted(self._db, policy)
+        return version, policy
+
     def snapshot(self) -> Snapshot:
         """The policy, its version, every user's keys and TOTP state, read together (one transaction)."""
         with self._lock, self._db.read_transaction():
-            version, policy = self._read_policy_rows()
-            if self._db.dialect == "postgresql":  # (#22) the fleet's home CA, trusted on every node (home_ca.py)
-                from . import home_ca
-
-                policy = home_ca.trusted(self._db, policy)
+            version, policy = self._policy_in_force_rows()
             rows = self._db.execute("SELECT \"user\", fingerprint, key_type, public_key, comment, options, source "
                                     "FROM user_keys ORDER BY added_at").fetchall()
             totp = self._db.execute("SELECT \"user\", secret, last_step FROM totp").fetchall()

@@ -135,3 +135,20 @@ def test_store_copy_carries_the_home_ca_and_its_last_serial(postgres, tmp_path, 
     again = bastion(single, "store", "copy", "--to", url)
     assert again.returncode != 0 and "1 home CA" in again.stderr
     assert "serials go on after 4" in ok(bastion(single, "store", "copy", "--to", url, "--force")).stdout
+
+
+def test_a_node_without_the_key_shows_the_fleets_ca_in_policy_show_and_doctor(pg_store_url, tmp_path):  # noqa: F811
+    """What `policy show` and `doctor` print is what the node's logins are decided by: on a node that never saw the
+    private key, the fleet's home CA from the store, trusted as CA home."""
+    node_a = make_home(tmp_path / "a", store=pg_store_url)
+    node_b = make_home(tmp_path / "b", store=pg_store_url)
+    assert "[cas.home]" not in ok(bastion(node_b, "policy", "show")).stdout
+    made = ok(bastion(node_a, "ca", "init"))
+    fingerprint = made.stdout.split("fingerprint ")[1].split()[0]
+    public_key = " ".join((node_a / "user_ca_key.pub").read_text().split()[:2])
+    shown = ok(bastion(node_b, "policy", "show")).stdout
+    assert "[cas.home]" in shown and public_key in shown, shown
+    doctor = bastion(node_b, "doctor")
+    assert f"{fingerprint} (the fleet's, from the store; its private key is in another home) trusted as CA home" \
+        in doctor.stdout, doctor.stdout
+    assert "Traceback" not in doctor.stderr
