@@ -16,7 +16,7 @@ from ..audit.shipper import Shipper
 from ..audit.writer import AuditLog
 from ..clock import utc_now
 from ..config import Config, load_config
-from ..errors import BastionError, ConfigError
+from ..errors import BastionError, ConfigError, StoreError
 from ..gateway.connection import GatewayConnection
 from ..gateway.context import PolicyCache, ServerContext
 from ..gateway.local_addresses import make_guard
@@ -44,7 +44,10 @@ class Gateway:
         self.worker = worker  # None: the only process; N: worker N of `serve --workers`
         # The store: the home's SQLite file, or a shared PostgreSQL (#22) that this node reads as a copy in memory,
         # told of every change by LISTEN/NOTIFY (store/cached.py); the audit log is local either way.
-        self.store = Store(config.store or config.database, statement_timeout_ms=5000 if config.store else 0)
+        try:
+            self.store = Store(config.store or config.database, statement_timeout_ms=5000 if config.store else 0)
+        except StoreError as exc:
+            raise _unreadable_store(exc) if config.store else exc from None
         self.cached: CachedStore | None = None
         if config.store:
             self.cached = CachedStore(self.store, config.store, config.store_outage_grace_seconds,
@@ -119,7 +122,10 @@ class Gateway:
         self.revoked_keys.start()
         self._loop = asyncio.get_running_loop()
         if self.cached is not None:  # (#22) the first snapshot, then a thread listening for changes
-            await asyncio.to_thread(self.cached.start)
+            try:
+                await asyncio.to_thread(self.cached.start)
+            except StoreError as exc:
+                raise _unreadable_store(exc) from None
         await self.context.policy.current()  # loads the policy and schedules the first expiry
 
     async def _listen(self, host_keys: list[asyncssh.SSHKeyPair]) -> asyncio.AbstractServer:
@@ -414,3 +420,9 @@ def _supervise(config: Config, drain: float) -> int:
             forward(signal.SIGTERM, None)
         worst = max(worst, code)
     return worst
+
+
+def _unreadable_store(exc: StoreError) -> StoreError:
+    """A node that cannot read its PostgreSQL store when it starts does not start (#22): it has no copy to serve on."""
+    return StoreError(f"cannot read the store (config `store`): {exc}; a node that has never read it has no policy "
+                      "to serve on: start it once PostgreSQL is reachable")
