@@ -26,6 +26,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..clock import iso
@@ -275,20 +276,71 @@ def _table_types(conn: "psycopg.Connection") -> dict[str, list[tuple[str, str]]]
     return cached
 
 
+table_types = _table_types
+
+
 def _table_columns(conn: "psycopg.Connection") -> dict[str, list[str]]:
     return {table: [name for name, _ in columns] for table, columns in _table_types(conn).items()}
 
 
-_EVENTS = ("INSERT INTO audit_events (node, seq, time, kind, tbl, row_id, payload, prev_hash, hash) "
-           "SELECT %s, * FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[]::jsonb[], "
-           "%b::text[], %b::text[], %b::text[]) ON CONFLICT (node, seq) DO NOTHING")  # %b: binary, no escaping
+_COPY_EVENTS = "COPY audit_events (node, seq, time, kind, tbl, row_id, payload, prev_hash, hash) FROM STDIN"
+_STATE_KINDS = ("insert", "update", "adopt", "restate")  # the events whose payload is a row's whole state
+
+
+def _copy_field(text: str) -> str:
+    """A value in COPY's text format: backslash and the row and field separators escaped."""
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return text
+
+
+@dataclass(slots=True)
+class Batch:
+    """Events of a node made ready to store (prepare_batch): the events, and in COPY's text format the events
+    and the newest state of each row they describe, per table."""
+    node: str
+    events: Sequence[Event]
+    copy: str
+    states: dict[str, str]
+
+
+def prepare_batch(types: dict[str, list[tuple[str, str]]], node: str, events: Sequence[Event]) -> Batch:
+    """The Python half of shipping, needing no connection (the shipper runs it on the next batch while
+    PostgreSQL stores the current one): the events' COPY lines, and each row's newest state in the batch
+    (json.loads of its payload), with the seq of its first event in the batch and its address keys (ip_key)."""
+    name = _copy_field(node)
+    lines = [f"{name}\t{seq}\t{_copy_field(time_)}\t{_copy_field(kind)}\t{_copy_field(tbl)}\t"
+             f"{row_id if type(row_id) is int else _copy_field(json.dumps(row_id))}\t{_copy_field(payload)}\t"
+             f"{_copy_field(prev)}\t{_copy_field(digest)}\n"
+             for seq, time_, kind, tbl, row_id, payload, prev, digest in events]
+    latest: dict[tuple[str, Any], tuple[int, int, str]] = {}
+    for seq, _, kind, tbl, row_id, payload, _, _ in events:
+        if tbl in types and kind in _STATE_KINDS:
+            first = latest.get((tbl, row_id), (seq, 0, ""))[0]
+            latest[(tbl, row_id)] = (first, seq, payload)
+    by_table: dict[str, list[str]] = {}
+    for (tbl, _), (first, seq, payload) in latest.items():
+        by_table.setdefault(tbl, []).append(_state_line(tbl, types[tbl], name, first, seq, payload))
+    return Batch(node, events, "".join(lines), {tbl: "".join(rows) for tbl, rows in by_table.items()})
 
 
 def ship_batch(conn: "psycopg.Connection", node: str, events: Sequence[Event]) -> int:
     """Store `events` (consecutive, oldest first) of `node` and upsert the rows they describe, in one
     transaction. Events already stored with the same hash are skipped; one with a different hash raises
-    ShipAlarm and nothing of the batch is stored. Returns how many events were new. One statement per table
-    (arrays through unnest), so a batch costs a few round trips whatever its size."""
+    ShipAlarm and nothing of the batch is stored. Returns how many events were new."""
+    if not events:
+        return 0
+    return store_batch(conn, prepare_batch(_table_types(conn), node, events))
+
+
+def store_batch(conn: "psycopg.Connection", batch: Batch) -> int:
+    """ship_batch's PostgreSQL half, one transaction. The events go in with one COPY: those of the batch
+    already stored are left out first (their hashes compared), and a copy of (node, seq) stored meanwhile by
+    someone else fails the transaction on the primary key: nothing is overwritten, the retry compares the
+    hashes. The rows go into a temporary table of the session's own with one COPY per table, then into the
+    table with one INSERT … ON CONFLICT (node, id) that never puts an older state over a newer one. So a
+    batch costs a few round trips whatever its size."""
+    node, events = batch.node, batch.events
     if not events:
         return 0
     types = _table_types(conn)
@@ -301,33 +353,63 @@ def ship_batch(conn: "psycopg.Connection", node: str, events: Sequence[Event]) -
                 raise ShipAlarm(f"node {node!r} event {event[0]} is already in PostgreSQL with another hash "
                                 f"({existing[event[0]][:12]}…, here {event[7][:12]}…): two nodes share this "
                                 "node_id, or this node's audit database was replaced; nothing was overwritten")
-        fresh = [e for e in events if e[0] not in existing]
-        if not fresh:
-            return 0
-        fields = list(zip(*fresh))
-        conn.execute(_EVENTS, [node, list(fields[0]), list(fields[1]), list(fields[2]), list(fields[3]),
-                               [json.dumps(row_id) for row_id in fields[4]], list(fields[5]), list(fields[6]),
-                               list(fields[7])])
-        # the newest state of each row in the batch, with the seq of its first event in the batch
-        latest: dict[tuple[str, Any], tuple[int, int, str]] = {}
-        for seq, _, kind, tbl, row_id, payload, _, _ in fresh:
-            if tbl in types and kind in ("insert", "update", "adopt", "restate"):
-                first = latest.get((tbl, row_id), (seq, 0, ""))[0]
-                latest[(tbl, row_id)] = (first, seq, payload)
-        by_table: dict[str, list[tuple]] = {}
-        for (tbl, _), (first, seq, payload) in latest.items():
-            names = [name for name, _ in types[tbl]]
-            by_table.setdefault(tbl, []).append(_state_values(tbl, names, node, first, seq, payload))
-        for tbl, rows in by_table.items():
-            names = [name for name, _ in types[tbl]]
+        if existing:
+            fresh = [e for e in events if e[0] not in existing]
+            if not fresh:
+                return 0
+            batch = prepare_batch(types, node, fresh)  # the rows of the events stored before were stored then
+        with conn.cursor() as cur, cur.copy(_COPY_EVENTS) as copy:
+            copy.write(batch.copy)
+        for tbl, rows in batch.states.items():
+            names = [column for column, _ in types[tbl]]
+            columns = ", ".join(_quote(c) for c in names)
+            # emptied at each commit; PUBLIC may create temporary tables unless an administrator revoked it
+            conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS ship_{tbl} (LIKE {tbl}) ON COMMIT DELETE ROWS")
+            with conn.cursor() as cur, cur.copy(f"COPY pg_temp.ship_{tbl} ({columns}) FROM STDIN") as copy:
+                copy.write(rows)
             updated = [c for c in names if c not in ("node", "id", "first_seq")]
-            arrays = ", ".join(f"%b::{kind}[]" for _, kind in types[tbl])
             conn.execute(
-                f"INSERT INTO {tbl} ({', '.join(_quote(c) for c in names)}) SELECT * FROM unnest({arrays}) "
-                "ON CONFLICT (node, id) DO UPDATE SET "
-                + ", ".join(f"{_quote(c)} = EXCLUDED.{_quote(c)}" for c in updated)
-                + f" WHERE {tbl}.seq < EXCLUDED.seq", [list(column) for column in zip(*rows)])
-    return len(fresh)
+                f"INSERT INTO {tbl} ({columns}) SELECT {columns} FROM pg_temp.ship_{tbl} ON CONFLICT (node, id) "
+                "DO UPDATE SET " + ", ".join(f"{_quote(c)} = EXCLUDED.{_quote(c)}" for c in updated)
+                + f" WHERE {tbl}.seq < EXCLUDED.seq")
+    return len(batch.events)
+
+
+def _state_line(table: str, columns: list[tuple[str, str]], node: str, first: int, seq: int, payload: str) -> str:
+    """One row of `table` in COPY's text format from an event's payload (its whole state), with its node
+    (already in COPY's form), the seqs of its first and newest events in the batch, and the address keys."""
+    state = json.loads(payload)
+    get = state.get
+    keys = _KEYS[table]
+    fields = []
+    for name, _ in columns:
+        if name in _OWN or name in keys:  # ours, whatever the payload says
+            fields.append(node if name == "node" else str(first) if name == "first_seq" else str(seq)
+                          if name == "seq" else _ip_key_text(get(keys[name])))
+            continue
+        value = get(name)
+        if type(value) is str:
+            if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+                value = _copy_field(value)
+        elif value is None:
+            value = "\\N"
+        elif type(value) is int or name == "cert_serial":
+            value = str(value)
+        else:  # what psycopg would send for another JSON value in a column of that type
+            value = _copy_field(json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+        fields.append(value)
+    return "\t".join(fields) + "\n"
+
+
+def _ip_key_text(address: Any) -> str:
+    """ip_key in COPY's text format; the same few client addresses come again and again."""
+    return _ip_key_cached(address) if type(address) is str else "\\N"
+
+
+@lru_cache(maxsize=4096)
+def _ip_key_cached(address: str) -> str:
+    key = ip_key(address)
+    return "\\N" if key is None else key
 
 
 def _quote(column: str) -> str:

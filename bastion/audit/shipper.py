@@ -1,8 +1,9 @@
 """The audit shipper (#22 part 3): a thread of the server that copies the local hash chain to PostgreSQL.
 
 The login path never waits for it: the writer commits locally (writer.py, fail closed on a local failure), and
-this thread reads the committed events by seq from its own read-only SQLite connection, a batch at a time, and
-stores them with fleet.ship_batch — in order, at least once, idempotent by (node, seq). While PostgreSQL cannot
+this thread reads the committed events by seq from a read-only SQLite connection, a batch at a time, and
+stores them with fleet.store_batch — in order, at least once, idempotent by (node, seq); a second thread reads
+and prepares the next batch meanwhile. While PostgreSQL cannot
 be reached it retries with a growing pause (0.5 s doubling up to `max_backoff`); the events wait in the local
 chain, which is the backlog.
 
@@ -31,16 +32,16 @@ import os
 import sqlite3
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 from ..clock import iso, utc_now
 from ..store.schema import connect as connect_sqlite
 from .chain import Head
-from .fleet import (HEARTBEAT_SECONDS, KILL_POLL_SECONDS, KILLS, FleetError, NodeStatus, ShipAlarm, check_schema,
-                    connect, kill_done, lag_of,
-                    node_reports, open_store, pending_kills, publish_sessions, redact, report_node, ship_batch,
-                    shipped_head)
+from .fleet import (HEARTBEAT_SECONDS, KILL_POLL_SECONDS, KILLS, Batch, FleetError, NodeStatus, ShipAlarm,
+                    check_schema, connect, kill_done, lag_of, node_reports, open_store, pending_kills, prepare_batch,
+                    publish_sessions, redact, report_node, shipped_head, store_batch, table_types)
 
 log = logging.getLogger("bastion.audit")
 
@@ -88,6 +89,8 @@ class Shipper:
         self.kill_poll = kill_poll
         self._last_kill_poll = 0.0
         self._kills_due = False  # a request for this node was notified (or may have been, while away)
+        self._reader: ThreadPoolExecutor | None = None  # reads and prepares the next batch (_drain)
+        self._reader_db: sqlite3.Connection | None = None  # its own connection, used on its thread only
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="audit-shipper", daemon=True)
@@ -155,6 +158,15 @@ class Shipper:
         self._close(listen)
         if local is not None:
             local.close()
+        if self._reader is not None:
+            self._reader.submit(self._close_reader)
+            self._reader.shutdown(wait=True)
+            self._reader = None
+
+    def _close_reader(self) -> None:
+        if self._reader_db is not None:
+            self._reader_db.close()
+            self._reader_db = None
 
     def _check_resume(self, local: sqlite3.Connection) -> None:
         """PostgreSQL's newest event of this node must be this chain's event of that seq."""
@@ -171,18 +183,22 @@ class Shipper:
 
     def _drain(self, local: sqlite3.Connection, pg: Any, listen: Any = None) -> None:
         """Ship every committed event after the shipped head, a batch per transaction; between batches of a long
-        backlog, carry out a kill request notified meanwhile."""
+        backlog, carry out a kill request notified meanwhile. While PostgreSQL stores a full batch, a second
+        thread reads and prepares the next one (fleet.prepare_batch): the two run at once, in two processes, and
+        a batch is counted shipped only once its transaction committed."""
         last_report = 0.0
+        types = table_types(pg)
+        pending = self._prepare_after(self.shipped.seq, types)
         while not self._stop.is_set():
-            events = local.execute(f"SELECT {_EVENT_COLUMNS} FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?",
-                                   [self.shipped.seq, self.batch]).fetchall()
-            head = local.execute("SELECT max(seq) FROM audit_events").fetchone()[0] or 0
+            events, batch, head = pending.result()
             self.local_seq = head
             if events and events[0][0] != self.shipped.seq + 1:
                 log.warning("audit events %d..%d were pruned here before they were shipped (prune --force?)",
                             self.shipped.seq + 1, events[0][0] - 1)
+            # a full batch: more may wait, read and prepare them meanwhile (dropped if this one fails)
+            pending = self._prepare_after(events[-1][0], types) if len(events) == self.batch else None
             if events:
-                ship_batch(pg, self.node, events)
+                store_batch(pg, batch)
                 self.shipped = Head(events[-1][0], events[-1][7])
                 self.shipped_total += len(events)
             self._measure(local, head)
@@ -191,11 +207,32 @@ class Shipper:
                 report_node(pg, self.node, head, self.shipped.seq, self.lag_seconds, None)
                 self._write_status()
                 last_report = now
-            if len(events) < self.batch:
+            if pending is None:
                 return
             if listen is not None:
                 self._wait(listen, 0)
                 self._fleet_sessions(pg)
+
+    def _prepare_after(self, seq: int, types: dict[str, Any]) -> "Future[tuple[list[Any], Batch, int]]":
+        """On the reader thread: the batch of events after `seq`, prepared, and the local head."""
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="audit-shipper-read")
+        return self._reader.submit(self._read, seq, types)
+
+    def _read(self, seq: int, types: dict[str, Any]) -> tuple[list[Any], Batch, int]:
+        """The reader thread's own read-only SQLite connection (opened again after an error)."""
+        try:
+            if self._reader_db is None:
+                self._reader_db = connect_sqlite(self.database, readonly=True)
+            events = self._reader_db.execute(f"SELECT {_EVENT_COLUMNS} FROM audit_events WHERE seq > ? ORDER BY seq "
+                                             "LIMIT ?", [seq, self.batch]).fetchall()
+            head = self._reader_db.execute("SELECT max(seq) FROM audit_events").fetchone()[0] or 0
+        except BaseException:
+            if self._reader_db is not None:
+                self._reader_db.close()
+                self._reader_db = None
+            raise
+        return events, prepare_batch(types, self.node, events), head
 
     def _wait(self, listen: Any, timeout: float | None = None) -> None:
         """`poll` seconds (or `timeout`) before the next look at the local chain, or less when a kill request for
