@@ -10,7 +10,9 @@ reason `netns_unavailable()` gives, and the loopback tests still run.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,35 @@ from testbed import (DEFAULT_POLICY, Bastion, Key, SshClient, Testbed, generate_
                      skip_netns_tests_if_unavailable, start_targets)
 
 BASTIONS = pytest.StashKey[list[Bastion]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let the suite's child interpreters keep their bytecode, in a directory of this run's own.
+
+    The suite starts some hundreds of `python -m bastion` (serve, the CLI): with PYTHONDONTWRITEBYTECODE set, as
+    it is on this machine, each one compiled the bastion modules it imports from source again (measured here:
+    1.47 s of CPU instead of 1.39 s for `bastion access alice`). PYTHONPYCACHEPREFIX keeps the .pyc files out of
+    the work tree; the directory goes at the end of the run.
+    """
+    if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+        prefix = tempfile.mkdtemp(prefix="bastion-tests-pyc-")
+        config.add_cleanup(lambda: shutil.rmtree(prefix, ignore_errors=True))
+        os.environ.pop("PYTHONDONTWRITEBYTECODE")
+        os.environ["PYTHONPYCACHEPREFIX"] = prefix
+
+    # .ci/run runs the suite on two pytest-xdist workers, which start with COLUMNS=80 and LINES=24 set: the CLI's
+    # tables read $COLUMNS when stdout is not a terminal, so a worker would print them cut to 80 columns. Give
+    # each worker the terminal variables the run itself has (pytest_configure_node below).
+    for key, value in getattr(config, "workerinput", {}).get("bastion_terminal_env", {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook, in the controller: what each worker is handed
+def pytest_configure_node(node) -> None:  # type: ignore[no-untyped-def]
+    node.workerinput["bastion_terminal_env"] = {key: os.environ.get(key) for key in ("COLUMNS", "LINES")}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
