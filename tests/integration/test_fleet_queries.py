@@ -303,3 +303,91 @@ def test_store_migrate_makes_the_store_and_the_trail_of_the_config(tmp_path, pos
     assert CliRunner().invoke(app, ["--home", str(plain), "init"], env={"BASTION_HOME": None}).exit_code == 0
     nothing = CliRunner().invoke(app, ["--home", str(plain), "store", "migrate"], env={"BASTION_HOME": None})
     assert nothing.exit_code == 0 and "nothing to do" in nothing.output
+
+
+_EVENT_SQL = "SELECT seq, time, kind, tbl, row_id, payload, prev_hash, hash FROM audit_events ORDER BY seq"
+
+
+def state_rows(url: str, node: str) -> dict[str, list[tuple]]:
+    conn = fleet.connect(url)
+    try:
+        return {table: [tuple(r) for r in conn.execute(f"SELECT * FROM {table} WHERE node = %s ORDER BY id", [node])]
+                for table in ("auth", "sessions", "channels", "listeners")}
+    finally:
+        conn.close()
+
+
+def test_shipping_keeps_awkward_text_byte_for_byte(tmp_path, pg_trail_url):  # noqa: F811
+    """The events and rows go to PostgreSQL through COPY's text format: a backslash, tab, newline, carriage
+    return, quote, `\\.` or non-ASCII letter in a session id (a string row_id), a user name or a host must come
+    out as written, in the event (whose hash covers it) and in the row the queries read."""
+    from bastion.store.sqlite import Store
+    from tests.integration.test_audit_cli import write_session
+
+    database = tmp_path / "n1.db"
+    Store(database).close()
+    awkward = "a\\b\tc\nd\re\"f\\.g\\\\N é"
+    write_session(database, f"s{awkward}", f"u{awkward}", refused_host=f"h{awkward}")
+    write_session(database, "plain", "bob")
+    ship_all(database, pg_trail_url, "n\t1\\")
+    local = sqlite3.connect(database).execute(_EVENT_SQL).fetchall()
+    conn = fleet.open_store(pg_trail_url)
+    try:
+        stored = conn.execute("SELECT seq, time, kind, tbl, row_id, payload, prev_hash, hash FROM audit_events "
+                              "WHERE node = %s ORDER BY seq", ["n\t1\\"]).fetchall()
+        assert [tuple(r) for r in stored] == local
+        user, session = conn.execute("SELECT \"user\", id FROM sessions WHERE id <> 'plain'").fetchone()
+        assert (user, session) == (f"u{awkward}", f"s{awkward}")
+        assert conn.execute("SELECT target_host, target_ip_key FROM channels WHERE decision = 'deny' AND "
+                            "session_id = %s", [f"s{awkward}"]).fetchone() == (f"h{awkward}", None)
+        assert conn.execute("SELECT \"user\", client_ip_key FROM auth WHERE \"user\" = %s",
+                            [f"u{awkward}"]).fetchone() == (f"u{awkward}", fleet.ip_key("203.0.113.7"))
+        report = fleet.verify(conn)
+        assert report.intact, report.problems
+    finally:
+        conn.close()
+
+
+def test_a_batch_partly_stored_before_stores_the_rest_as_one_would(tmp_path, pg_trail_url):  # noqa: F811
+    """Events already in PostgreSQL (same hashes) are left out of a batch's COPY and its rows: sending 1..k,
+    then 1..n, then k/2..n again gives the same events and rows (first_seq too) as sending 1..n once."""
+    from bastion.store.sqlite import Store
+    from tests.integration.test_audit_cli import write_session
+
+    database = tmp_path / "n1.db"
+    Store(database).close()
+    for number in range(4):
+        write_session(database, f"s{number}", "alice" if number % 2 else "bob")
+    events = sqlite3.connect(database).execute(_EVENT_SQL).fetchall()
+    k = len(events) // 2 + 1  # mid-session: the rows of one session written by both batches
+    conn = fleet.connect(pg_trail_url)
+    try:
+        assert fleet.ship_batch(conn, "once", events) == len(events)
+        assert fleet.ship_batch(conn, "parts", events[:k]) == k
+        assert fleet.ship_batch(conn, "parts", events) == len(events) - k
+        assert fleet.ship_batch(conn, "parts", events[k // 2:]) == 0
+    finally:
+        conn.close()
+    assert shipped(pg_trail_url, "parts") == shipped(pg_trail_url, "once")
+    once, parts = state_rows(pg_trail_url, "once"), state_rows(pg_trail_url, "parts")
+    assert all(once[table] for table in once)
+    drop_node = lambda rows: [row[1:] for row in rows]  # noqa: E731
+    assert {t: drop_node(r) for t, r in parts.items()} == {t: drop_node(r) for t, r in once.items()}
+
+
+def test_shipper_reads_the_next_batch_while_storing_and_counts_only_what_committed(filled, pg_trail_url):  # noqa: F811
+    """Batches of 7 (many, each prepared on the reader thread while the previous one is stored): every event
+    arrives once, in order, the rows the same as one batch makes; shipped_total counts the events committed."""
+    shipper = ship_all(filled, pg_trail_url, "small", batch=7)
+    assert shipped(pg_trail_url, "small") == local_events(filled)
+    assert shipper.shipped_total == len(local_events(filled))
+    conn = fleet.connect(pg_trail_url)
+    try:
+        fleet.ship_batch(conn, "whole", sqlite3.connect(filled).execute(_EVENT_SQL).fetchall())
+    finally:
+        conn.close()
+    small, whole = state_rows(pg_trail_url, "small"), state_rows(pg_trail_url, "whole")
+    drop = lambda rows: [row[1:] for row in rows]  # noqa: E731
+    assert {t: drop(r) for t, r in small.items()} != {} and all(small.values())
+    # first_seq is the row's first event in its batch: the same here, as fill writes each row with one event
+    assert {t: drop(r) for t, r in small.items()} == {t: drop(r) for t, r in whole.items()}
