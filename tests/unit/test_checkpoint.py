@@ -63,7 +63,8 @@ def test_commits_leave_the_checkpoint_to_the_checkpointer(tmp_path):
 
         checkpointer.every_rows = 1
         checkpointer.wrote(1)
-        wait_for(lambda: rows_in_database_file(path, "t") == 3000)
+        # the rows reach the file inside the checkpoint, the count goes up after it returns: wait for both
+        wait_for(lambda: rows_in_database_file(path, "t") == 3000 and checkpointer.checkpoints >= 1)
         assert checkpointer.checkpoints == 1
     assert thread is not None and not thread.is_alive()  # stop() ends the thread
 
