@@ -46,10 +46,11 @@ from .fleet import (HEARTBEAT_SECONDS, KILL_POLL_SECONDS, KILLS, Batch, FleetErr
 log = logging.getLogger("bastion.audit")
 
 STATUS_FILE = "audit-ship.json"
-# a database that stops answering mid-batch (a network cut, a stuck lock) is an error after a minute, and a dead
-# peer is noticed by TCP keepalives within about a minute, so the thread never hangs
+# a database that stops answering mid-batch (a stuck lock, a slow disk) is an error after a minute; a silent network
+# cut, where the server never sees the statement and so never times it out, is one after 10 s of data sent and not
+# acknowledged (tcp_user_timeout), and an idle dead peer is noticed by TCP keepalives: the thread never hangs
 _SESSION = {"options": "-c statement_timeout=60000 -c lock_timeout=30000", "keepalives": 1, "keepalives_idle": 30,
-            "keepalives_interval": 10, "keepalives_count": 3}
+            "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 10000}
 _EVENT_COLUMNS = "seq, time, kind, tbl, row_id, payload, prev_hash, hash"
 
 

@@ -513,6 +513,7 @@ def test_a_node_cut_off_from_the_database(fleet: FleetUnderTest):
     before = {n: node.log().count("unreachable (") for n, node in enumerate(nodes, 1)}
     told = {what: cut.log().count(what) for what in ("refusing new logins", "reachable again")}  # earlier outages
     try:
+        cut_log_at = len(cut.log())
         fleet.bed.partition("node3", "db")
         cut_at = time.monotonic()
         wait_until(lambda: cut.log().count("unreachable (") > before[3], 60, "node3 noticing the cut")
@@ -525,6 +526,10 @@ def test_a_node_cut_off_from_the_database(fleet: FleetUnderTest):
         wait_until(lambda: cut.log().count("refusing new logins") > told["refusing new logins"], grace + 30,
                    "node3's grace to end")
         expired = time.monotonic() - cut_at
+        # its shipper too: what it sent (a heartbeat every 2 s) is never acknowledged, and the server never sees the
+        # statement to time it out; tcp_user_timeout (10 s) turns that into an error, not a silent 15-minute hang
+        wait_until(lambda: "audit shipping to PostgreSQL: " in cut.log()[cut_log_at:], 30, "node3's shipper noticing")
+        ship_failed = time.monotonic() - cut_at
         # node3's connections to the database as TCP sees them, for the report: `timer:(on,…,N)` is a send
         # retransmitted N times (a blocked call), `timer:(keepalive,…)` an idle one
         sockets = fleet.bed.run(fleet.bed.hosts["node3"], ["ss", "-tnoH", "dst", DB]).stdout.decode().split("\n")
@@ -549,7 +554,7 @@ def test_a_node_cut_off_from_the_database(fleet: FleetUnderTest):
     reason = re.search(rb"user store has been unreachable[^\r\n]*", refused.stderr).group(0).decode()
     print(f"\n  6. node3 cut off from the database (nftables drop, no RST): noticed after {noticed:.1f}s; a login "
           f"{within_at:.1f}s after the cut served on its copy; the grace ({grace}s) over at {expired:.1f}s, then "
-          f"refused: {reason!r}; node1 and node2 served throughout; healed: reachable again after {back:.1f}s, its "
+          f"refused: {reason!r}; its shipper failed at {ship_failed:.1f}s; node1 and node2 served throughout; healed: reachable again after {back:.1f}s, its "
           f"audit events all in PostgreSQL after {shipped:.1f}s; its shipper said: {shipping}; node3's sockets to the database at the end of the grace: "
           + " | ".join(" ".join(line.split()[3:]) for line in sockets if line.strip()))
     cut.set_config(store_outage_grace="5m")
