@@ -208,7 +208,16 @@ def test_follow_store_follows_every_node_as_it_ships(tmp_path, pg_trail_url):  #
          "--table", "sessions", "--user", "alice", "--jsonl", "--limit", "8", "--interval", "0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(2)  # it has looked once: no node yet, so every node it meets is followed from its first event
+        # once it has looked (no node yet), every node it meets is followed from its first event; its start-up
+        # takes seconds on a busy machine, so wait for its query to show in PostgreSQL rather than for a fixed time
+        def has_looked() -> bool:
+            import psycopg
+
+            with psycopg.connect(pg_trail_url, autocommit=True) as conn:
+                return bool(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                                         "AND query LIKE 'SELECT node FROM audit_nodes%'").fetchone()[0])
+
+        wait_until(has_looked, timeout=60)
         for name, database in databases.items():
             ship_all(database, pg_trail_url, name)
         out, err = follower.communicate(timeout=60)
