@@ -706,26 +706,11 @@ class Fleet:
 
 
 def migrated(url: str, schema: str) -> str:
-    """The store's schema (what `bastion store migrate` makes), or the audit trail's (the same, from a node with
-    audit_ship_to; the shipper does not make it), in a fresh database."""
-    if schema == "store":
-        from bastion.store import pg_schema
-        from bastion.store.dialect import connect
+    """The store's schema (what `bastion store migrate` makes), or the audit trail's, in a fresh database."""
+    from testbed.pg_store import migrated as store_migrated
+    from testbed.pg_trail import trail_migrated
 
-        conn = connect(url)
-        try:
-            pg_schema.migrate(conn)
-        finally:
-            conn.close()
-    else:
-        from bastion.audit import fleet
-
-        conn = fleet.connect(url)
-        try:
-            fleet.migrate(conn)
-        finally:
-            conn.close()
-    return url
+    return store_migrated(url) if schema == "store" else trail_migrated(url)
 
 
 def time_queries(database: Path, url: str) -> list[Row]:

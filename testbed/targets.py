@@ -41,7 +41,8 @@ HTTP_PAYLOAD = deterministic_bytes(HTTP_FILE_SIZE, b"http-blob")
 
 
 _TCP_TARGETS = r'''
-"""Tiny TCP targets for the testbed: `echo PORT` and `close-first PORT PAYLOAD_FILE`."""
+"""Tiny TCP targets for the testbed: `echo PORT`, `close-first PORT PAYLOAD_FILE` and `source PORT` (an endless
+stream: a bulk download)."""
 import socket, sys, threading
 
 def serve(port, handle):
@@ -63,11 +64,22 @@ def close_first(payload):
             conn.sendall(payload)
     return handle
 
+def source(conn):
+    chunk = bytes(range(256)) * 256
+    with conn:
+        try:
+            while True:
+                conn.sendall(chunk)
+        except OSError:
+            pass
+
 mode, port = sys.argv[1], int(sys.argv[2])
 if mode == "echo":
     serve(port, echo)
 elif mode == "close-first":
     serve(port, close_first(open(sys.argv[3], "rb").read()))
+elif mode == "source":
+    serve(port, source)
 else:
     sys.exit(f"unknown mode {mode}")
 '''

@@ -261,7 +261,7 @@ def shipped_head(conn: "psycopg.Connection", node: str) -> Head:
 _columns_cache: dict[int, dict[str, list[tuple[str, str]]]] = {}
 
 
-def _table_types(conn: "psycopg.Connection") -> dict[str, list[tuple[str, str]]]:
+def table_types(conn: "psycopg.Connection") -> dict[str, list[tuple[str, str]]]:
     """Each state table's columns and their SQL types, in order (read once per connection)."""
     key = id(conn)
     cached = _columns_cache.get(key)
@@ -276,11 +276,9 @@ def _table_types(conn: "psycopg.Connection") -> dict[str, list[tuple[str, str]]]
     return cached
 
 
-table_types = _table_types
-
 
 def _table_columns(conn: "psycopg.Connection") -> dict[str, list[str]]:
-    return {table: [name for name, _ in columns] for table, columns in _table_types(conn).items()}
+    return {table: [name for name, _ in columns] for table, columns in table_types(conn).items()}
 
 
 _COPY_EVENTS = "COPY audit_events (node, seq, time, kind, tbl, row_id, payload, prev_hash, hash) FROM STDIN"
@@ -328,9 +326,7 @@ def ship_batch(conn: "psycopg.Connection", node: str, events: Sequence[Event]) -
     """Store `events` (consecutive, oldest first) of `node` and upsert the rows they describe, in one
     transaction. Events already stored with the same hash are skipped; one with a different hash raises
     ShipAlarm and nothing of the batch is stored. Returns how many events were new."""
-    if not events:
-        return 0
-    return store_batch(conn, prepare_batch(_table_types(conn), node, events))
+    return store_batch(conn, prepare_batch(table_types(conn), node, events))
 
 
 def store_batch(conn: "psycopg.Connection", batch: Batch) -> int:
@@ -343,7 +339,7 @@ def store_batch(conn: "psycopg.Connection", batch: Batch) -> int:
     node, events = batch.node, batch.events
     if not events:
         return 0
-    types = _table_types(conn)
+    types = table_types(conn)
     with conn.transaction():
         existing = dict(conn.execute(
             "SELECT seq, hash FROM audit_events WHERE node = %s AND seq BETWEEN %s AND %s",
@@ -389,8 +385,7 @@ def _state_line(table: str, columns: list[tuple[str, str]], node: str, first: in
             continue
         value = get(name)
         if type(value) is str:
-            if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
-                value = _copy_field(value)
+            value = _copy_field(value)
         elif value is None:
             value = "\\N"
         elif type(value) is int or name == "cert_serial":

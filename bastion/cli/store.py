@@ -80,11 +80,9 @@ def copy(
 
     Example: bastion store copy --to postgresql://bastion@db.internal/bastion
     """
-    import asyncssh
-
-    from ..ops.ca import home_ca_line, key_home, last_serial
+    from ..ops.ca import home_ca_of
     from ..store import pg_schema
-    from ..store.copy import HomeCA, copy_store
+    from ..store.copy import copy_store
     from ..store.dialect import connect, is_postgres, redact
     from ..store.sqlite import Store
 
@@ -98,9 +96,7 @@ def copy(
         pg_schema.migrate(conn)
     finally:
         conn.close()
-    line = home_ca_line(config)  # (#22) the home CA: trusted on every node, its serials go on from this home's
-    ca = HomeCA(line, asyncssh.import_public_key(line).get_fingerprint("sha256") if line else None,
-                key_home(config), last_serial(config))
+    ca = home_ca_of(config)  # (#22) the home CA: trusted on every node, its serials go on from this home's
     source, target = Store(config.database), Store(to)
     try:
         copied = copy_store(source, target, force=force, ca=ca)
@@ -109,7 +105,7 @@ def copy(
         target.close()
     what = ", ".join(f"{n} {table}" for table, n in copied.items() if table not in ("policy_version", "last_serial"))
     typer.echo(f"copied {config.database} to {redact(to)}: {what}; policy version {copied['policy_version']}")
-    if line:
+    if ca.public_key:
         typer.echo(f"home CA {ca.fingerprint}: trusted by every node on the store; its private key stays in "
                    f"{config.home} (sign there); the fleet's serials go on after {copied['last_serial']}")
     if config.store != to:

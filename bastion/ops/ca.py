@@ -85,9 +85,11 @@ def key_home(config: Config) -> str:
     return f"{socket.gethostname()}:{config.home.resolve()}"
 
 
-def home_ca_line(config: Config) -> str | None:
-    """This home's CA public key line, or None when `ca init` never ran here (store copy carries it)."""
-    return _public_line(Path(f"{user_ca_path(config)}.pub"))
+def home_ca_of(config: Config) -> home_ca.FleetCA:
+    """This home's CA as `store copy` carries it: public key and fingerprint (None when `ca init` never ran
+    here), where its private key is, the last serial issued."""
+    line = _public_line(Path(f"{user_ca_path(config)}.pub"))
+    return home_ca.FleetCA(line, _fingerprint(line) if line else None, key_home(config), last_serial(config))
 
 
 def last_serial(config: Config) -> int:

@@ -6,21 +6,9 @@ public key, where its private key is, and its last serial (never lowering the ta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..errors import StoreError
 from . import home_ca
 from .sqlite import Store
-
-
-@dataclass(frozen=True, slots=True)
-class HomeCA:
-    """The source home's CA, as its files hold it (ops/ca.py reads them)."""
-
-    public_key: str | None  # None: `ca init` never ran there
-    fingerprint: str | None
-    key_home: str
-    last_serial: int
 
 # (table, its columns, the order rows are read in); parents before children
 TABLES: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -41,9 +29,9 @@ def counts(store: Store) -> dict[str, int]:
         return {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table, _, _ in TABLES}
 
 
-def copy_store(source: Store, target: Store, *, force: bool = False, ca: HomeCA | None = None) -> dict[str, int]:
+def copy_store(source: Store, target: Store, *, force: bool = False, ca: home_ca.FleetCA | None = None) -> dict[str, int]:
     """Copy everything from `source` into `target`; refused when the target holds anything, unless `force`
-    (then the target's rows are replaced). `ca`: the source home's CA, for a PostgreSQL target. Returns the rows
+    (then the target's rows are replaced). `ca`: the source home's CA as its files hold it (ops/ca.py `home_ca_of`), for a PostgreSQL target. Returns the rows
     copied per table, the new policy version and the target's last home CA serial."""
     src, dst = source._db, target._db
     rows: dict[str, list[tuple]] = {}

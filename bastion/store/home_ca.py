@@ -16,7 +16,7 @@ On SQLite none of this applies: the home's files (user_ca_key.pub, user_ca_key.s
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 from ..clock import iso, utc_now
@@ -71,7 +71,7 @@ class Locked:
         if serial <= self.ca.last_serial:
             raise StoreError(f"serial {serial} is not above the fleet's last ({self.ca.last_serial})")
         self._store._db.execute("UPDATE home_ca SET last_serial = ? WHERE id = 1", [serial])
-        self.ca = FleetCA(self.ca.public_key, self.ca.fingerprint, self.ca.key_home, serial)
+        self.ca = replace(self.ca, last_serial=serial)
 
 
 @contextlib.contextmanager

@@ -55,6 +55,7 @@ from testbed.keys import Key
 from testbed.postgres import Postgres
 from testbed.postgres import unavailable as postgres_unavailable
 from testbed.processes import SSH, TestbedError
+from testbed.targets import _TCP_TARGETS
 
 HAPROXY = shutil.which("haproxy") or next((p for p in ["/usr/sbin/haproxy"] if os.access(p, os.X_OK)), None)
 NFT = shutil.which("nft") or next((p for p in ["/usr/sbin/nft"] if os.access(p, os.X_OK)), None)
@@ -71,30 +72,6 @@ LOAD_WORKERS = 2
 PAYLOAD = os.urandom(64 * 1024)  # each load iteration's transfer, echoed back
 
 DEPLOY_CFG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy.cfg"
-
-# echo: back what was sent until the peer half-closes; source: an endless stream (a bulk download)
-TARGETS_SCRIPT = r'''
-import socket, sys, threading
-def serve(port, handle):
-    srv = socket.create_server(("0.0.0.0", port))
-    while True:
-        conn, _ = srv.accept()
-        threading.Thread(target=handle, args=(conn,), daemon=True).start()
-def echo(conn):
-    with conn:
-        while data := conn.recv(65536):
-            conn.sendall(data)
-def source(conn):
-    chunk = bytes(range(256)) * 256
-    with conn:
-        try:
-            while True:
-                conn.sendall(chunk)
-        except OSError:
-            pass
-mode, port = sys.argv[1], int(sys.argv[2])
-serve(port, echo if mode == "echo" else source)
-'''
 
 
 def haproxy_cfg() -> str:
@@ -201,7 +178,7 @@ def fleet(tmp_path_factory):
         store_url, trail_url = pg.new_database("fleet"), pg.new_database("trail")
 
         script = tmp / "targets.py"
-        script.write_text(TARGETS_SCRIPT)
+        script.write_text(_TCP_TARGETS)  # echo, and source: an endless stream (a bulk download)
         bed.start("echo", bed.hosts["target"], [sys.executable, script, "echo", str(ECHO)], ECHO)
         bed.start("source", bed.hosts["target"], [sys.executable, script, "source", str(SOURCE)], SOURCE)
         keys = {name: generate_key(tmp / "keys" / name, f"{name}@test") for name in ("alice", "bob")}
